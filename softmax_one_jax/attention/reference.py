@@ -109,10 +109,15 @@ def combine_masks(
   return out
 
 
+def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """float32 for bf16/f16/f32 inputs, float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def attention_logits(
     query: jax.Array, key: jax.Array, scale: float | None = None
 ) -> jax.Array:
-  """Scaled dot-product logits ``[B, N, T, S]`` in float32, grouped-query aware.
+  """Scaled dot-product logits ``[B, N, T, S]`` in float32 (float64 for float64 inputs), GQA aware.
 
   Example:
     >>> attention_logits(jnp.ones((1, 2, 4, 8)), jnp.ones((1, 3, 2, 8))).shape
@@ -121,11 +126,10 @@ def attention_logits(
   b, t, n, h = query.shape
   k = key.shape[2]
   scale = 1.0 / math.sqrt(h) if scale is None else scale
+  acc_dtype = accumulation_dtype(query.dtype)
   q_btkgh = query.reshape(b, t, k, n // k, h)
-  logits_bkgts = jnp.einsum(
-      "btkgh,bskh->bkgts", q_btkgh, key, preferred_element_type=jnp.float32
-  )
-  return logits_bkgts.reshape(b, n, t, key.shape[1]) * jnp.float32(scale)
+  logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, key, preferred_element_type=acc_dtype)
+  return logits_bkgts.reshape(b, n, t, key.shape[1]) * jnp.asarray(scale, acc_dtype)
 
 
 def reference_attention(
@@ -152,7 +156,7 @@ def reference_attention(
     segment_ids: ``[B, T]`` (self-attention) or a ``(q [B, T], kv [B, S])`` pair; tokens attend
       only within their own segment (packed documents).
     scale: logit scale; ``1/sqrt(H)`` by default.
-    return_probs: also return the float32 probabilities.
+    return_probs: also return the probabilities (float32, or float64 for float64 inputs).
 
   Returns:
     ``[B, T, N, H]`` in the query dtype, and the probabilities if asked for. A query that may
@@ -173,7 +177,7 @@ def reference_attention(
   probs_bnts = normalize(logits_bnts, softmax, axis=-1, where=where)
   probs_bkgts = probs_bnts.reshape(b, k, n // k, t, s).astype(value.dtype)
   out_btkgh = jnp.einsum(
-      "bkgts,bskh->btkgh", probs_bkgts, value, preferred_element_type=jnp.float32
+      "bkgts,bskh->btkgh", probs_bkgts, value, preferred_element_type=accumulation_dtype(value.dtype)
   )
   out_btnh = out_btkgh.reshape(b, t, n, h).astype(query.dtype)
   return (out_btnh, probs_bnts) if return_probs else out_btnh

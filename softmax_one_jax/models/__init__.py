@@ -1,0 +1,27 @@
+"""Flax NNX decoder-only Transformer LMs with softmax or softmax-1 attention.
+
+Example:
+  >>> from flax import nnx
+  >>> from softmax_one_jax.models import Transformer, preset
+  >>> model = Transformer(preset("tiny", softmax="softmax1"), rngs=nnx.Rngs(0))
+"""
+
+from softmax_one_jax.models.config import PRESET_NAMES, TransformerConfig, preset
+from softmax_one_jax.models.generate import generate
+from softmax_one_jax.models.transformer import (
+    KVCache,
+    Transformer,
+    count_params,
+    positions_from_segments,
+)
+
+__all__ = [
+    "KVCache",
+    "PRESET_NAMES",
+    "Transformer",
+    "TransformerConfig",
+    "count_params",
+    "generate",
+    "positions_from_segments",
+    "preset",
+]

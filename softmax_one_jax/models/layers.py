@@ -1,0 +1,269 @@
+"""Building blocks of the decoder: norms, MLPs, rotary embeddings, attention, the block.
+
+Every parameter carries logical sharding names (``"vocab"``, ``"embed"``, ``"heads"``,
+``"kv_heads"``, ``"mlp"``) in its metadata; the training code maps them to mesh axes with one
+rules table. Names use shape suffixes: ``b`` batch, ``t`` query positions, ``s`` key positions,
+``d`` model width, ``n`` query heads, ``k`` key/value heads, ``h`` head width, ``f`` MLP width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from softmax_one_jax.attention import dot_product_attention, reference_attention
+from softmax_one_jax.models.config import TransformerConfig
+
+LogicalNames = tuple[str | None, ...]
+
+
+def logical(init: Callable, names: LogicalNames) -> Callable:
+  """Attaches logical sharding names to an initialiser, without needing a mesh.
+
+  Example:
+    >>> init = logical(nnx.initializers.zeros_init(), ("embed",))
+  """
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def dense(
+    config: TransformerConfig,
+    in_features: int,
+    out_features: int,
+    names: tuple[str, str],
+    *,
+    rngs: nnx.Rngs,
+    std: float | None = None,
+    use_bias: bool | None = None,
+) -> nnx.Linear:
+  """A linear layer ``[in, out]`` with normal(std) kernel, zero bias and logical names.
+
+  Example:
+    >>> layer = dense(preset("tiny"), 128, 512, ("embed", "mlp"), rngs=nnx.Rngs(0))
+  """
+  return nnx.Linear(
+      in_features,
+      out_features,
+      use_bias=config.use_bias if use_bias is None else use_bias,
+      kernel_init=logical(nnx.initializers.normal(std or config.init_std), names),
+      bias_init=logical(nnx.initializers.zeros_init(), (names[1],)),
+      dtype=jnp.dtype(config.dtype),
+      param_dtype=jnp.dtype(config.param_dtype),
+      rngs=rngs,
+  )
+
+
+class RMSNorm(nnx.Module):
+  """``x / rms(x) * scale`` with a per-channel gain ``[D]`` or one scalar gain ``[]``.
+
+  The scalar form is the paper's norm for OrthoAdam: a per-channel gain privileges the
+  coordinate basis that OrthoAdam avoids. Statistics are computed in float32.
+
+  Example:
+    >>> norm = RMSNorm(8, scalar_gain=True)
+    >>> norm.scale.value.shape
+    ()
+  """
+
+  def __init__(
+      self,
+      dim: int,
+      *,
+      scalar_gain: bool = False,
+      eps: float = 1e-5,
+      dtype: jnp.dtype = jnp.float32,
+      param_dtype: jnp.dtype = jnp.float32,
+  ):
+    shape, names = ((), ()) if scalar_gain else ((dim,), ("embed",))
+    self.scale = nnx.Param(
+        jnp.ones(shape, param_dtype), out_sharding=names, eager_sharding=False
+    )
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    x = x_btd.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale.value.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(config: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The norm named by ``config.norm``.
+
+  Example:
+    >>> make_norm(preset("tiny"), rngs=nnx.Rngs(0))
+    LayerNorm(...)
+  """
+  dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+  if config.norm == "layernorm":
+    return nnx.LayerNorm(
+        config.d_model,
+        epsilon=config.norm_eps,
+        scale_init=logical(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=logical(nnx.initializers.zeros_init(), ("embed",)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+  return RMSNorm(
+      config.d_model,
+      scalar_gain=config.norm == "scalar_rmsnorm",
+      eps=config.norm_eps,
+      dtype=dtype,
+      param_dtype=param_dtype,
+  )
+
+
+def rope_cos_sin(positions_bt: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """Rotary tables ``cos, sin`` of shape ``[B, T, 1, H]`` (half-split layout, as HF Llama).
+
+  Example:
+    >>> cos, sin = rope_cos_sin(jnp.arange(4)[None], 8, 10_000.0)
+    >>> cos.shape
+    (1, 4, 1, 8)
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles_bth = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+  angles_bth = jnp.concatenate([angles_bth, angles_bth], axis=-1)
+  return jnp.cos(angles_bth)[:, :, None, :], jnp.sin(angles_bth)[:, :, None, :]
+
+
+def apply_rope(x_btnh: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates pairs ``(x[i], x[i + H/2])`` by position-dependent angles (computed in float32).
+
+  Example:
+    >>> x = jnp.ones((1, 4, 2, 8))
+    >>> apply_rope(x, *rope_cos_sin(jnp.arange(4)[None], 8, 10_000.0)).shape
+    (1, 4, 2, 8)
+  """
+  x = x_btnh.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x_btnh.dtype)
+
+
+class MLP(nnx.Module):
+  """GELU MLP ``down(gelu(up(x)))`` or SwiGLU ``down(silu(gate(x)) * up(x))``."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.kind = c.mlp
+    self.up_proj = dense(c, c.d_model, c.mlp_dim, ("embed", "mlp"), rngs=rngs)
+    self.gate_proj = (
+        dense(c, c.d_model, c.mlp_dim, ("embed", "mlp"), rngs=rngs) if c.mlp == "swiglu" else None
+    )
+    self.down_proj = dense(
+        c, c.mlp_dim, c.d_model, ("mlp", "embed"), rngs=rngs, std=_residual_std(c)
+    )
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    if self.kind == "swiglu":
+      h_btf = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+    else:
+      h_btf = jax.nn.gelu(self.up_proj(x_btd), approximate=True)
+    return self.down_proj(h_btf)
+
+
+def _residual_std(config: TransformerConfig) -> float:
+  """GPT-2's scaled initialisation of layers that write into the residual stream."""
+  return config.init_std / math.sqrt(2 * config.num_layers)
+
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query self-attention with softmax or softmax-1."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    self.q_proj = dense(c, c.d_model, c.num_heads * c.head_dim, ("embed", "heads"), rngs=rngs)
+    self.k_proj = dense(c, c.d_model, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), rngs=rngs)
+    self.v_proj = dense(c, c.d_model, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), rngs=rngs)
+    self.o_proj = dense(
+        c, c.num_heads * c.head_dim, c.d_model, ("heads", "embed"), rngs=rngs, std=_residual_std(c)
+    )
+
+  def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
+    c = self.config
+    b, t, _ = x_btd.shape
+    q_btnh = self.q_proj(x_btd).reshape(b, t, c.num_heads, c.head_dim)
+    k_btkh = self.k_proj(x_btd).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v_btkh = self.v_proj(x_btd).reshape(b, t, c.num_kv_heads, c.head_dim)
+    if c.position == "rope":
+      cos, sin = rope_cos_sin(positions_bt, c.head_dim, c.rope_theta)
+      q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
+    return q_btnh, k_btkh, v_btkh
+
+  def _output(self, out_btnh: jax.Array) -> jax.Array:
+    b, t = out_btnh.shape[:2]
+    return self.o_proj(out_btnh.reshape(b, t, -1))
+
+  def __call__(
+      self,
+      x_btd: jax.Array,
+      positions_bt: jax.Array,
+      segment_ids_bt: jax.Array | None = None,
+      return_probs: bool = False,
+  ) -> tuple[jax.Array, jax.Array | None]:
+    """Causal self-attention; returns ``(y [B, T, D], probs [B, N, T, T] or None)``."""
+    q, k, v = self._qkv(x_btd, positions_bt)
+    kwargs = dict(softmax=self.config.softmax, is_causal=True, segment_ids=segment_ids_bt)
+    if return_probs:
+      out, probs = reference_attention(q, k, v, return_probs=True, **kwargs)
+      return self._output(out), probs
+    out = dot_product_attention(q, k, v, implementation=self.config.attention_impl, **kwargs)
+    return self._output(out), None
+
+  def extend(
+      self,
+      x_btd: jax.Array,
+      positions_bt: jax.Array,
+      keys_bskh: jax.Array,
+      values_bskh: jax.Array,
+      end: jax.Array,
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attends ``T`` new tokens to a KV cache after writing theirs at ``end``; returns new cache."""
+    q, k, v = self._qkv(x_btd, positions_bt)
+    keys_bskh = jax.lax.dynamic_update_slice_in_dim(keys_bskh, k.astype(keys_bskh.dtype), end, 1)
+    values_bskh = jax.lax.dynamic_update_slice_in_dim(
+        values_bskh, v.astype(values_bskh.dtype), end, 1
+    )
+    key_positions_s = jnp.arange(keys_bskh.shape[1])
+    visible_bts = key_positions_s[None, None, :] <= positions_bt[:, :, None]
+    out = dot_product_attention(
+        q, keys_bskh.astype(q.dtype), values_bskh.astype(q.dtype),
+        softmax=self.config.softmax, mask=visible_bts[:, None], implementation="xla",
+    )
+    return self._output(out), keys_bskh, values_bskh
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = make_norm(config, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = make_norm(config, rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(
+      self,
+      x_btd: jax.Array,
+      positions_bt: jax.Array,
+      segment_ids_bt: jax.Array | None = None,
+      return_probs: bool = False,
+  ) -> tuple[jax.Array, jax.Array | None]:
+    y_btd, probs = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt, return_probs)
+    x_btd = x_btd + y_btd
+    return x_btd + self.mlp(self.mlp_norm(x_btd)), probs
+
+  def extend(self, x_btd, positions_bt, keys_bskh, values_bskh, end):
+    """Like ``__call__`` for new tokens against a KV cache; returns ``(x, keys, values)``."""
+    y_btd, keys_bskh, values_bskh = self.attn.extend(
+        self.attn_norm(x_btd), positions_bt, keys_bskh, values_bskh, end
+    )
+    x_btd = x_btd + y_btd
+    return x_btd + self.mlp(self.mlp_norm(x_btd)), keys_bskh, values_bskh

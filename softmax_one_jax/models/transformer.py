@@ -1,0 +1,217 @@
+"""The decoder-only language model (GPT-2 and Llama-2 flavours are configurations of it).
+
+Example:
+  >>> from flax import nnx
+  >>> model = Transformer(preset("tiny"), rngs=nnx.Rngs(0))
+  >>> tokens = jnp.zeros((2, 16), jnp.int32)
+  >>> model(tokens).shape
+  (2, 16, 4096)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from softmax_one_jax.models.config import TransformerConfig
+from softmax_one_jax.models.layers import Block, dense, logical, make_norm
+
+INTERMEDIATES = ("hidden", "attention_probs")
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer for incremental decoding.
+
+  Attributes:
+    keys: per layer ``[B, S_max, K, H]``.
+    values: per layer ``[B, S_max, K, H]``.
+    end: int32 scalar, the number of positions already written.
+  """
+
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  end: jax.Array
+
+
+def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
+  """Position of each token within its segment (restarting at 0 where the segment id changes).
+
+  Example:
+    >>> positions_from_segments(jnp.array([[1, 1, 1, 2, 2, 0]]))
+    Array([[0, 1, 2, 0, 1, 0]], dtype=int32)
+  """
+  t = segment_ids_bt.shape[1]
+  index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_bt.shape)
+  changed_bt = jnp.concatenate(
+      [jnp.ones_like(segment_ids_bt[:, :1], dtype=bool),
+       segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+  start_bt = jax.lax.cummax(jnp.where(changed_bt, index_bt, 0), axis=1)
+  return index_bt - start_bt
+
+
+class Transformer(nnx.Module):
+  """Decoder-only Transformer LM with softmax or softmax-1 attention.
+
+  Call it on int tokens ``[B, T]``; it returns float32 logits ``[B, T, V]``, and with
+  ``intermediates`` also a dict of per-layer block outputs and attention probabilities.
+  """
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    self.embed = nnx.Embed(
+        c.vocab_size, c.d_model,
+        embedding_init=logical(nnx.initializers.normal(c.init_std), ("vocab", "embed")),
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+    )
+    self.pos_embed = (
+        nnx.Embed(
+            c.max_seq_len, c.d_model,
+            embedding_init=logical(nnx.initializers.normal(c.init_std / 2), (None, "embed")),
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )
+        if c.position == "learned" else None
+    )
+    self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = make_norm(c, rngs=rngs)
+    self.lm_head = (
+        None if c.tie_embeddings
+        else dense(c, c.d_model, c.vocab_size, ("embed", "vocab"), rngs=rngs, use_bias=False)
+    )
+
+  # ----------------------------------------------------------------------------------------------
+  def _check_tokens(self, tokens_bt: jax.Array, positions_needed: int) -> None:
+    if tokens_bt.ndim != 2 or not jnp.issubdtype(tokens_bt.dtype, jnp.integer):
+      raise ValueError(
+          f"tokens must be integer ids of shape [batch, seq]; got {tokens_bt.dtype} "
+          f"{tokens_bt.shape}."
+      )
+    if self.config.position == "learned" and positions_needed > self.config.max_seq_len:
+      raise ValueError(
+          f"sequence needs {positions_needed} positions but max_seq_len="
+          f"{self.config.max_seq_len} (learned position table); use shorter inputs or a config "
+          "with a larger max_seq_len."
+      )
+
+  def _embed(self, tokens_bt: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    x_btd = self.embed(tokens_bt)
+    if self.pos_embed is not None:
+      x_btd = x_btd + self.pos_embed(positions_bt)
+    return x_btd.astype(jnp.dtype(self.config.dtype))
+
+  def _logits(self, x_btd: jax.Array) -> jax.Array:
+    x_btd = self.final_norm(x_btd)
+    logits_btv = self.embed.attend(x_btd) if self.lm_head is None else self.lm_head(x_btd)
+    return logits_btv.astype(jnp.float32)
+
+  # ----------------------------------------------------------------------------------------------
+  def __call__(
+      self,
+      tokens_bt: jax.Array,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      *,
+      intermediates: Sequence[str] = (),
+  ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs the model on a batch.
+
+    Args:
+      tokens_bt: int ``[B, T]``.
+      segment_ids: int ``[B, T]`` document ids of packed sequences; tokens attend only within
+        their own segment.
+      positions: int ``[B, T]``; by default ``0..T-1``, restarting in each segment when
+        ``segment_ids`` is given.
+      intermediates: any of "hidden" (block outputs ``[L, B, T, D]``, float32) and
+        "attention_probs" (``[L, B, N, T, T]``, float32; uses the reference attention path).
+
+    Returns:
+      float32 logits ``[B, T, V]``, or ``(logits, dict)`` when ``intermediates`` is non-empty.
+    """
+    unknown = set(intermediates) - set(INTERMEDIATES)
+    if unknown:
+      raise ValueError(f"unknown intermediates {sorted(unknown)}; expected some of {INTERMEDIATES}.")
+    self._check_tokens(tokens_bt, tokens_bt.shape[1])
+    if positions is None:
+      positions = (
+          positions_from_segments(segment_ids) if segment_ids is not None
+          else jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
+      )
+    want_probs = "attention_probs" in intermediates
+    block_fn = _call_block
+    if self.config.remat:
+      block_fn = nnx.remat(_call_block, static_argnums=(4,))
+    x_btd = self._embed(tokens_bt, positions)
+    hidden, probs = [], []
+    for block in self.blocks:
+      x_btd, p = block_fn(block, x_btd, positions, segment_ids, want_probs)
+      hidden.append(x_btd.astype(jnp.float32))
+      probs.append(p)
+    logits_btv = self._logits(x_btd)
+    if not intermediates:
+      return logits_btv
+    out = {}
+    if "hidden" in intermediates:
+      out["hidden"] = jnp.stack(hidden)
+    if want_probs:
+      out["attention_probs"] = jnp.stack(probs)
+    return logits_btv, out
+
+  def init_cache(self, batch_size: int, max_len: int, dtype: str | None = None) -> KVCache:
+    """An empty KV cache for ``max_len`` positions.
+
+    Example:
+      >>> cache = model.init_cache(2, 32)
+      >>> cache.keys[0].shape  # [B, S_max, K, H]
+      (2, 32, 4, 32)
+    """
+    c = self.config
+    if c.position == "learned" and max_len > c.max_seq_len:
+      raise ValueError(f"max_len={max_len} exceeds max_seq_len={c.max_seq_len}.")
+    shape = (batch_size, max_len, c.num_kv_heads, c.head_dim)
+    zeros = lambda: jnp.zeros(shape, jnp.dtype(dtype or c.dtype))  # noqa: E731
+    return KVCache(
+        keys=tuple(zeros() for _ in range(c.num_layers)),
+        values=tuple(zeros() for _ in range(c.num_layers)),
+        end=jnp.zeros((), jnp.int32),
+    )
+
+  def extend(self, tokens_bt: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Feeds ``T`` new tokens after those already in ``cache``; returns their logits and the cache.
+
+    The result equals the full forward pass over all tokens so far, restricted to the new ones.
+
+    Example:
+      >>> cache = model.init_cache(1, 8)
+      >>> logits, cache = model.extend(jnp.array([[1, 2, 3]]), cache)
+      >>> logits, cache = model.extend(jnp.array([[4]]), cache)  # next position
+    """
+    self._check_tokens(tokens_bt, cache.keys[0].shape[1])
+    b, t = tokens_bt.shape
+    positions_bt = jnp.broadcast_to(cache.end + jnp.arange(t, dtype=jnp.int32), (b, t))
+    x_btd = self._embed(tokens_bt, positions_bt)
+    keys, values = [], []
+    for block, k, v in zip(self.blocks, cache.keys, cache.values):
+      x_btd, k, v = block.extend(x_btd, positions_bt, k, v, cache.end)
+      keys.append(k)
+      values.append(v)
+    return self._logits(x_btd), KVCache(tuple(keys), tuple(values), cache.end + t)
+
+
+def _call_block(block, x_btd, positions_bt, segment_ids_bt, return_probs):
+  return block(x_btd, positions_bt, segment_ids_bt, return_probs)
+
+
+def count_params(config: TransformerConfig) -> int:
+  """Number of parameters of ``Transformer(config)``, from shapes only (no weights allocated).
+
+  Example:
+    >>> count_params(preset("llama2-7b")) / 1e9
+    6.738...
+  """
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  return int(sum(x.size for x in leaves))

@@ -1,0 +1,121 @@
+"""The XLA attention path against float64 numpy and, for gradients, against jax.nn."""
+
+import jax
+import jax.test_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from softmax_one_jax.attention import dot_product_attention, reference_attention
+from tests.attention.reference_np import np_attention
+
+
+def qkv(rng, b=2, t=9, s=None, n=4, k=2, h=16, dtype=np.float32):
+  s = t if s is None else s
+  return (rng.standard_normal((b, t, n, h)).astype(dtype),
+          rng.standard_normal((b, s, k, h)).astype(dtype),
+          rng.standard_normal((b, s, k, h)).astype(dtype))
+
+
+@pytest.mark.parametrize("softmax", ["softmax1", "softmax"])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
+def test_matches_numpy(np_rng, softmax, is_causal, heads):
+  q, k, v = qkv(np_rng, n=heads[0], k=heads[1])
+  out, probs = reference_attention(q, k, v, softmax=softmax, is_causal=is_causal, return_probs=True)
+  want_out, want_probs = np_attention(q, k, v, softmax=softmax, is_causal=is_causal)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(probs, want_probs, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      dot_product_attention(q, k, v, softmax=softmax, is_causal=is_causal), want_out,
+      rtol=1e-5, atol=1e-5,
+  )
+
+
+def test_segment_ids_mask_and_scale(np_rng):
+  q, k, v = qkv(np_rng, t=12)
+  seg = np.sort(np_rng.integers(0, 3, size=(2, 12)), axis=1)
+  mask = np_rng.random((2, 1, 12, 12)) < 0.8
+  got = dot_product_attention(q, k, v, is_causal=True, segment_ids=seg, mask=mask, scale=0.3)
+  want, _ = np_attention(q, k, v, is_causal=True, segment_ids=seg, mask=mask, scale=0.3)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Cross-attention with a (q, kv) segment-id pair and different lengths.
+  q, k, v = qkv(np_rng, t=5, s=7)
+  ids = (np_rng.integers(0, 2, (2, 5)), np_rng.integers(0, 2, (2, 7)))
+  np.testing.assert_allclose(
+      dot_product_attention(q, k, v, segment_ids=ids), np_attention(q, k, v, segment_ids=ids)[0],
+      rtol=1e-5, atol=1e-5,
+  )
+
+
+def test_no_attention_across_segments(np_rng):
+  q, k, v = qkv(np_rng, b=1, t=10)
+  seg = np.array([[1] * 4 + [2] * 6])
+  out = dot_product_attention(q, k, v, is_causal=True, segment_ids=seg)
+  v2 = v.copy()
+  v2[:, :4] = np_rng.standard_normal(v2[:, :4].shape)  # change only document 1's values
+  out2 = dot_product_attention(q, k, v2, is_causal=True, segment_ids=seg)
+  np.testing.assert_array_equal(out[:, 4:], out2[:, 4:])
+
+
+@pytest.mark.parametrize("softmax", ["softmax1", "softmax"])
+def test_fully_masked_rows_output_zero(np_rng, softmax):
+  q, k, v = qkv(np_rng)
+  mask = np.ones((2, 1, 9, 9), bool)
+  mask[:, :, 3] = False
+  out = np.asarray(dot_product_attention(q, k, v, softmax=softmax, mask=mask))
+  np.testing.assert_array_equal(out[:, 3], 0.0)
+  grads = jax.grad(lambda q, k, v: jnp.sum(
+      dot_product_attention(q, k, v, softmax=softmax, mask=mask) ** 2), argnums=(0, 1, 2))(q, k, v)
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+def _softmax1_via_zero_key(q, k, v, is_causal, scale):
+  """softmax-1 attention == softmax attention with an extra all-zero key and value at index 0."""
+  b, _, kh, h = k.shape
+  t, s = q.shape[1], k.shape[1]
+  zero = jnp.zeros((b, 1, kh, h), k.dtype)
+  k1, v1 = jnp.concatenate([zero, k], 1), jnp.concatenate([zero, v], 1)
+  allowed = jnp.tril(jnp.ones((t, s), bool)) if is_causal else jnp.ones((t, s), bool)
+  allowed = jnp.concatenate([jnp.ones((t, 1), bool), allowed], axis=1)
+  return jax.nn.dot_product_attention(q, k1, v1, mask=allowed[None, None], scale=scale)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gradients_match_jax_nn_with_a_zero_key(np_rng, is_causal):
+  q, k, v = qkv(np_rng, n=4, k=2)
+  w = np_rng.standard_normal(q.shape).astype(np.float32)
+  ours = lambda q, k, v: jnp.sum(w * dot_product_attention(q, k, v, is_causal=is_causal))
+  theirs = lambda q, k, v: jnp.sum(w * _softmax1_via_zero_key(q, k, v, is_causal, 0.25))
+  np.testing.assert_allclose(ours(q, k, v), theirs(q, k, v), rtol=1e-5)
+  for g_ours, g_theirs in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(theirs, (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_ours, g_theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_numerically_in_float64(np_rng):
+  with jax.enable_x64(True):
+    q, k, v = (jnp.asarray(a, jnp.float64) for a in qkv(np_rng, b=1, t=5, n=2, k=1, h=4))
+    fn = lambda q, k, v: dot_product_attention(q, k, v, is_causal=True)
+    jax.test_util.check_grads(fn, (q, k, v), order=1, modes=["rev"], eps=1e-4)
+
+
+def test_bfloat16(np_rng):
+  q, k, v = qkv(np_rng)
+  qb, kb, vb = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+  out = dot_product_attention(qb, kb, vb, is_causal=True)
+  assert out.dtype == jnp.bfloat16
+  want, _ = np_attention(*(np.asarray(a, np.float32) for a in (qb, kb, vb)), is_causal=True)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=2e-2, atol=2e-2)
+
+
+def test_clear_errors(np_rng):
+  q, k, v = qkv(np_rng, n=4, k=3)
+  with pytest.raises(ValueError, match="multiple of key/value heads"):
+    dot_product_attention(q, k, v)
+  q, k, v = qkv(np_rng)
+  with pytest.raises(ValueError, match="implementation='cuda' is not known"):
+    dot_product_attention(q, k, v, implementation="cuda")
+  with pytest.raises(ValueError, match="softmax='relu' is not known"):
+    dot_product_attention(q, k, v, softmax="relu")
+  with pytest.raises(ValueError, match=r"\[batch, seq, heads, head_dim\]"):
+    dot_product_attention(q[0], k, v)

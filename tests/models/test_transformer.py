@@ -1,0 +1,163 @@
+"""Properties of the Transformer: causality, packing, KV cache, norms, sharding names, switches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from softmax_one_jax.models import Transformer, generate, positions_from_segments, preset
+
+FLAVOURS = {
+    "gpt2": dict(),
+    "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False,
+                  tie_embeddings=False, num_kv_heads=2),
+    "llama-scalar-softmax": dict(position="rope", norm="scalar_rmsnorm", mlp="swiglu",
+                                 use_bias=False, softmax="softmax"),
+}
+
+
+def small(flavour: str, **overrides):
+  base = dict(vocab_size=97, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_seq_len=64)
+  return preset("tiny", **{**base, **FLAVOURS[flavour], **overrides})
+
+
+@nnx.jit(static_argnames="intermediates")
+def forward(model, x, segment_ids=None, intermediates=()):
+  return model(x, segment_ids=segment_ids, intermediates=intermediates)
+
+
+def tokens(rng, b, t, vocab=97):
+  return jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_changing_a_future_token_never_changes_past_logits(np_rng, flavour):
+  model = Transformer(small(flavour), rngs=nnx.Rngs(int(np_rng.integers(1 << 30))))
+  x = tokens(np_rng, 2, 16)
+  j = int(np_rng.integers(1, 16))
+  y = x.at[:, j:].set((x[:, j:] + 1 + tokens(np_rng, 2, 16 - j, 90)) % 97)
+  a, b = forward(model, x), forward(model, y)
+  np.testing.assert_array_equal(a[:, :j], b[:, :j])
+  assert not np.allclose(a[:, j:], b[:, j:])
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_packed_sequences_equal_separate_sequences(np_rng, flavour):
+  model = Transformer(small(flavour), rngs=nnx.Rngs(1))
+  lengths = [5, 8, 3]
+  docs = [tokens(np_rng, 1, n) for n in lengths]
+  packed = jnp.concatenate(docs, axis=1)
+  segment_ids = jnp.asarray(np.repeat(np.arange(1, 4), lengths)[None], jnp.int32)
+  got = forward(model, packed, segment_ids)
+  want = jnp.concatenate([forward(model, d) for d in docs], axis=1)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_positions_from_segments():
+  seg = jnp.array([[1, 1, 2, 2, 2, 3, 0, 0]])
+  np.testing.assert_array_equal(positions_from_segments(seg), [[0, 1, 0, 1, 2, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_kv_cache_decoding_equals_full_forward(np_rng, flavour):
+  model = Transformer(small(flavour), rngs=nnx.Rngs(2))
+  x = tokens(np_rng, 3, 12)
+  full = forward(model, x)
+  extend = nnx.jit(lambda m, x, cache: m.extend(x, cache))
+  cache = model.init_cache(3, 16)
+  logits, cache = extend(model, x[:, :5], cache)
+  pieces = [logits]
+  for start, stop in [(5, 6), (6, 9), (9, 10), (10, 12)]:
+    logits, cache = extend(model, x[:, start:stop], cache)
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, rtol=2e-5, atol=2e-5)
+  assert int(cache.end) == 12
+
+
+def test_greedy_generate_equals_repeated_full_forward(np_rng):
+  model = Transformer(small("llama"), rngs=nnx.Rngs(3))
+  prompt = tokens(np_rng, 2, 4)
+  got = generate(model, prompt, 6)
+  # Reference: the full forward pass on a fixed-size buffer; by causality the logits at position
+  # p only see tokens <= p, so the not-yet-written tail does not matter.
+  seq = jnp.zeros((2, 10), jnp.int32).at[:, :4].set(prompt)
+  for p in range(4, 10):
+    seq = seq.at[:, p].set(jnp.argmax(forward(model, seq)[:, p - 1], axis=-1).astype(jnp.int32))
+  np.testing.assert_array_equal(got, seq)
+
+
+def test_sampling_respects_top_k_and_is_deterministic(np_rng):
+  model = Transformer(small("gpt2"), rngs=nnx.Rngs(4))
+  prompt = tokens(np_rng, 4, 3)
+  a = generate(model, prompt, 5, rng=jax.random.key(7), temperature=1.0, top_k=1)
+  np.testing.assert_array_equal(a, generate(model, prompt, 5))  # top-1 sampling is greedy
+  b = generate(model, prompt, 5, rng=jax.random.key(7), temperature=2.0, top_k=20)
+  c = generate(model, prompt, 5, rng=jax.random.key(7), temperature=2.0, top_k=20)
+  np.testing.assert_array_equal(b, c)
+  with pytest.raises(ValueError, match="needs rng"):
+    generate(model, prompt, 5, temperature=1.0)
+
+
+def test_scalar_rmsnorm_has_exactly_one_gain_per_norm():
+  model = Transformer(small("llama-scalar-softmax"), rngs=nnx.Rngs(0))
+  norms = [m for _, m in model.iter_modules() if type(m).__name__ == "RMSNorm"]
+  assert len(norms) == 2 * 2 + 1  # two per block and the final norm
+  for norm in norms:
+    assert norm.scale.value.shape == ()
+  scales = [v for path, v in nnx.state(model, nnx.Param).flat_state() if "scale" in path]
+  assert sum(v.value.size for v in scales) == 5
+
+
+def test_every_parameter_has_logical_sharding_names():
+  for flavour in FLAVOURS:
+    abstract = nnx.eval_shape(lambda: Transformer(small(flavour), rngs=nnx.Rngs(0)))
+    for path, var in nnx.state(abstract, nnx.Param).flat_state():
+      names = var.get_metadata().get("out_sharding")
+      assert names is not None and len(names) == var.value.ndim, (path, names)
+      assert set(names) <= {None, "vocab", "embed", "heads", "kv_heads", "mlp"}
+
+
+def test_softmax_switch_changes_attention_row_sums(np_rng):
+  x = tokens(np_rng, 2, 10)
+  sums = {}
+  for kind in ["softmax", "softmax1"]:
+    model = Transformer(small("gpt2", softmax=kind), rngs=nnx.Rngs(5))
+    _, inter = forward(model, x, intermediates=("attention_probs", "hidden"))
+    assert inter["attention_probs"].shape == (2, 2, 4, 10, 10)
+    assert inter["hidden"].shape == (2, 2, 10, 32)
+    sums[kind] = np.asarray(inter["attention_probs"].sum(-1))
+    np.testing.assert_allclose(
+        forward(model, x, intermediates=("hidden",))[0], forward(model, x), rtol=1e-6)
+  np.testing.assert_allclose(sums["softmax"], 1.0, rtol=1e-5)
+  assert (sums["softmax1"] < 1.0).all()
+
+
+def test_remat_gives_the_same_loss_and_gradients(np_rng):
+  x = tokens(np_rng, 2, 8)
+
+  def loss_and_grads(remat):
+    model = Transformer(small("llama", remat=remat), rngs=nnx.Rngs(6))
+    loss = lambda m: jnp.mean(jax.nn.logsumexp(m(x), axis=-1))
+    return nnx.jit(nnx.value_and_grad(loss))(model)
+
+  (l0, g0), (l1, g1) = loss_and_grads(False), loss_and_grads(True)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(np_rng):
+  model = Transformer(small("llama", dtype="bfloat16"), rngs=nnx.Rngs(0))
+  logits = forward(model, tokens(np_rng, 2, 8))
+  assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+  assert {v.value.dtype for _, v in nnx.state(model, nnx.Param).flat_state()} == {jnp.dtype("float32")}
+
+
+def test_clear_errors_for_bad_inputs():
+  model = Transformer(small("gpt2"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="max_seq_len=64"):
+    model(jnp.zeros((1, 65), jnp.int32))
+  with pytest.raises(ValueError, match="integer ids of shape"):
+    model(jnp.zeros((1, 4)))
+  with pytest.raises(ValueError, match="unknown intermediates"):
+    model(jnp.zeros((1, 4), jnp.int32), intermediates=("logits",))
