@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["softmax_one_jax", "softmax_one_jax.*"]),
     package_data={
-        "softmax_one_jax.data": ["corpora/*.txt.gz", "tokenizers/*.tiktoken"],
+        "softmax_one_jax.data": ["corpora/*.txt.gz", "corpora/*.md", "tokenizers/*.tiktoken"],
     },
     install_requires=[
         "jax>=0.10",
@@ -31,6 +31,7 @@ setup(
         "numpy>=1.26",
         "absl-py>=2.1",
         "tiktoken>=0.8",
+        "regex>=2023.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",

@@ -1,0 +1,63 @@
+"""The data section of an experiment config (``config.data`` in experiments/configs)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+SOURCES = ("default", "text", "arrayrecord", "c4")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Defaults for ``softmax_one_jax.data``; experiment configs override fields.
+
+  Fields:
+    source: "default" (embedded Austen corpus, one document per chapter) | "text" (local files,
+      ``paths``) | "arrayrecord" (a folder written by ``softmax-one prepare``, ``paths``) |
+      "c4" (same as "arrayrecord": C4 is read through ``softmax-one prepare --source c4``).
+    paths: comma-separated files or globs for "text"; the prepared folder for "arrayrecord"/"c4".
+    tokenizer: "gpt2" | "bpe" (trained on the corpus and cached) | "sentencepiece".
+    tokenizer_path: optional ranks/model file: GPT-2 ranks (default: shipped), a BPE ``.tiktoken``
+      to load instead of training, or the SentencePiece ``.model`` (required for it).
+    bpe_vocab_size: ids of the trained BPE, ``<|endoftext|>`` included.
+    bpe_max_train_chars: train the BPE on about this many leading characters; 0 = all training text.
+    validation_fraction: fraction of documents held out (chosen by content hash, never trained on);
+      a prepared folder has its held-out shards fixed by ``prepare`` and ignores this.
+    shuffle_seed: folded with the ``seed`` argument of ``build_train_iterator`` into the shuffle.
+    num_workers: grain worker processes (0 = in the training process; the in-memory corpora are
+      cheap enough that 0 is right for them).
+    prefetch_buffer_size: batches a background thread prepares ahead (0 = none).
+    cache_dir: tokenizer and token-id cache; "" = $SOFTMAX_ONE_JAX_CACHE or
+      ~/.cache/softmax_one_jax.
+
+  Example:
+    >>> cfg = default_data_config()
+    >>> cfg.source, cfg.tokenizer
+    ('default', 'gpt2')
+  """
+  cfg = ml_collections.ConfigDict()
+  cfg.source = "default"
+  cfg.paths = ""
+  cfg.tokenizer = "gpt2"
+  cfg.tokenizer_path = ""
+  cfg.bpe_vocab_size = 4096
+  cfg.bpe_max_train_chars = 0
+  cfg.validation_fraction = 0.05
+  cfg.shuffle_seed = 0
+  cfg.num_workers = 0
+  cfg.prefetch_buffer_size = 0
+  cfg.cache_dir = ""
+  return cfg
+
+
+def check_data_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming the field when a data config value is not usable."""
+  if cfg.source not in SOURCES:
+    raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}.")
+  if cfg.source in ("text", "arrayrecord", "c4") and not cfg.paths:
+    hint = ("files or globs" if cfg.source == "text"
+            else "the folder written by `softmax-one prepare`")
+    raise ValueError(f"data.source={cfg.source!r} needs data.paths ({hint}).")
+  if not 0.0 <= cfg.validation_fraction < 1.0:
+    raise ValueError(f"data.validation_fraction={cfg.validation_fraction} must be in [0, 1).")
+  if cfg.num_workers < 0 or cfg.prefetch_buffer_size < 0:
+    raise ValueError("data.num_workers and data.prefetch_buffer_size must be >= 0.")
