@@ -5,8 +5,15 @@ Large Language Models" (ICLR 2025, arXiv:2410.17174). Public names only live her
 """
 
 from softmax_one_jax.softmax import log_softmax1, logsumexp1, softmax1
-from softmax_one_jax.attention import dot_product_attention
+from softmax_one_jax.attention import attention_stats, dot_product_attention, first_token_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["dot_product_attention", "log_softmax1", "logsumexp1", "softmax1"]
+__all__ = [
+    "attention_stats",
+    "dot_product_attention",
+    "first_token_stats",
+    "log_softmax1",
+    "logsumexp1",
+    "softmax1",
+]

@@ -1,5 +1,10 @@
 """softmax-1 attention: one entry point that dispatches on ``implementation``.
 
+Paths: "xla" (``reference.py``, materialises ``[B, N, T, S]``; CPU default and the ground
+truth), "pallas_gpu" (``pallas_gpu.py``, Triton flash kernel, forward and backward; GPU default)
+and "pallas_tpu" (``pallas_tpu.py``, splash attention with zero sinks; TPU default). The
+first-token statistics of the paper come from ``stats.py`` in O(seq) memory.
+
 Example:
   >>> import jax.numpy as jnp
   >>> from softmax_one_jax.attention import dot_product_attention
@@ -10,7 +15,10 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 
 from softmax_one_jax.attention.reference import (
     SegmentIds,
@@ -19,8 +27,50 @@ from softmax_one_jax.attention.reference import (
     combine_masks,
     reference_attention,
 )
+from softmax_one_jax.attention._padding import KERNEL_DTYPES
+from softmax_one_jax.attention.stats import attention_stats, first_token_stats
 
-IMPLEMENTATIONS = (None, "xla")
+IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_gpu", "pallas_tpu")
+
+
+def resolve_implementation(
+    implementation: str | None,
+    *,
+    dtype: Any = jnp.float32,
+    mask: jax.Array | None = None,
+    interpret: bool = False,
+    backend: str | None = None,
+) -> str:
+  """The concrete path ("xla", "pallas_gpu" or "pallas_tpu") that a call would take.
+
+  None picks the Pallas kernel of the platform (GPU: Triton flash kernel, TPU: splash attention
+  with zero sinks) and "xla" on CPU, or when a dense ``mask`` or a dtype the kernels lack is
+  given. "pallas" picks the platform's kernel; on CPU it needs ``interpret=True`` (tests) and
+  then runs the GPU kernel in the interpreter.
+
+  Example:
+    >>> resolve_implementation(None, backend="gpu")
+    'pallas_gpu'
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation={implementation!r} is not known; expected one of {IMPLEMENTATIONS}."
+    )
+  backend = backend or jax.default_backend()
+  if implementation is None:
+    if mask is not None or jnp.dtype(dtype) not in KERNEL_DTYPES:
+      return "xla"
+    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
+  if implementation == "pallas":
+    if backend in ("gpu", "tpu"):
+      return f"pallas_{backend}"
+    if not interpret:
+      raise ValueError(
+          f"implementation='pallas' has no compiled kernel for the {backend!r} backend; pass "
+          "interpret=True (tests) or implementation='xla'."
+      )
+    return "pallas_gpu"
+  return implementation
 
 
 def dot_product_attention(
@@ -34,6 +84,8 @@ def dot_product_attention(
     segment_ids: SegmentIds | None = None,
     scale: float | None = None,
     implementation: str | None = None,
+    block_sizes: Any = None,
+    interpret: bool = False,
 ) -> jax.Array:
   """Scaled dot-product attention with softmax-1 (default) or softmax.
 
@@ -43,36 +95,59 @@ def dot_product_attention(
     value: ``[B, S, K, H]``.
     softmax: "softmax1" or "softmax".
     is_causal: query ``t`` attends only to keys ``<= t`` (top-left aligned).
-    mask: boolean broadcastable to ``[B, N, T, S]``, True = may attend.
+    mask: boolean broadcastable to ``[B, N, T, S]``, True = may attend (XLA path only).
     segment_ids: ``[B, T]`` or ``(q [B, T], kv [B, S])``; no attention across segments.
     scale: logit scale, ``1/sqrt(H)`` by default.
-    implementation: None (the fastest correct path for the platform) or "xla".
+    implementation: None (the fastest correct path for the platform: the Pallas kernel on GPU
+      and TPU, XLA on CPU or with a dense ``mask``), "xla", "pallas" (the platform's kernel),
+      "pallas_gpu" (Triton flash kernel) or "pallas_tpu" (splash attention, zero sinks).
+    block_sizes: tile sizes of the chosen kernel (``pallas_gpu.BlockSizes`` or
+      ``pallas_tpu.BlockSizes``); None = defaults.
+    interpret: run the Pallas kernel in the interpreter on CPU (tests); for "pallas_tpu" True
+      means ``pltpu.InterpretParams()``.
 
   Returns:
     ``[B, T, N, H]`` in the query's dtype.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation={implementation!r} is not known; expected one of {IMPLEMENTATIONS}."
+  impl = resolve_implementation(implementation, dtype=query.dtype, mask=mask,
+                                interpret=interpret)
+  if impl == "xla":
+    return reference_attention(
+        query,
+        key,
+        value,
+        softmax=softmax,
+        is_causal=is_causal,
+        mask=mask,
+        segment_ids=segment_ids,
+        scale=scale,
     )
-  return reference_attention(
-      query,
-      key,
-      value,
-      softmax=softmax,
-      is_causal=is_causal,
-      mask=mask,
-      segment_ids=segment_ids,
-      scale=scale,
-  )
+  if mask is not None:
+    raise ValueError(
+        f"implementation={impl!r} takes is_causal and segment_ids, not a dense mask; pass "
+        "implementation='xla' (or None) to use mask."
+    )
+  kwargs = dict(softmax=softmax, is_causal=is_causal, segment_ids=segment_ids, scale=scale,
+                block_sizes=block_sizes)
+  if impl == "pallas_gpu":
+    from softmax_one_jax.attention import pallas_gpu  # pylint: disable=g-import-not-at-top
+    return pallas_gpu.flash_attention(query, key, value, interpret=interpret, **kwargs)
+  from softmax_one_jax.attention import pallas_tpu  # pylint: disable=g-import-not-at-top
+  if interpret is True:
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+    interpret = pltpu.InterpretParams()
+  return pallas_tpu.flash_attention(query, key, value, interpret=interpret, **kwargs)
 
 
 __all__ = [
     "IMPLEMENTATIONS",
     "SegmentIds",
     "attention_logits",
+    "attention_stats",
     "check_shapes",
     "combine_masks",
     "dot_product_attention",
+    "first_token_stats",
     "reference_attention",
+    "resolve_implementation",
 ]

@@ -1,0 +1,511 @@
+"""Flash attention with softmax-1 for GPUs: Pallas (Triton back end) forward and backward kernels.
+
+softmax-1 enters through the running state of the online softmax: the virtual zero logit is the
+initial state ``m = 0, l = 1`` (running max, running sum), so the kernel never adds a column and
+the logsumexp residual ``lse = log(1 + sum_j exp(s_j))`` already includes the null key. With it the
+usual flash backward holds unchanged: ``P = exp(S - lse)``, ``dS = P * (dP - rowsum(dO * O))``.
+Plain softmax starts from ``m = -inf, l = 0``; a query that may attend to nothing outputs zeros
+(``l = 0``), matching :func:`~softmax_one_jax.attention.reference.reference_attention`.
+
+Why Triton rather than Mosaic GPU: the Triton lowering runs on every CUDA GPU JAX supports
+(A100, H100/H200, consumer cards) and the very same kernel code runs on CPU with
+``interpret=True``, so CI tests the code that ships. Mosaic GPU reaches higher Hopper
+utilisation through warpgroup MMA and TMA pipelining, but only on sm90+, with a separate
+programming model and no CPU interpreter for its warpgroup semantics; it is the next step if the
+H200 figures in bench/RESULTS.md fall short of cuDNN.
+
+Memory is linear in sequence length: per (batch, head, query block) program the kernel keeps one
+``[block_q, head_dim]`` accumulator and two ``[block_q]`` vectors; no ``[T, S]`` buffer exists in
+the forward or backward pass. The residuals are ``O`` and ``lse`` (``[B, N, T]``).
+
+Example:
+  >>> q = k = v = jnp.ones((1, 16, 2, 64))
+  >>> flash_attention(q, k, v, is_causal=True, interpret=True).shape
+  (1, 16, 2, 64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from softmax_one_jax.attention import _padding
+from softmax_one_jax.attention.reference import SegmentIds
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of the three kernels (powers of two, >= 16); shrunk to the padded sequence.
+
+  Attributes:
+    block_q, block_k: query / key tile of the forward kernel (one program per query tile).
+    block_q_dkv, block_k_dkv: tiles of the dK/dV kernel (one program per key tile).
+    block_q_dq, block_k_dq: tiles of the dQ kernel (one program per query tile).
+    num_warps: Triton warps per program; None = 4 for head_dim <= 64, else 8.
+    num_stages: Triton software-pipelining stages.
+  """
+
+  block_q: int = 128
+  block_k: int = 64
+  block_q_dkv: int = 64
+  block_k_dkv: int = 128
+  block_q_dq: int = 128
+  block_k_dq: int = 64
+  num_warps: int | None = None
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for field in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
+      b = getattr(self, field)
+      if b < 16 or b & (b - 1):
+        raise ValueError(f"BlockSizes.{field}={b} must be a power of two >= 16 (Triton tiles).")
+
+
+FLOAT32_BLOCK_SIZES = BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64,
+                                 block_q_dq=64, block_k_dq=32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything the kernels specialise on (hashable: a static argument of jit/custom_vjp)."""
+
+  softmax1: bool
+  causal: bool
+  scale: float
+  kv_len: int  # true number of keys; keys at or beyond it are padding
+  kv_pad: int  # padded number of keys (a multiple of every key tile)
+  group: int  # query heads per key/value head
+  block_q: int
+  block_k: int
+  block_q_dkv: int
+  block_k_dkv: int
+  block_q_dq: int
+  block_k_dq: int
+  num_warps: int
+  num_stages: int
+  interpret: bool
+
+
+def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+  """float32-accumulated tile product; exact float32 (no TF32) for float32 inputs."""
+  allow_tf32 = False if a.dtype == jnp.float32 else None
+  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=allow_tf32)
+
+
+def _logits2(q, k, st: _Static, q_start, k_start, q_ids, kv_ids, masked: bool):
+  """``[bq, bk]`` logits in log2 units (``s * log2(e)``), masked entries ``-inf``.
+
+  ``masked`` (static) adds the causal mask; segment ids and key padding are always applied when
+  present, as they may cut any tile.
+  """
+  s = _dot(q, k, trans_b=True) * (st.scale * _LOG2E)
+  bq, bk = s.shape
+  keep = None
+  if q_ids is not None:
+    keep = q_ids[:, None] == kv_ids[None, :]
+  k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  if st.kv_len < st.kv_pad:  # padded keys exist (in the last tiles; checking all is cheap)
+    ok = k_pos < st.kv_len
+    keep = ok if keep is None else keep & ok
+  if masked:
+    ok = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0) >= k_pos
+    keep = ok if keep is None else keep & ok
+  return s if keep is None else jnp.where(keep, s, -jnp.inf)
+
+
+def _causal_ranges(q_start, block_q: int, block_k: int, num_k_blocks: int):
+  """Key tiles ``[0, n_full)`` fully visible to a query tile, ``[n_full, n_end)`` diagonal-cut."""
+  n_full = jnp.minimum(lax.div(q_start + 1, jnp.int32(block_k)), num_k_blocks)
+  n_end = jnp.minimum(lax.div(q_start + (block_q + block_k - 1), jnp.int32(block_k)), num_k_blocks)
+  return n_full, n_end
+
+
+# ------------------------------------------------------------------------------------ forward
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, *out_refs, st: _Static,
+                with_out: bool, with_max: bool):
+  """One program: a query tile of one (batch, head); loops over key tiles."""
+  bq, bk = st.block_q, st.block_k
+  q_start = pl.program_id(0) * bq
+  num_k_blocks = k_ref.shape[0] // bk
+  q = q_ref[...]
+  q_ids = None if q_ids_ref is None else q_ids_ref[...]
+  m0 = jnp.zeros((bq,), jnp.float32) if st.softmax1 else jnp.full((bq,), -jnp.inf, jnp.float32)
+  l0 = jnp.ones((bq,), jnp.float32) if st.softmax1 else jnp.zeros((bq,), jnp.float32)
+  acc0 = jnp.zeros((bq, q.shape[-1]), jnp.float32)
+  mx0 = jnp.full((bq,), -jnp.inf, jnp.float32)
+
+  def body(j, carry, masked):
+    acc, m, l, mx = carry
+    sl = pl.ds(j * bk, bk)
+    kv_ids = None if kv_ids_ref is None else kv_ids_ref[sl]
+    s = _logits2(q, k_ref[sl, :], st, q_start, j * bk, q_ids, kv_ids, masked)
+    s_max = jnp.max(s, axis=-1)
+    m_new = jnp.maximum(m, s_max)
+    # softmax-1 keeps m >= 0 (finite); softmax rows with nothing seen yet shift by 0, not -inf.
+    m_use = m_new if st.softmax1 else jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_use)
+    p = jnp.exp2(s - m_use[:, None])
+    l = alpha * l + jnp.sum(p, axis=-1)
+    if with_out:
+      v = v_ref[sl, :]
+      acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    mx = jnp.maximum(mx, s_max) if with_max else mx
+    return acc, m_new, l, mx
+
+  carry = (acc0, m0, l0, mx0)
+  if st.causal:
+    n_full, n_end = _causal_ranges(q_start, bq, bk, num_k_blocks)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+  else:
+    carry = lax.fori_loop(0, num_k_blocks, functools.partial(body, masked=False), carry)
+  acc, m, l, mx = carry
+
+  refs = list(out_refs)
+  if with_out:
+    o_ref = refs.pop(0)
+    safe_l = l if st.softmax1 else jnp.where(l == 0.0, 1.0, l)
+    o_ref[...] = (acc / safe_l[:, None]).astype(o_ref.dtype)
+  lse_ref = refs.pop(0)
+  lse_ref[...] = (m + jnp.log2(l)) * _LN2  # -inf for an all-masked softmax row
+  if with_max:
+    refs.pop(0)[...] = mx * _LN2
+
+
+def _forward_call(q, k, v, ids, st: _Static, with_out: bool = True, with_max: bool = False):
+  """pallas_call of the forward kernel on padded inputs: ``(o?, lse [B,N,T], rowmax? [B,N,T])``."""
+  b, t, n, h = q.shape
+  s = k.shape[1]
+  g = st.group
+  in_specs = [
+      pl.BlockSpec((None, st.block_q, None, h), lambda i, bi, ni: (bi, i, ni, 0)),
+      pl.BlockSpec((None, s, None, h), lambda i, bi, ni: (bi, 0, ni // g, 0)),
+      pl.BlockSpec((None, s, None, h), lambda i, bi, ni: (bi, 0, ni // g, 0)),
+  ]
+  if ids is None:
+    in_specs += [None, None]
+    q_ids = kv_ids = None
+  else:
+    q_ids, kv_ids = ids
+    in_specs += [pl.BlockSpec((None, st.block_q), lambda i, bi, ni: (bi, i)),
+                 pl.BlockSpec((None, s), lambda i, bi, ni: (bi, 0))]
+  row_spec = pl.BlockSpec((None, None, st.block_q), lambda i, bi, ni: (bi, ni, i))
+  row_shape = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
+  out_shape, out_specs = [], []
+  if with_out:
+    out_shape.append(jax.ShapeDtypeStruct(q.shape, q.dtype))
+    out_specs.append(pl.BlockSpec((None, st.block_q, None, h), lambda i, bi, ni: (bi, i, ni, 0)))
+  out_shape.append(row_shape)
+  out_specs.append(row_spec)
+  if with_max:
+    out_shape.append(row_shape)
+    out_specs.append(row_spec)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, st=st, with_out=with_out, with_max=with_max),
+      grid=(t // st.block_q, b, n),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages),
+      interpret=st.interpret,
+      name="softmax1_flash_fwd" if st.softmax1 else "softmax_flash_fwd",
+  )(q, k, v, q_ids, kv_ids)
+
+
+# ----------------------------------------------------------------------------------- backward
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, *, st: _Static):
+  """One program: a key tile of one (batch, query head); loops over query tiles."""
+  bq, bk = st.block_q_dkv, st.block_k_dkv
+  k_start = pl.program_id(0) * bk
+  num_q_blocks = q_ref.shape[0] // bq
+  k, v = k_ref[...], v_ref[...]
+  kv_ids = None if kv_ids_ref is None else kv_ids_ref[...]
+  zeros = jnp.zeros(k.shape, jnp.float32)
+
+  def body(i, carry, masked):
+    dk, dv = carry
+    sl = pl.ds(i * bq, bq)
+    q = q_ref[sl, :]
+    q_ids = None if q_ids_ref is None else q_ids_ref[sl]
+    s = _logits2(q, k, st, i * bq, k_start, q_ids, kv_ids, masked)
+    p = jnp.exp2(s - lse_ref[sl][:, None])  # lse in log2 units; masked entries give 0
+    do = do_ref[sl, :]
+    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+    dp = _dot(do, v, trans_b=True)
+    ds = p * (dp - delta_ref[sl][:, None])
+    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+    return dk, dv
+
+  carry = (zeros, zeros)
+  if st.causal:
+    # Query tiles before first_q see none of these keys; those from n_full on see all of them.
+    first_q = jnp.minimum(lax.div(k_start, jnp.int32(bq)), num_q_blocks)
+    n_full = jnp.clip(lax.div(k_start + (bk + bq - 2), jnp.int32(bq)), first_q, num_q_blocks)
+    carry = lax.fori_loop(first_q, n_full, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(n_full, num_q_blocks, functools.partial(body, masked=False), carry)
+  else:
+    carry = lax.fori_loop(0, num_q_blocks, functools.partial(body, masked=False), carry)
+  dk, dv = carry
+  dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               *, st: _Static):
+  """One program: a query tile of one (batch, head); loops over key tiles."""
+  bq, bk = st.block_q_dq, st.block_k_dq
+  q_start = pl.program_id(0) * bq
+  num_k_blocks = k_ref.shape[0] // bk
+  q, do = q_ref[...], do_ref[...]
+  q_ids = None if q_ids_ref is None else q_ids_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+
+  def body(j, dq, masked):
+    sl = pl.ds(j * bk, bk)
+    k = k_ref[sl, :]
+    kv_ids = None if kv_ids_ref is None else kv_ids_ref[sl]
+    s = _logits2(q, k, st, q_start, j * bk, q_ids, kv_ids, masked)
+    p = jnp.exp2(s - lse[:, None])
+    dp = _dot(do, v_ref[sl, :], trans_b=True)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jnp.zeros(q.shape, jnp.float32)
+  if st.causal:
+    n_full, n_end = _causal_ranges(q_start, bq, bk, num_k_blocks)
+    dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq)
+  else:
+    dq = lax.fori_loop(0, num_k_blocks, functools.partial(body, masked=False), dq)
+  dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def _backward_calls(q, k, v, ids, o, lse, do, st: _Static):
+  """dq, dk, dv on padded inputs; dk/dv are per query head then summed over each group."""
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  g = st.group
+  # Residual rows in log2 units; an all-masked softmax row (lse = -inf) gets 0 so that
+  # exp2(-inf - 0) = 0 rather than NaN.
+  lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * _LOG2E)
+  delta = jnp.einsum("btnh,btnh->bnt", o.astype(jnp.float32), do.astype(jnp.float32))
+  if ids is None:
+    q_ids = kv_ids = None
+  else:
+    q_ids, kv_ids = ids
+  params = plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
+
+  def specs(block_q, block_k, q_axis_blocked):
+    """In-specs for (q, k, v, q_ids, kv_ids, do, lse, delta)."""
+    if q_axis_blocked:  # grid (query tiles, B, N): q rows tiled, keys whole
+      qmap = lambda i, bi, ni: (bi, i, ni, 0)  # noqa: E731
+      kmap = lambda i, bi, ni: (bi, 0, ni // g, 0)  # noqa: E731
+      qb, kb = block_q, s
+      rmap = lambda i, bi, ni: (bi, ni, i)  # noqa: E731
+      qimap, kimap = (lambda i, bi, ni: (bi, i)), (lambda i, bi, ni: (bi, 0))
+    else:  # grid (key tiles, B, N): key rows tiled, queries whole
+      qmap = lambda j, bi, ni: (bi, 0, ni, 0)  # noqa: E731
+      kmap = lambda j, bi, ni: (bi, j, ni // g, 0)  # noqa: E731
+      qb, kb = t, block_k
+      rmap = lambda j, bi, ni: (bi, ni, 0)  # noqa: E731
+      qimap, kimap = (lambda j, bi, ni: (bi, 0)), (lambda j, bi, ni: (bi, j))
+    id_specs = ([None, None] if ids is None else
+                [pl.BlockSpec((None, qb), qimap), pl.BlockSpec((None, kb), kimap)])
+    return [pl.BlockSpec((None, qb, None, h), qmap), pl.BlockSpec((None, kb, None, h), kmap),
+            pl.BlockSpec((None, kb, None, h), kmap), *id_specs,
+            pl.BlockSpec((None, qb, None, h), qmap), pl.BlockSpec((None, None, qb), rmap),
+            pl.BlockSpec((None, None, qb), rmap)]
+
+  args = (q, k, v, q_ids, kv_ids, do, lse2, delta)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, st=st),
+      grid=(t // st.block_q_dq, b, n),
+      in_specs=specs(st.block_q_dq, st.block_k_dq, True),
+      out_specs=pl.BlockSpec((None, st.block_q_dq, None, h), lambda i, bi, ni: (bi, i, ni, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params, interpret=st.interpret, name="flash_bwd_dq",
+  )(*args)
+  # With groups, each query head writes its own float32 dk/dv, summed below (O(S) memory).
+  dkv_dtype = k.dtype if g == 1 else jnp.float32
+  kv_out = pl.BlockSpec((None, st.block_k_dkv, None, h), lambda j, bi, ni: (bi, j, ni, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, st=st),
+      grid=(s // st.block_k_dkv, b, n),
+      in_specs=specs(st.block_q_dkv, st.block_k_dkv, False),
+      out_specs=[kv_out, kv_out],
+      out_shape=[jax.ShapeDtypeStruct((b, s, n, h), dkv_dtype)] * 2,
+      compiler_params=params, interpret=st.interpret, name="flash_bwd_dkv",
+  )(*args)
+  if g > 1:
+    dk = dk.reshape(b, s, kh, g, h).sum(axis=3).astype(k.dtype)
+    dv = dv.reshape(b, s, kh, g, h).sum(axis=3).astype(v.dtype)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, ids, st: _Static):
+  return _forward_call(q, k, v, ids, st)[0]
+
+
+def _flash_fwd(q, k, v, ids, st: _Static):
+  o, lse = _forward_call(q, k, v, ids, st)
+  return o, (q, k, v, ids, o, lse)
+
+
+def _flash_bwd(st: _Static, res, do):
+  q, k, v, ids, o, lse = res
+  dq, dk, dv = _backward_calls(q, k, v, ids, o, lse, do, st)
+  return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ------------------------------------------------------------------------------------ wrapper
+
+
+def _tile(block: int, length: int) -> int:
+  """The block size actually used: at most the padded length (power of two, >= 16)."""
+  return min(block, max(16, _padding.next_power_of_2(length)))
+
+
+def _prepare(query, key, value, softmax, is_causal, segment_ids, scale, block_sizes, interpret):
+  """Pads the inputs to tiles; returns padded (q, k, v, ids) and the static configuration."""
+  b, t, n, h = query.shape
+  s, kh = key.shape[1], key.shape[2]
+  if block_sizes is None:  # float32 tiles take twice the shared memory: halve them
+    wide = jnp.dtype(query.dtype).itemsize >= 4
+    block_sizes = FLOAT32_BLOCK_SIZES if wide else BlockSizes()
+  bs = block_sizes
+  fields = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
+  tiles = {f: _tile(getattr(bs, f), t if f.split("_")[1] == "q" else s) for f in fields}
+  t_pad = _padding.round_up(t, max(tiles["block_q"], tiles["block_q_dkv"], tiles["block_q_dq"]))
+  s_pad = _padding.round_up(s, max(tiles["block_k"], tiles["block_k_dkv"], tiles["block_k_dq"]))
+  h_pad = max(16, _padding.next_power_of_2(h))
+  st = _Static(
+      softmax1=softmax == "softmax1", causal=bool(is_causal),
+      scale=_padding.resolve_scale(scale, h), kv_len=s, kv_pad=s_pad, group=n // kh, **tiles,
+      num_warps=bs.num_warps or (4 if h_pad <= 64 else 8), num_stages=bs.num_stages,
+      interpret=bool(interpret),
+  )
+  q = _padding.pad_axis(_padding.pad_axis(query, 1, t_pad), 3, h_pad)
+  k = _padding.pad_axis(_padding.pad_axis(key, 1, s_pad), 3, h_pad)
+  v = _padding.pad_axis(_padding.pad_axis(value, 1, s_pad), 3, h_pad)
+  ids = _padding.padded_segment_ids(segment_ids, b, t, s, t_pad, s_pad)
+  return q, k, v, ids, st
+
+
+def flash_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    softmax: str = "softmax1",
+    is_causal: bool = False,
+    segment_ids: SegmentIds | None = None,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+  """Fused softmax-1 / softmax attention (Pallas Triton), differentiable by Pallas kernels.
+
+  Args:
+    query: ``[B, T, N, H]`` float32 / bfloat16 / float16.
+    key: ``[B, S, K, H]`` with ``N % K == 0`` (grouped-query attention).
+    value: ``[B, S, K, H]``.
+    softmax: "softmax1" (default) or "softmax".
+    is_causal: query ``t`` sees keys ``<= t``; key tiles above the diagonal are skipped.
+    segment_ids: ``[B, T]`` or ``(q [B, T], kv [B, S])``; no attention across segments.
+    scale: logit scale, ``1/sqrt(H)`` of the unpadded ``H`` by default.
+    block_sizes: tile sizes; None = ``BlockSizes()`` for 16-bit inputs and the halved
+      ``FLOAT32_BLOCK_SIZES`` for float32 (shared memory). Not yet tuned on a GPU.
+    interpret: run the kernels in the Pallas interpreter (CPU tests).
+
+  Returns:
+    ``[B, T, N, H]`` in the query's dtype; a query that may attend to nothing gives zeros.
+
+  Example:
+    >>> q = k = v = jnp.ones((1, 20, 2, 64))
+    >>> flash_attention(q, k, v, softmax="softmax", interpret=True).shape
+    (1, 20, 2, 64)
+  """
+  _padding.check_kernel_args(query, key, value, softmax, None)
+  t, h = query.shape[1], query.shape[3]
+  q, k, v, ids, st = _prepare(query, key, value, softmax, is_causal, segment_ids, scale,
+                              block_sizes, interpret)
+  return _flash(q, k, v, ids, st)[:, :t, :, :h]
+
+
+def flash_stats(
+    query: jax.Array,
+    key: jax.Array,
+    *,
+    softmax: str = "softmax1",
+    is_causal: bool = False,
+    segment_ids: SegmentIds | None = None,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """``(lse [B, N, T], row_max [B, N, T])`` from the forward kernel without the value product.
+
+  ``lse`` is the log-normaliser (it includes the null key for softmax-1, so softmax-1's null
+  mass is ``exp(-lse)``); ``row_max`` is the largest real logit (``-inf`` for a query that sees
+  no key). Not differentiable (monitoring only).
+
+  Example:
+    >>> lse, row_max = flash_stats(jnp.ones((1, 16, 2, 64)), jnp.ones((1, 16, 2, 64)),
+    ...                            interpret=True)
+  """
+  _padding.check_kernel_args(query, key, key, softmax, None)
+  t = query.shape[1]
+  q, k, v, ids, st = _prepare(query, key, key, softmax, is_causal, segment_ids, scale,
+                              block_sizes, interpret)
+  lse, row_max = _forward_call(q, k, v, ids, st, with_out=False, with_max=True)
+  return lax.stop_gradient(lse[:, :, :t]), lax.stop_gradient(row_max[:, :, :t])
+
+
+def flash_attention_with_stats(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    softmax: str = "softmax1",
+    is_causal: bool = False,
+    segment_ids: SegmentIds | None = None,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(out [B, T, N, H], lse [B, N, T], row_max [B, N, T])`` from one forward pass.
+
+  The statistics cost two ``[block_q]`` registers per program and ``O(B N T)`` output, nothing
+  else; feed them to ``stats.first_token_stats``-style formulas for monitoring during evaluation.
+  Forward only: not differentiable (train with :func:`flash_attention`).
+
+  Example:
+    >>> q = k = v = jnp.ones((1, 16, 2, 64))
+    >>> out, lse, row_max = flash_attention_with_stats(q, k, v, interpret=True)
+  """
+  _padding.check_kernel_args(query, key, value, softmax, None)
+  t, h = query.shape[1], query.shape[3]
+  q, k, v, ids, st = _prepare(query, key, value, softmax, is_causal, segment_ids, scale,
+                              block_sizes, interpret)
+  q, k, v = (lax.stop_gradient(x) for x in (q, k, v))
+  out, lse, row_max = _forward_call(q, k, v, ids, st, with_out=True, with_max=True)
+  return out[:, :t, :, :h], lse[:, :, :t], row_max[:, :, :t]

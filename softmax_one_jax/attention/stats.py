@@ -1,0 +1,216 @@
+"""First-token attention statistics in O(seq) memory: logsumexp, row max and the key-0 logit.
+
+The paper's diagnostics ask, per query, how much attention goes to the first token and whether
+it is the argmax; for softmax-1 also how much goes nowhere (the null key). All three follow from
+per-row numbers without any ``[T, S]`` probability matrix::
+
+  prob_first   = exp(s_0 - lse)       (lse includes the null key for softmax-1)
+  argmax_first = s_0 >= row_max       (row_max over the real, unmasked logits)
+  null_mass    = exp(-lse)            (softmax-1 only: the virtual zero logit's share)
+
+where ``s_0`` is query ``t``'s scaled logit on key 0 (``-inf`` if masked).
+
+Example:
+  >>> q = k = jnp.ones((1, 8, 2, 16))
+  >>> stats = first_token_stats(q, k, is_causal=True)
+  >>> sorted(stats)
+  ['argmax_first', 'null_mass', 'prob_first']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from softmax_one_jax.attention import _padding
+from softmax_one_jax.attention.reference import (
+    SegmentIds,
+    attention_logits,
+    check_shapes,
+    combine_masks,
+    split_segment_ids,
+)
+from softmax_one_jax.softmax import SOFTMAX_KINDS
+
+STATS_IMPLEMENTATIONS = (None, "xla", "chunked", "pallas")
+
+
+def _row_stats(logits, where, softmax1: bool):
+  """``(lse, row_max)`` over the last axis of masked float32 logits (``where`` may be None)."""
+  if where is not None:
+    logits = jnp.where(where, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1)
+  m = jnp.maximum(row_max, 0.0) if softmax1 else jnp.where(jnp.isneginf(row_max), 0.0, row_max)
+  total = jnp.sum(jnp.exp(logits - m[..., None]), axis=-1)
+  if softmax1:
+    total = total + jnp.exp(-m)
+  return m + jnp.log(total), row_max
+
+
+def _xla_stats(query, key, softmax1, is_causal, segment_ids, mask, scale):
+  """Dense reference: materialises the ``[B, N, T, S]`` logits."""
+  b, t = query.shape[:2]
+  logits = attention_logits(query, key, scale)
+  where = combine_masks(b, t, key.shape[1], is_causal=is_causal, mask=mask,
+                        segment_ids=segment_ids)
+  return _row_stats(logits, where, softmax1)
+
+
+def _chunked_stats(query, key, softmax1, is_causal, segment_ids, scale, chunk: int = 512):
+  """Online logsumexp over key chunks (``lax.scan``): ``[B, N, T, chunk]`` at a time."""
+  b, t, n, h = query.shape
+  s = key.shape[1]
+  chunk = min(chunk, s)
+  s_pad = _padding.round_up(s, chunk)
+  ids = _padding.padded_segment_ids(segment_ids, b, t, s, t, s_pad)
+  k_cbskh = jnp.moveaxis(
+      _padding.pad_axis(key, 1, s_pad).reshape(b, s_pad // chunk, chunk, *key.shape[2:]), 1, 0)
+  kv_ids_cbs = None if ids is None else jnp.moveaxis(ids[1].reshape(b, -1, chunk), 1, 0)
+  t_pos = jnp.arange(t)[:, None]
+
+  def step(carry, xs):
+    m, total, row_max = carry
+    c, k_bskh, kv_ids_bs = xs
+    logits = attention_logits(query, k_bskh, _padding.resolve_scale(scale, h))
+    k_pos = c * chunk + jnp.arange(chunk)[None, :]
+    where = (k_pos < s)[None, None]
+    if is_causal:
+      where = where & (t_pos >= k_pos)[None, None]
+    if ids is not None:
+      where = where & (ids[0][:, :, None] == kv_ids_bs[:, None, :])[:, None]
+    logits = jnp.where(where, logits, -jnp.inf)
+    row_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+    m_new = jnp.maximum(m, row_max)
+    m_use = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+    total = total * jnp.exp(m - m_use) + jnp.sum(jnp.exp(logits - m_use[..., None]), axis=-1)
+    return (m_new, total, row_max), None
+
+  shape = (b, n, t)
+  init = ((jnp.zeros(shape), jnp.ones(shape)) if softmax1 else
+          (jnp.full(shape, -jnp.inf), jnp.zeros(shape))) + (jnp.full(shape, -jnp.inf),)
+  xs = (jnp.arange(s_pad // chunk), k_cbskh,
+        jnp.zeros((s_pad // chunk, b, chunk), jnp.int32) if kv_ids_cbs is None else kv_ids_cbs)
+  (m, total, row_max), _ = jax.lax.scan(step, init, xs)
+  return jnp.where(jnp.isneginf(m), 0.0, m) + jnp.log(total), row_max
+
+
+def _first_logit(query, key, is_causal, segment_ids, mask, scale):
+  """Scaled logit of every query on key 0, ``[B, N, T]`` float32, ``-inf`` where masked."""
+  b, t, n, h = query.shape
+  s0 = attention_logits(query, key[:, :1], _padding.resolve_scale(scale, h))[..., 0]
+  del is_causal  # top-left causal alignment: every query may see key 0
+  allowed = jnp.ones((1, 1, t), bool)
+  ids = split_segment_ids(segment_ids, t, key.shape[1])
+  if ids is not None:
+    q_ids, kv_ids = ids
+    allowed = allowed & (q_ids == kv_ids[:, :1])[:, None, :]
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    allowed = allowed & mask[..., 0]  # key 0's column, broadcastable to [B, N, T]
+  return jnp.where(jnp.broadcast_to(allowed, s0.shape), s0, -jnp.inf)
+
+
+def _pick(implementation: str | None, mask) -> str:
+  if implementation not in STATS_IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} is not known; expected one of "
+                     f"{STATS_IMPLEMENTATIONS}.")
+  if implementation is not None:
+    return implementation
+  if mask is not None:
+    return "xla"
+  return {"gpu": "pallas", "tpu": "chunked"}.get(jax.default_backend(), "xla")
+
+
+def attention_stats(
+    query: jax.Array,
+    key: jax.Array,
+    *,
+    softmax: str = "softmax1",
+    is_causal: bool = False,
+    segment_ids: SegmentIds | None = None,
+    mask: jax.Array | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-query ``(lse, row_max, first_logit)``, each ``[B, N, T]`` float32.
+
+  Args:
+    query: ``[B, T, N, H]``.
+    key: ``[B, S, K, H]`` with ``N % K == 0``.
+    softmax: "softmax1" (``lse`` includes the null key) or "softmax".
+    is_causal, segment_ids, mask, scale: as in ``dot_product_attention``.
+    implementation: "xla" (dense logits; supports ``mask``), "chunked" (scan over 512-key
+      chunks, linear memory, any platform), "pallas" (the GPU flash kernel's forward without the
+      value product); None picks pallas on GPU, chunked on TPU, xla elsewhere or with ``mask``.
+    interpret: run the Pallas kernel in the interpreter (CPU tests).
+
+  Returns:
+    ``lse``: log-normaliser (``-inf`` for a softmax row that sees no key); ``row_max``: largest
+    unmasked logit (``-inf`` if none); ``first_logit``: logit on key 0 (``-inf`` if masked).
+    Not differentiated through (monitoring).
+
+  Example:
+    >>> lse, row_max, s0 = attention_stats(jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 8)))
+    >>> lse.shape
+    (1, 2, 4)
+  """
+  check_shapes(query, key, key)
+  if softmax not in SOFTMAX_KINDS:
+    raise ValueError(f"softmax={softmax!r} is not known; expected one of {SOFTMAX_KINDS}.")
+  impl = _pick(implementation, mask)
+  if mask is not None and impl != "xla":
+    raise ValueError(f"implementation={impl!r} takes is_causal and segment_ids, not a dense "
+                     "mask; pass implementation='xla' (or None) to use mask.")
+  query, key = jax.lax.stop_gradient(query), jax.lax.stop_gradient(key)
+  softmax1 = softmax == "softmax1"
+  if impl == "xla":
+    lse, row_max = _xla_stats(query, key, softmax1, is_causal, segment_ids, mask, scale)
+  elif impl == "chunked":
+    lse, row_max = _chunked_stats(query, key, softmax1, is_causal, segment_ids, scale)
+  else:
+    from softmax_one_jax.attention import pallas_gpu  # pylint: disable=g-import-not-at-top
+    lse, row_max = pallas_gpu.flash_stats(query, key, softmax=softmax, is_causal=is_causal,
+                                          segment_ids=segment_ids, scale=scale,
+                                          interpret=interpret)
+  return lse, row_max, _first_logit(query, key, is_causal, segment_ids, mask, scale)
+
+
+def first_token_stats(
+    query: jax.Array,
+    key: jax.Array,
+    *,
+    softmax: str = "softmax1",
+    **kwargs: Any,
+) -> dict[str, jax.Array]:
+  """Attention on the first token without probabilities: each value ``[B, N, T]``.
+
+  Args:
+    query: ``[B, T, N, H]``.
+    key: ``[B, S, K, H]``.
+    softmax: "softmax1" or "softmax".
+    **kwargs: ``is_causal``, ``segment_ids``, ``mask``, ``scale``, ``implementation``,
+      ``interpret`` as in :func:`attention_stats`.
+
+  Returns:
+    ``prob_first`` (float32, probability on key 0), ``argmax_first`` (bool, key 0 holds the
+    largest real logit; False if key 0 is masked) and, for softmax-1, ``null_mass`` (float32,
+    the share of the virtual zero logit, ``1 - sum_j p_j``).
+
+  Example:
+    >>> stats = first_token_stats(jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 8)), softmax="softmax")
+    >>> jnp.round(stats["prob_first"][0, 0], 4).tolist()
+    [0.25, 0.25, 0.25, 0.25]
+  """
+  lse, row_max, first = attention_stats(query, key, softmax=softmax, **kwargs)
+  seen = ~jnp.isneginf(first)
+  out = {
+      "prob_first": jnp.where(seen, jnp.exp(jnp.where(seen, first - lse, 0.0)), 0.0),
+      "argmax_first": seen & (first >= row_max),
+  }
+  if softmax == "softmax1":
+    out["null_mass"] = jnp.exp(-lse)
+  return out

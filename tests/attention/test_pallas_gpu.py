@@ -1,0 +1,280 @@
+"""The Pallas GPU (Triton) flash kernel, run in interpret mode on CPU, against float64 numpy.
+
+Outputs and the gradients of q, k and v (computed by the Pallas backward kernels) are compared
+with an independent float64 numpy attention and its hand-written backward, on fresh random
+inputs. The memory test lowers a causal 8192-long attention and checks the compiled program holds
+no [T, S] buffer.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from softmax_one_jax.attention import (
+    dot_product_attention,
+    reference_attention,
+    resolve_implementation,
+)
+from softmax_one_jax.attention import pallas_gpu
+from tests.attention.reference_np import np_attention
+
+
+def np_attention_grads(q, k, v, w, *, scale=None, **kwargs):
+  """float64 ``(out, dq, dk, dv)`` of ``sum(w * attention(q, k, v))``, written out per head.
+
+  softmax and softmax-1 share the Jacobian ``dS = P * (dP - rowsum(P * dP))`` (the null key's
+  probability is dropped, not differentiated against), so one backward serves both.
+  """
+  q, k, v, w = (np.asarray(a, np.float64) for a in (q, k, v, w))
+  scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+  out, probs = np_attention(q, k, v, scale=scale, **kwargs)
+  dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+  n, kh = q.shape[2], k.shape[2]
+  for bi in range(q.shape[0]):
+    for ni in range(n):
+      kv = ni // (n // kh)
+      p = probs[bi, ni]
+      dv[bi, :, kv] += p.T @ w[bi, :, ni]
+      dp = w[bi, :, ni] @ v[bi, :, kv].T
+      ds = p * (dp - np.sum(p * dp, axis=1, keepdims=True))
+      dq[bi, :, ni] = ds @ k[bi, :, kv] * scale
+      dk[bi, :, kv] += ds.T @ q[bi, :, ni] * scale
+  return out, dq, dk, dv
+
+
+def out_and_grads(attn, q, k, v, w):
+  """``(out, dq, dk, dv)`` of ``sum(w * attn(q, k, v))`` under jit, as float64 numpy."""
+  def loss(q, k, v):
+    return jnp.sum(attn(q, k, v).astype(jnp.float32) * w)
+  out = jax.jit(attn)(q, k, v)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  return [np.asarray(x, np.float64) for x in (out, *grads)]
+
+
+def random_case(rng, b, t, s, n, kh, h, dtype, segments=None):
+  """Random q, k, v (rounded to ``dtype``), cotangent ``w`` and optional segment ids."""
+  q = jnp.asarray(rng.standard_normal((b, t, n, h)), dtype)
+  k = jnp.asarray(rng.standard_normal((b, s, kh, h)), dtype)
+  v = jnp.asarray(rng.standard_normal((b, s, kh, h)), dtype)
+  w = rng.standard_normal((b, t, n, h)).astype(np.float32)
+  ids = None
+  if segments == "self":
+    ids = jnp.asarray(np.sort(rng.integers(0, 3, (b, t)), axis=1), jnp.int32)
+  elif segments == "cross":  # ids drawn independently: some queries see no key at all
+    ids = (jnp.asarray(np.sort(rng.integers(0, 4, (b, t)), axis=1), jnp.int32),
+           jnp.asarray(np.sort(rng.integers(1, 4, (b, s)), axis=1), jnp.int32))
+  return q, k, v, w, ids
+
+
+def check_against_numpy(attn, rng, shape, dtype, softmax, is_causal, segments, scale=None):
+  """Asserts the kernel's output and q/k/v gradients match float64 numpy.
+
+  float32: tight absolute/relative tolerances. bfloat16: the kernel's error may be at most twice
+  that of the XLA reference path run in bfloat16 on the same inputs (plus 2e-3), i.e. bf16
+  rounding of the inputs to the matmuls, nothing worse.
+  """
+  b, t, s, n, kh, h = shape
+  q, k, v, w, ids = random_case(rng, b, t, s, n, kh, h, dtype, segments)
+  opts = dict(softmax=softmax, is_causal=is_causal, segment_ids=ids, scale=scale)
+  got = out_and_grads(lambda q, k, v: attn(q, k, v, **opts), q, k, v, w)
+  np_ids = None if ids is None else (tuple(np.asarray(i) for i in ids) if isinstance(ids, tuple)
+                                     else np.asarray(ids))
+  want = np_attention_grads(q, k, v, w, softmax=softmax, is_causal=is_causal,
+                            segment_ids=np_ids, scale=scale)
+  names = ("out", "dq", "dk", "dv")
+  if dtype == jnp.float32:
+    for name, g, x in zip(names, got, want):
+      np.testing.assert_allclose(g, x, rtol=2e-5, atol=2e-5, err_msg=name)
+    return
+  xla = out_and_grads(lambda q, k, v: reference_attention(q, k, v, **opts), q, k, v, w)
+  for name, g, r, x in zip(names, got, xla, want):
+    err, err_xla = np.max(np.abs(g - x)), np.max(np.abs(r - x))
+    assert err <= 2 * err_xla + 2e-3, f"{name}: kernel error {err} vs XLA bf16 error {err_xla}"
+
+
+def gpu_kernel(block_sizes=None):
+  def attn(q, k, v, **opts):
+    return pallas_gpu.flash_attention(q, k, v, block_sizes=block_sizes, interpret=True, **opts)
+  return attn
+
+
+SMALL_TILES = pallas_gpu.BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32,
+                                    block_q_dq=16, block_k_dq=32)
+
+
+@pytest.mark.parametrize(
+    "shape,softmax,is_causal,segments,tiles",
+    [
+        ((1, 16, 16, 2, 2, 64), "softmax1", False, None, None),
+        ((2, 37, 37, 4, 2, 64), "softmax1", True, None, None),  # odd length, GQA
+        ((2, 37, 50, 4, 1, 48), "softmax", False, "cross", None),  # T != S, MQA, head_dim pad
+        ((1, 70, 70, 2, 2, 128), "softmax", True, "self", None),
+        ((1, 150, 150, 4, 2, 64), "softmax1", True, "self", SMALL_TILES),  # many tiles
+        ((1, 45, 90, 2, 1, 64), "softmax1", True, "cross", SMALL_TILES),  # causal, T < S
+        ((1, 48, 48, 2, 2, 64), "softmax", False, None, SMALL_TILES),  # padded past a 16-tile
+    ],
+)
+def test_matches_numpy_float32(np_rng, shape, softmax, is_causal, segments, tiles):
+  check_against_numpy(gpu_kernel(tiles), np_rng, shape, jnp.float32, softmax, is_causal,
+                      segments)
+
+
+@pytest.mark.parametrize("softmax,is_causal", [("softmax1", True), ("softmax", False)])
+def test_matches_numpy_bfloat16(np_rng, softmax, is_causal):
+  check_against_numpy(gpu_kernel(), np_rng, (1, 150, 150, 4, 2, 64), jnp.bfloat16, softmax,
+                      is_causal, "self")
+
+
+@pytest.mark.parametrize("softmax", ["softmax1", "softmax"])
+def test_fully_masked_rows_give_zeros_and_finite_grads(np_rng, softmax):
+  q, k, v, w, _ = random_case(np_rng, 1, 24, 24, 2, 2, 64, jnp.float32)
+  q_ids = jnp.asarray(np.repeat([[0, 1, 2]], 8, axis=1), jnp.int32)  # segment 2 has no keys
+  kv_ids = jnp.asarray(np.repeat([[0, 1, 3]], 8, axis=1), jnp.int32)
+  opts = dict(softmax=softmax, is_causal=True, segment_ids=(q_ids, kv_ids), scale=0.5)
+  out, dq, dk, dv = out_and_grads(lambda q, k, v: gpu_kernel()(q, k, v, **opts), q, k, v, w)
+  np.testing.assert_array_equal(out[:, 16:], 0.0)
+  np.testing.assert_array_equal(dq[:, 16:], 0.0)
+  assert all(np.isfinite(x).all() for x in (out, dq, dk, dv))
+  want = np_attention_grads(q, k, v, w, softmax=softmax, is_causal=True,
+                            segment_ids=(np.asarray(q_ids), np.asarray(kv_ids)), scale=0.5)
+  for name, g, x in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), want):
+    np.testing.assert_allclose(g, x, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_causal_output_ignores_future_keys(np_rng):
+  """Property: changing keys/values after position t leaves outputs up to t unchanged."""
+  q, k, v, _, _ = random_case(np_rng, 1, 40, 40, 2, 1, 64, jnp.float32)
+  attn = jax.jit(lambda q, k, v: gpu_kernel(SMALL_TILES)(q, k, v, is_causal=True))
+  k2 = k.at[:, 25:].set(jnp.asarray(np_rng.standard_normal(k[:, 25:].shape), jnp.float32))
+  v2 = v.at[:, 25:].add(1.0)
+  np.testing.assert_array_equal(attn(q, k, v)[:, :25], attn(q, k2, v2)[:, :25])
+
+
+def test_dispatch_runs_the_kernel_in_interpret_mode(np_rng):
+  q, k, v, _, ids = random_case(np_rng, 2, 20, 20, 4, 2, 64, jnp.float32, "self")
+  got = dot_product_attention(q, k, v, is_causal=True, segment_ids=ids, implementation="pallas",
+                              interpret=True)
+  want, _ = np_attention(q, k, v, is_causal=True, segment_ids=np.asarray(ids))
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_resolve_implementation():
+  assert resolve_implementation(None, backend="gpu") == "pallas_gpu"
+  assert resolve_implementation(None, backend="tpu") == "pallas_tpu"
+  assert resolve_implementation(None, backend="cpu") == "xla"
+  assert resolve_implementation(None, backend="gpu", mask=jnp.ones((1, 1), bool)) == "xla"
+  assert resolve_implementation(None, backend="gpu", dtype=jnp.float64) == "xla"
+  assert resolve_implementation("pallas", backend="tpu") == "pallas_tpu"
+  assert resolve_implementation("pallas", backend="cpu", interpret=True) == "pallas_gpu"
+  with pytest.raises(ValueError, match="interpret=True"):
+    resolve_implementation("pallas", backend="cpu")
+  with pytest.raises(ValueError, match="not known"):
+    resolve_implementation("cudnn")
+
+
+def test_bad_arguments_raise_clear_errors():
+  q = jnp.zeros((1, 16, 2, 64))
+  with pytest.raises(ValueError, match="dense mask"):
+    dot_product_attention(q, q, q, mask=jnp.ones((16, 16), bool), implementation="pallas_gpu",
+                          interpret=True)
+  with pytest.raises(ValueError, match="power of two"):
+    pallas_gpu.BlockSizes(block_q=48)
+  with pytest.raises(ValueError, match="dtype"):
+    pallas_gpu.flash_attention(q.astype(jnp.int32), q, q, interpret=True)
+
+
+def _compiled_temp_bytes(fn, *args):
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_long_sequence_holds_no_seq_by_seq_buffer(with_grad):
+  """Compiles (does not run) causal attention at T = S = 8192 on the interpret path.
+
+  The interpreter lowers the pallas_call to XLA loops over the same tiles the GPU kernel uses, so
+  its compiled temporaries are what the kernel program keeps. The XLA reference path, compiled
+  the same way, holds a [T, S] float32 buffer; the kernel's temporaries must be a fraction of
+  one, grow linearly (8192 vs 4096: at most 2.2x, where quadratic memory grows 4x), and no
+  [8192, 8192] shape may appear in its HLO.
+  """
+
+  def wrap(attn):
+    if not with_grad:
+      return attn
+    return jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+
+  def temp_bytes(attn, t):
+    x = jax.ShapeDtypeStruct((1, t, 2, 64), jnp.bfloat16)
+    return _compiled_temp_bytes(wrap(attn), x, x, x)
+
+  def kernel(q, k, v):
+    return gpu_kernel()(q, k, v, is_causal=True)
+
+  t = 8192
+  xla_bytes, xla_hlo = temp_bytes(lambda q, k, v: reference_attention(q, k, v, is_causal=True), t)
+  kernel_bytes, kernel_hlo = temp_bytes(kernel, t)
+  half_bytes, _ = temp_bytes(kernel, t // 2)
+  seq_by_seq = t * t * 4
+  assert xla_bytes >= seq_by_seq and f"{t},{t}" in xla_hlo  # the check can see a [T, S] buffer
+  assert f"{t},{t}" not in kernel_hlo
+  assert kernel_bytes < seq_by_seq // 4, kernel_bytes
+  assert kernel_bytes <= 2.2 * half_bytes, (kernel_bytes, half_bytes)
+
+
+def test_bench_scripts_parse():
+  """bench/gpu_check.sh is valid bash and bench/attention.py refuses --mode gpu without a GPU.
+
+  (The script's full Python runs on CPU with ``bash bench/gpu_check.sh --cpu-smoke``, ~1.5 min.)
+  """
+  root = pathlib.Path(__file__).resolve().parents[2]
+  subprocess.run(["bash", "-n", str(root / "bench" / "gpu_check.sh")], check=True)
+  done = subprocess.run([sys.executable, str(root / "bench" / "attention.py"), "--mode", "gpu"],
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 2 and "--cpu-smoke" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "dtype,softmax,is_causal,segments,heads,h",
+    [(jnp.bfloat16, "softmax1", True, True, (8, 2), 128),
+     (jnp.float32, "softmax", False, False, (4, 4), 64)],
+)
+def test_kernels_lower_to_triton_for_cuda(dtype, softmax, is_causal, segments, heads, h):
+  """Cross-lowers forward, backward and the stats variants for CUDA on this CPU machine.
+
+  This runs Pallas's real Triton lowering (not the interpreter): every op in the kernels must
+  have a Triton lowering rule. No GPU is needed; the Triton-to-PTX compile happens only on one.
+  """
+  from jax import export  # pylint: disable=g-import-not-at-top
+
+  b, t = 2, 1000
+  q = jax.ShapeDtypeStruct((b, t, heads[0], h), dtype)
+  kv = jax.ShapeDtypeStruct((b, t, heads[1], h), dtype)
+  ids = jax.ShapeDtypeStruct((b, t), jnp.int32) if segments else None
+  opts = dict(softmax=softmax, is_causal=is_causal)
+
+  def fwd_bwd(q, k, v, ids):
+    def loss(q, k, v):
+      return jnp.sum(pallas_gpu.flash_attention(q, k, v, segment_ids=ids, **opts))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  def stats(q, k, ids):
+    return pallas_gpu.flash_stats(q, k, segment_ids=ids, **opts)
+
+  def with_stats(q, k, v, ids):
+    return pallas_gpu.flash_attention_with_stats(q, k, v, segment_ids=ids, **opts)
+
+  triton = "__gpu$xla.gpu.triton"
+  for fn, args, kernels in ((fwd_bwd, (q, kv, kv, ids), 3), (stats, (q, kv, ids), 1),
+                            (with_stats, (q, kv, kv, ids), 1)):
+    exported = export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
+    assert exported.mlir_module().count(f"@{triton}(") == kernels

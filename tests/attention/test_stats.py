@@ -1,0 +1,127 @@
+"""First-token statistics from (lse, row_max, first_logit) against float64 numpy probabilities."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from softmax_one_jax.attention import attention_stats, first_token_stats
+from softmax_one_jax.attention import stats as stats_lib
+from tests.attention.reference_np import np_attention
+
+
+def np_logits(q, k, *, is_causal=False, segment_ids=None, mask=None, scale=None):
+  """float64 ``[B, N, T, S]`` logits with ``-inf`` where masked, written out per head."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  scale = 1.0 / np.sqrt(h) if scale is None else scale
+  allowed = np.ones((b, n, t, s), bool)
+  if is_causal:
+    allowed &= np.tril(np.ones((t, s), bool))
+  if segment_ids is not None:
+    q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+    allowed &= (np.asarray(q_ids)[:, :, None] == np.asarray(kv_ids)[:, None, :])[:, None]
+  if mask is not None:
+    allowed &= np.broadcast_to(np.asarray(mask, bool), allowed.shape)
+  logits = np.stack([np.einsum("bth,bsh->bts", q[:, :, ni], k[:, :, ni // (n // kh)]) * scale
+                     for ni in range(n)], axis=1)
+  return np.where(allowed, logits, -np.inf)
+
+
+def np_stats(q, k, softmax, **kwargs):
+  logits = np_logits(q, k, **kwargs)
+  row_max = logits.max(axis=-1)
+  with np.errstate(divide="ignore"):
+    if softmax == "softmax1":
+      lse = np.logaddexp.reduce(np.concatenate([np.zeros(logits.shape[:-1] + (1,)), logits], -1),
+                                axis=-1)
+    else:
+      lse = np.logaddexp.reduce(logits, axis=-1)
+  return lse, row_max, logits[..., 0]
+
+
+def case(rng, b=2, t=20, s=20, n=4, kh=2, h=32, segments="self"):
+  q = rng.standard_normal((b, t, n, h)).astype(np.float32) * 2
+  k = rng.standard_normal((b, s, kh, h)).astype(np.float32) * 2
+  k[:, 0] *= 3  # make key 0 the argmax for some queries and not for others
+  ids = None
+  if segments == "self":
+    ids = np.sort(rng.integers(0, 2, (b, t)), axis=1).astype(np.int32)
+  elif segments == "cross":  # some queries see no key at all
+    ids = (np.sort(rng.integers(0, 3, (b, t)), axis=1).astype(np.int32),
+           np.sort(rng.integers(1, 3, (b, s)), axis=1).astype(np.int32))
+  return q, k, ids
+
+
+def assert_stats_close(got, want):
+  for g, w in zip(got, want):
+    g = np.asarray(g, np.float64)
+    np.testing.assert_array_equal(np.isneginf(g), np.isneginf(w))
+    finite = np.isfinite(w)
+    np.testing.assert_allclose(g[finite], w[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "pallas"])
+@pytest.mark.parametrize("softmax,is_causal,segments",
+                         [("softmax1", True, "self"), ("softmax", False, "cross")])
+def test_attention_stats_match_numpy(np_rng, implementation, softmax, is_causal, segments):
+  q, k, ids = case(np_rng, segments=segments)
+  got = attention_stats(q, k, softmax=softmax, is_causal=is_causal, segment_ids=ids,
+                        implementation=implementation, interpret=True)
+  assert_stats_close(got, np_stats(q, k, softmax, is_causal=is_causal, segment_ids=ids))
+
+
+def test_chunked_stats_over_many_chunks(np_rng):
+  q, k, ids = case(np_rng, t=30, s=45, segments="cross")
+  got = stats_lib._chunked_stats(jnp.asarray(q), jnp.asarray(k), True, True, ids, None, chunk=16)
+  want = np_stats(q, k, "softmax1", is_causal=True, segment_ids=ids)
+  assert_stats_close(got + (want[2],), want)
+
+
+@pytest.mark.parametrize("softmax", ["softmax1", "softmax"])
+def test_first_token_stats_match_probabilities(np_rng, softmax):
+  q, k, ids = case(np_rng, segments="cross")
+  v = np_rng.standard_normal(k.shape)
+  mask = np_rng.random((2, 1, 20, 20)) < 0.9
+  got = first_token_stats(q, k, softmax=softmax, is_causal=True, segment_ids=ids, mask=mask,
+                          scale=0.3)
+  _, probs = np_attention(q, k, v, softmax=softmax, is_causal=True, segment_ids=ids, mask=mask,
+                          scale=0.3)
+  logits = np_logits(q, k, is_causal=True, segment_ids=ids, mask=mask, scale=0.3)
+  np.testing.assert_allclose(got["prob_first"], probs[..., 0], rtol=1e-5, atol=1e-6)
+  want_argmax = np.isfinite(logits[..., 0]) & (logits[..., 0] >= logits.max(axis=-1))
+  assert want_argmax.any() and not want_argmax.all()
+  np.testing.assert_array_equal(got["argmax_first"], want_argmax)
+  if softmax == "softmax1":
+    np.testing.assert_allclose(got["null_mass"], 1.0 - probs.sum(axis=-1), rtol=1e-5, atol=1e-6)
+  else:
+    assert "null_mass" not in got
+
+
+def test_pallas_stats_through_first_token_stats(np_rng):
+  q, k, ids = case(np_rng, segments="self")
+  v = np_rng.standard_normal(k.shape)
+  got = first_token_stats(q, k, is_causal=True, segment_ids=ids, implementation="pallas",
+                          interpret=True)
+  _, probs = np_attention(q, k, v, is_causal=True, segment_ids=ids)
+  np.testing.assert_allclose(got["prob_first"], probs[..., 0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got["null_mass"], 1.0 - probs.sum(axis=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_dense_mask_needs_xla():
+  q = jnp.zeros((1, 4, 2, 8))
+  with pytest.raises(ValueError, match="dense"):
+    attention_stats(q, q, mask=jnp.ones((4, 4), bool), implementation="chunked")
+
+
+def test_forward_kernel_returns_output_and_stats_in_one_pass(np_rng):
+  from softmax_one_jax.attention import pallas_gpu  # pylint: disable=g-import-not-at-top
+
+  q, k, ids = case(np_rng, t=33, s=33, segments="self")
+  v = np_rng.standard_normal(k.shape).astype(np.float32)
+  out, lse, row_max = pallas_gpu.flash_attention_with_stats(
+      q, k, v, is_causal=True, segment_ids=ids, interpret=True)
+  want_out, _ = np_attention(q, k, v, is_causal=True, segment_ids=ids)
+  np.testing.assert_allclose(out, want_out, rtol=2e-5, atol=2e-5)
+  want_lse, want_max, _ = np_stats(q, k, "softmax1", is_causal=True, segment_ids=ids)
+  assert_stats_close((lse, row_max), (want_lse, want_max))
