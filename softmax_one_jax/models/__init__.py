@@ -8,6 +8,7 @@ Example:
 
 from softmax_one_jax.models.config import PRESET_NAMES, TransformerConfig, preset
 from softmax_one_jax.models.generate import generate
+from softmax_one_jax.models.hf import load_hf
 from softmax_one_jax.models.transformer import (
     KVCache,
     Transformer,
@@ -22,6 +23,7 @@ __all__ = [
     "TransformerConfig",
     "count_params",
     "generate",
+    "load_hf",
     "positions_from_segments",
     "preset",
 ]

@@ -141,11 +141,13 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Transforme
           f"GPT-2 activation_function={act!r} is not supported; our GPT-2 MLP uses the tanh "
           "GELU ('gelu_new')."
       )
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                 "add_cross_attention"):
       if c.get(flag):
         raise ValueError(f"GPT-2 option {flag}=True is not supported.")
     if c.get("scale_attn_weights") is False:
-      raise ValueError("GPT-2 scale_attn_weights=False is not supported (we scale by 1/sqrt(head_dim)).")
+      raise ValueError(
+          "GPT-2 scale_attn_weights=False is not supported (we scale by 1/sqrt(head_dim)).")
     d = int(c["n_embd"])
     fields = dict(
         vocab_size=int(c["vocab_size"]), num_layers=int(c["n_layer"]), d_model=d,
@@ -214,7 +216,9 @@ class _Taker:
     return name in self.left
 
 
-def convert_gpt2(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig) -> dict[str, np.ndarray]:
+def convert_gpt2(
+    tensors: Mapping[str, np.ndarray], cfg: TransformerConfig
+) -> dict[str, np.ndarray]:
   """Our dotted parameter paths -> float32 arrays, from GPT-2 tensors (Conv1D ``[in, out]``)."""
   take = _Taker(_strip(tensors, ("transformer.",)))
   d = cfg.d_model
@@ -244,7 +248,9 @@ def convert_gpt2(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig) -> d
   return out
 
 
-def convert_llama(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig) -> dict[str, np.ndarray]:
+def convert_llama(
+    tensors: Mapping[str, np.ndarray], cfg: TransformerConfig
+) -> dict[str, np.ndarray]:
   """Our dotted parameter paths -> float32 arrays, from Llama tensors (Linear ``[out, in]``)."""
   take = _Taker(tensors)
   m = "model." if any(k.startswith("model.") for k in tensors) else ""
@@ -309,7 +315,8 @@ def assign_params(model: nnx.Module, params: Mapping[str, np.ndarray], dtype: An
     name = _path_str(path)
     value = np.asarray(params[name])
     if tuple(value.shape) != tuple(leaf.shape):
-      raise ValueError(f"{name}: checkpoint shape {value.shape} != model shape {tuple(leaf.shape)}.")
+      raise ValueError(
+          f"{name}: checkpoint shape {value.shape} != model shape {tuple(leaf.shape)}.")
     new.append(jnp.asarray(value, dtype=dtype))
   nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
 

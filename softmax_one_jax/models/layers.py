@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from softmax_one_jax.attention import dot_product_attention, reference_attention
+from softmax_one_jax.attention import dot_product_attention, first_token_stats, reference_attention
 from softmax_one_jax.models.config import TransformerConfig
 
 LogicalNames = tuple[str | None, ...]
@@ -206,16 +206,24 @@ class Attention(nnx.Module):
       x_btd: jax.Array,
       positions_bt: jax.Array,
       segment_ids_bt: jax.Array | None = None,
-      return_probs: bool = False,
-  ) -> tuple[jax.Array, jax.Array | None]:
-    """Causal self-attention; returns ``(y [B, T, D], probs [B, N, T, T] or None)``."""
+      analysis: frozenset[str] = frozenset(),
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Causal self-attention; returns ``(y [B, T, D], extras)``.
+
+    ``analysis`` may hold "attention_probs" (``extras["attention_probs"]``: ``[B, N, T, T]`` from
+    the reference path) and "attention_stats" (``extras["attention_stats"]``: first-token
+    statistics ``[B, N, T]`` from ``first_token_stats``, O(T) memory).
+    """
     q, k, v = self._qkv(x_btd, positions_bt)
     kwargs = dict(softmax=self.config.softmax, is_causal=True, segment_ids=segment_ids_bt)
-    if return_probs:
-      out, probs = reference_attention(q, k, v, return_probs=True, **kwargs)
-      return self._output(out), probs
-    out = dot_product_attention(q, k, v, implementation=self.config.attention_impl, **kwargs)
-    return self._output(out), None
+    extras = {}
+    if "attention_stats" in analysis:
+      extras["attention_stats"] = first_token_stats(q, k, **kwargs)
+    if "attention_probs" in analysis:
+      out, extras["attention_probs"] = reference_attention(q, k, v, return_probs=True, **kwargs)
+    else:
+      out = dot_product_attention(q, k, v, implementation=self.config.attention_impl, **kwargs)
+    return self._output(out), extras
 
   def extend(
       self,
@@ -254,11 +262,11 @@ class Block(nnx.Module):
       x_btd: jax.Array,
       positions_bt: jax.Array,
       segment_ids_bt: jax.Array | None = None,
-      return_probs: bool = False,
-  ) -> tuple[jax.Array, jax.Array | None]:
-    y_btd, probs = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt, return_probs)
+      analysis: frozenset[str] = frozenset(),
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    y_btd, extras = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt, analysis)
     x_btd = x_btd + y_btd
-    return x_btd + self.mlp(self.mlp_norm(x_btd)), probs
+    return x_btd + self.mlp(self.mlp_norm(x_btd)), extras
 
   def extend(self, x_btd, positions_bt, keys_bskh, values_bskh, end):
     """Like ``__call__`` for new tokens against a KV cache; returns ``(x, keys, values)``."""

@@ -19,7 +19,7 @@ from flax import nnx
 from softmax_one_jax.models.config import TransformerConfig
 from softmax_one_jax.models.layers import Block, dense, logical, make_norm
 
-INTERMEDIATES = ("hidden", "attention_probs")
+INTERMEDIATES = ("hidden", "attention_probs", "attention_stats")
 
 
 class KVCache(NamedTuple):
@@ -125,8 +125,10 @@ class Transformer(nnx.Module):
         their own segment.
       positions: int ``[B, T]``; by default ``0..T-1``, restarting in each segment when
         ``segment_ids`` is given.
-      intermediates: any of "hidden" (block outputs ``[L, B, T, D]``, float32) and
-        "attention_probs" (``[L, B, N, T, T]``, float32; uses the reference attention path).
+      intermediates: any of "hidden" (block outputs ``[L, B, T, D]``, float32),
+        "attention_probs" (``[L, B, N, T, T]``, float32; uses the reference attention path) and
+        "attention_stats" (a dict of first-token statistics, each ``[L, B, N, T]``:
+        "prob_first", "argmax_first" and, for softmax-1, "null_mass"; no ``T x T`` buffer).
 
     Returns:
       float32 logits ``[B, T, V]``, or ``(logits, dict)`` when ``intermediates`` is non-empty.
@@ -140,24 +142,23 @@ class Transformer(nnx.Module):
           positions_from_segments(segment_ids) if segment_ids is not None
           else jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
       )
-    want_probs = "attention_probs" in intermediates
+    analysis = frozenset(intermediates) - {"hidden"}
     block_fn = _call_block
     if self.config.remat:
       block_fn = nnx.remat(_call_block, static_argnums=(4,))
     x_btd = self._embed(tokens_bt, positions)
-    hidden, probs = [], []
+    hidden, extras = [], []
     for block in self.blocks:
-      x_btd, p = block_fn(block, x_btd, positions, segment_ids, want_probs)
+      x_btd, block_extras = block_fn(block, x_btd, positions, segment_ids, analysis)
       hidden.append(x_btd.astype(jnp.float32))
-      probs.append(p)
+      extras.append(block_extras)
     logits_btv = self._logits(x_btd)
     if not intermediates:
       return logits_btv
-    out = {}
+    out = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *[e[name] for e in extras])
+           for name in analysis}
     if "hidden" in intermediates:
       out["hidden"] = jnp.stack(hidden)
-    if want_probs:
-      out["attention_probs"] = jnp.stack(probs)
     return logits_btv, out
 
   def init_cache(self, batch_size: int, max_len: int, dtype: str | None = None) -> KVCache:
@@ -201,8 +202,8 @@ class Transformer(nnx.Module):
     return self._logits(x_btd), KVCache(tuple(keys), tuple(values), cache.end + t)
 
 
-def _call_block(block, x_btd, positions_bt, segment_ids_bt, return_probs):
-  return block(x_btd, positions_bt, segment_ids_bt, return_probs)
+def _call_block(block, x_btd, positions_bt, segment_ids_bt, analysis):
+  return block(x_btd, positions_bt, segment_ids_bt, analysis)
 
 
 def count_params(config: TransformerConfig) -> int:

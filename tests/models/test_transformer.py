@@ -161,3 +161,16 @@ def test_clear_errors_for_bad_inputs():
     model(jnp.zeros((1, 4)))
   with pytest.raises(ValueError, match="unknown intermediates"):
     model(jnp.zeros((1, 4), jnp.int32), intermediates=("logits",))
+
+
+def test_attention_stats_agree_with_attention_probs(np_rng):
+  model = Transformer(small("llama"), rngs=nnx.Rngs(8))
+  x = tokens(np_rng, 2, 12)
+  seg = jnp.asarray(np.repeat([[1, 2]], [7, 5], axis=1).repeat(2, 0), jnp.int32)
+  _, inter = forward(model, x, seg, intermediates=("attention_probs", "attention_stats"))
+  probs, stats = np.asarray(inter["attention_probs"]), inter["attention_stats"]
+  assert stats["prob_first"].shape == (2, 2, 4, 12)  # [L, B, N, T]
+  np.testing.assert_allclose(stats["prob_first"], probs[..., 0], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(stats["null_mass"], 1.0 - probs.sum(-1), rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(
+      stats["argmax_first"][..., :7], probs[..., :7, :].argmax(-1) == 0)

@@ -1,0 +1,262 @@
+"""Markdown tables (the paper's Table 2 and Table 3 form) and PNG figures of the outlier analysis.
+
+Metrics are flat ``dict[str, float]``: the scalars of ``outliers.finalize`` (``perplexity``,
+``first_token_attention``, ``kurtosis_first``, ...) plus, per quantisation scheme ``S``,
+``ppl_S`` and ``penalty_S`` (``PPL(quantised) - PPL(full precision)``).
+
+Figures use matplotlib's object API on an Agg canvas (no pyplot, no global backend change), so
+they render headless.
+
+Example:
+  >>> table = format_metrics_table({"tiny": {"perplexity": 12.3, "first_token_attention": 0.5}})
+  >>> table.splitlines()[0][:14]
+  '| Model | PPL '
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+# The headline int8 / int4 schemes of Table 2 (Table 3 lists every scheme that was run).
+HEADLINE_INT8 = "w8a8_tensor"
+HEADLINE_INT4 = "w4_channel"
+
+SCHEME_LABELS = {
+    "w8_tensor": "W8 tensor",
+    "w8_channel": "W8 channel",
+    "w8a8_tensor": "W8A8 tensor/tensor",
+    "w8a8_token": "W8A8 channel/token",
+    "w8a8_tensor_token": "W8A8 tensor/token",
+    "w8a8_channel_tensor": "W8A8 channel/tensor",
+    "w4_channel": "W4 channel",
+    "w4_g128": "W4 g128",
+}
+
+
+def _scheme_label(name: str) -> str:
+  base, plus, rest = name.partition("+")
+  return SCHEME_LABELS.get(base, base) + (f" +{rest}" if plus else "")
+
+
+def _fmt(value: float | None, kind: str = "num") -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "–"
+  if kind == "pct":
+    return f"{100.0 * value:.1f}"
+  if kind == "signed":
+    return f"{value:+.2f}" if abs(value) < 1e4 else f"{value:+.3g}"
+  if abs(value) >= 1e5:
+    return f"{value:.3g}"
+  return f"{value:.2f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  rule = "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"
+  lines = ["| " + " | ".join(header) + " |", rule]
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def format_metrics_table(runs: Mapping[str, Mapping[str, float]]) -> str:
+  """Table 2 form: perplexity, first-token attention, kurtosis, max |activation|, int8/int4.
+
+  Args:
+    runs: run name -> flat metrics (missing entries print as "–").
+
+  Returns:
+    A Markdown table, one row per run. "1st-token %" is the share of (layer, head, query)
+    whose argmax key is the first token (query 0 excluded); "int8" and "int4" are
+    ``HEADLINE_INT8`` / ``HEADLINE_INT4`` perplexities with their penalty in brackets.
+
+  Example:
+    >>> format_metrics_table({"a": {"perplexity": 3.0}}).splitlines()[2][:12]
+    '| a | 3.00 |'
+  """
+  header = ["Model", "PPL", "1st-token %", "1st-token prob %", "Kurt. first", "Kurt. rest",
+            "Max \\|act\\| first", "Max \\|act\\| rest",
+            f"int8 PPL ({SCHEME_LABELS[HEADLINE_INT8]})",
+            f"int4 PPL ({SCHEME_LABELS[HEADLINE_INT4]})"]
+  rows = []
+  for name, m in runs.items():
+    quant = []
+    for scheme in (HEADLINE_INT8, HEADLINE_INT4):
+      ppl = m.get(f"ppl_{scheme}")
+      quant.append(_ppl_cell(m, scheme))
+    rows.append([
+        name, _fmt(m.get("perplexity")), _fmt(m.get("first_token_attention"), "pct"),
+        _fmt(m.get("first_token_prob"), "pct"), _fmt(m.get("kurtosis_first")),
+        _fmt(m.get("kurtosis_rest")), _fmt(m.get("max_abs_first")), _fmt(m.get("max_abs_rest")),
+        *quant,
+    ])
+  return _table(header, rows)
+
+
+def _ppl_cell(m: Mapping[str, float], scheme: str) -> str:
+  ppl = m.get(f"ppl_{scheme}")
+  return "–" if ppl is None else f"{_fmt(ppl)} ({_fmt(m.get(f'penalty_{scheme}'), 'signed')})"
+
+
+def format_quant_table(
+    runs: Mapping[str, Mapping[str, float]], schemes: Sequence[str] | None = None
+) -> str:
+  """Table 3 form: full-precision perplexity and, per scheme, quantised perplexity (penalty).
+
+  Args:
+    runs: run name -> flat metrics with ``ppl_<scheme>`` / ``penalty_<scheme>`` entries.
+    schemes: scheme names (columns); by default every scheme found in any run, in order.
+
+  Returns:
+    A Markdown table.
+
+  Example:
+    >>> print(format_quant_table({"a": {"perplexity": 3.0, "ppl_w4_g128": 3.5,
+    ...                                 "penalty_w4_g128": 0.5}}))
+    | Model | FP PPL | W4 g128 |
+    |---|---:|---:|
+    | a | 3.00 | 3.50 (+0.50) |
+  """
+  if schemes is None:
+    seen: dict[str, None] = {}
+    for m in runs.values():
+      for k in m:
+        if k.startswith("ppl_"):
+          seen.setdefault(k[4:])
+    schemes = list(seen)
+  header = ["Model", "FP PPL"] + [_scheme_label(s) for s in schemes]
+  rows = []
+  for name, m in runs.items():
+    row = [name, _fmt(m.get("perplexity"))]
+    for s in schemes:
+      ppl = m.get(f"ppl_{s}")
+      row.append("–" if ppl is None else f"{_fmt(ppl)} ({_fmt(m.get(f'penalty_{s}'), 'signed')})")
+    rows.append(row)
+  return _table(header, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures.
+
+
+def _save(fig: Figure, path: str | pathlib.Path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  FigureCanvasAgg(fig)
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def plot_attention_maps(
+    maps: Sequence[tuple[str, np.ndarray]], path: str | pathlib.Path, *, max_tokens: int = 64
+) -> pathlib.Path:
+  """Heatmaps of attention probabilities, one panel per (title, ``[T, T]`` map).
+
+  Args:
+    maps: ``(title, probs_tt)`` pairs; rows are queries, columns keys.
+    path: PNG file to write.
+    max_tokens: show only the first ``max_tokens`` queries and keys (readability).
+
+  Returns:
+    The written path.
+  """
+  if not maps:
+    raise ValueError("no attention maps to plot.")
+  n = len(maps)
+  cols = min(n, 4)
+  rows = -(-n // cols)
+  fig = Figure(figsize=(3.4 * cols + 0.8, 3.2 * rows), layout="constrained")
+  for i, (title, probs_tt) in enumerate(maps):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    p = np.asarray(probs_tt)[:max_tokens, :max_tokens]
+    im = ax.imshow(p, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("key", fontsize=8)
+    ax.set_ylabel("query", fontsize=8)
+    ax.tick_params(labelsize=7)
+  fig.colorbar(im, ax=fig.axes, shrink=0.8, label="attention probability")
+  return _save(fig, path)
+
+
+def plot_per_layer(
+    series: Mapping[str, np.ndarray],
+    path: str | pathlib.Path,
+    *,
+    ylabel: str,
+    title: str,
+    logy: bool = False,
+    percent: bool = False,
+) -> pathlib.Path:
+  """One line per label over layers (e.g. first-token share, kurtosis first/rest, runs).
+
+  Args:
+    series: label -> ``[L]`` values.
+    path: PNG file to write.
+    ylabel, title: axis label and title.
+    logy: logarithmic y axis (kurtosis, max |activation|) when the values span more than a
+      factor of 20; linear otherwise.
+    percent: multiply values by 100.
+
+  Returns:
+    The written path.
+  """
+  fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+  ax = fig.add_subplot(1, 1, 1)
+  for label, values in series.items():
+    v = np.asarray(values, np.float64) * (100.0 if percent else 1.0)
+    ax.plot(np.arange(len(v)), v, marker="o", ms=3, label=label)
+  ax.set_xlabel("layer")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  finite = np.concatenate([np.asarray(v, np.float64).ravel() for v in series.values()])
+  finite = finite[np.isfinite(finite)] * (100.0 if percent else 1.0)
+  if logy and finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
+    ax.set_yscale("log")  # only when the values span orders of magnitude
+  elif percent:
+    ax.set_ylim(0.0, min(100.0, 1.2 * finite.max() + 1.0) if finite.size else 100.0)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def plot_channel_max_abs(
+    panels: Mapping[str, np.ndarray], path: str | pathlib.Path, *, ncols: int = 2
+) -> pathlib.Path:
+  """Heatmaps of max |activation| per (layer, channel), log colour scale, one panel per entry.
+
+  Args:
+    panels: title -> ``[L, D]`` maxima (e.g. "first token" / "other tokens", or one per run).
+    path: PNG file to write.
+    ncols: panels per row (2 gives the softmax/softmax-1 x AdamW/OrthoAdam grid for 4 runs).
+
+  Returns:
+    The written path.
+  """
+  from matplotlib.colors import LogNorm
+
+  if not panels:
+    raise ValueError("no panels to plot.")
+  vals = [np.asarray(v, np.float64) for v in panels.values()]
+  pos = np.concatenate([v[v > 0].ravel() for v in vals] + [np.array([1e-6])])
+  norm = LogNorm(vmin=max(pos.min(), 1e-3), vmax=max(pos.max(), 1e-3 * 10))
+  n = len(vals)
+  cols = min(n, ncols)
+  rows = -(-n // cols)
+  fig = Figure(figsize=(5.0 * cols + 0.8, 2.8 * rows), layout="constrained")
+  for i, (title, v) in enumerate(zip(panels, vals)):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    im = ax.imshow(np.maximum(v, norm.vmin), aspect="auto", cmap="magma", norm=norm,
+                   interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("channel", fontsize=8)
+    ax.set_ylabel("layer", fontsize=8)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=7)
+  fig.colorbar(im, ax=fig.axes, shrink=0.8, label="max |activation|")
+  return _save(fig, path)

@@ -1,0 +1,341 @@
+"""Outlier metrics against float64 numpy references on synthetic data with known answers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from softmax_one_jax.analysis import outliers as O
+
+
+def _np_kurtosis(x):
+  x = np.asarray(x, np.float64)
+  c = x - x.mean(-1, keepdims=True)
+  return (c**4).mean(-1) / (c**2).mean(-1) ** 2
+
+
+def _np_layout(seg):
+  """Reference (loops): first key of each token's document, is-first, valid."""
+  b, t = seg.shape
+  first = np.zeros((b, t), int)
+  is_first = np.zeros((b, t), bool)
+  for i in range(b):
+    for j in range(t):
+      s = j
+      while s > 0 and seg[i, s - 1] == seg[i, j]:
+        s -= 1
+      first[i, j] = s
+      is_first[i, j] = s == j and seg[i, j] != 0
+  return first, is_first, seg != 0
+
+
+def _random_segments(rng, b, t):
+  seg = np.zeros((b, t), np.int32)
+  for i in range(b):
+    cuts = np.sort(rng.choice(np.arange(1, t - 2), size=2, replace=False))
+    seg[i, :cuts[0]], seg[i, cuts[0]:cuts[1]], seg[i, cuts[1]:] = 1, 2, 3
+    seg[i, t - rng.integers(0, 3):] = 0  # some padding at the end
+  return seg
+
+
+def test_document_layout_matches_loops():
+  rng = np.random.default_rng(0)
+  seg = _random_segments(rng, 3, 12)
+  first, is_first, valid = O.document_layout(jnp.asarray(seg), 3, 12)
+  ref = _np_layout(seg)
+  np.testing.assert_array_equal(np.asarray(first)[ref[2]], ref[0][ref[2]])
+  np.testing.assert_array_equal(np.asarray(is_first), ref[1])
+  np.testing.assert_array_equal(np.asarray(valid), ref[2])
+
+
+def test_kurtosis_gaussian_is_about_three_and_matches_numpy():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(64, 1024)).astype(np.float32) * 5.0 + 2.0
+  k = np.asarray(O.token_kurtosis(jnp.asarray(x)))
+  np.testing.assert_allclose(k, _np_kurtosis(x), rtol=1e-4)
+  assert abs(k.mean() - 3.0) < 0.1  # sampling sd of the mean is about 0.02
+
+
+def test_kurtosis_planted_outlier_channel_is_large():
+  rng = np.random.default_rng(2)
+  d = 256
+  x = rng.normal(size=(8, d)).astype(np.float32)
+  x[:, 17] = 200.0
+  k = np.asarray(O.token_kurtosis(jnp.asarray(x)))
+  np.testing.assert_allclose(k, _np_kurtosis(x), rtol=1e-4)
+  # One spike among D values: kurtosis -> D - 2 + 1/(D - 1) as the spike dominates.
+  assert np.all(k > 0.9 * (d - 2))
+
+
+def test_hidden_state_sums_first_vs_rest_with_segments():
+  rng = np.random.default_rng(3)
+  l, b, t, d = 3, 2, 16, 64
+  h = rng.normal(size=(l, b, t, d)).astype(np.float32)
+  seg = _random_segments(rng, b, t)
+  _, is_first, valid = _np_layout(seg)
+  h[:, is_first, 5] = 300.0  # massive activation on each document's first token
+  sums = O.hidden_state_sums(jnp.asarray(h), jnp.asarray(seg))
+  rest = valid & ~is_first
+  k = _np_kurtosis(h)
+  np.testing.assert_allclose(sums["kurt_first"], k[:, is_first].sum(-1), rtol=1e-4)
+  np.testing.assert_allclose(sums["kurt_rest"], k[:, rest].sum(-1), rtol=1e-4)
+  assert float(sums["n_first"]) == is_first.sum() and float(sums["n_rest"]) == rest.sum()
+  np.testing.assert_allclose(sums["max_first"], np.abs(h[:, is_first]).max((1, 2)), rtol=1e-6)
+  np.testing.assert_allclose(sums["max_rest"], np.abs(h[:, rest]).max((1, 2)), rtol=1e-6)
+  np.testing.assert_allclose(sums["max_chan_rest"], np.abs(h[:, rest]).max(1), rtol=1e-6)
+  rep = O.finalize(sums)
+  assert rep.scalars["kurtosis_first"] > 0.9 * (d - 2)
+  assert abs(rep.scalars["kurtosis_rest"] - 3.0) < 0.5
+  assert rep.scalars["max_abs_first"] == pytest.approx(300.0)
+
+
+def _causal_probs(rng, l, b, n, t, seg=None, softmax1=False):
+  logits = rng.normal(size=(l, b, n, t, t)) * 2.0
+  mask = np.tril(np.ones((t, t), bool))[None, None, None]
+  if seg is not None:
+    mask = mask & (seg[:, :, None] == seg[:, None, :])[None, :, None]
+  z = np.where(mask, logits, -np.inf)
+  m = np.max(z, -1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  if softmax1:
+    m = np.maximum(m, 0.0)
+  e = np.where(mask, np.exp(z - m), 0.0)
+  denom = e.sum(-1, keepdims=True) + (np.exp(-m) if softmax1 else 0.0)
+  denom = np.where(denom == 0, 1.0, denom)
+  lse = (m + np.log(denom))[..., 0]
+  return logits, mask, e / denom, lse
+
+
+def _np_first_token(probs, seg):
+  l, b, n, t, _ = probs.shape
+  first, is_first, valid = _np_layout(seg) if seg is not None else (
+      np.zeros((b, t), int), np.arange(t)[None].repeat(b, 0) == 0, np.ones((b, t), bool))
+  hits = np.zeros((l, n))
+  mass = np.zeros((l, n))
+  count = np.zeros((l, n))
+  for li in range(l):
+    for bi in range(b):
+      for ni in range(n):
+        for ti in range(t):
+          if not valid[bi, ti] or is_first[bi, ti]:
+            continue
+          row = probs[li, bi, ni, ti]
+          hits[li, ni] += np.argmax(row) == first[bi, ti]
+          mass[li, ni] += row[first[bi, ti]]
+          count[li, ni] += 1
+  return hits, mass, count
+
+
+@pytest.mark.parametrize("use_segments", [False, True])
+def test_first_token_sums_from_probs_match_loops(use_segments):
+  rng = np.random.default_rng(4)
+  l, b, n, t = 2, 2, 3, 12
+  seg = _random_segments(rng, b, t) if use_segments else None
+  _, _, probs, _ = _causal_probs(rng, l, b, n, t, seg, softmax1=True)
+  # Plant a sink: layer 1, head 2 puts almost everything on each document's first token.
+  first = _np_layout(seg)[0] if use_segments else np.zeros((b, t), int)
+  sink = np.zeros((b, t, t))
+  sink[np.arange(b)[:, None], np.arange(t)[None], first] = 0.97
+  probs[1, :, 2] = sink
+  sums = O.first_token_sums_from_probs(jnp.asarray(probs, jnp.float32),
+                                       None if seg is None else jnp.asarray(seg))
+  hits, mass, count = _np_first_token(probs, seg)
+  np.testing.assert_allclose(sums["ft_hits"], hits)
+  np.testing.assert_allclose(sums["ft_mass"], mass, rtol=1e-5)
+  np.testing.assert_allclose(sums["ft_count"], count)
+  rep = O.finalize(sums)
+  assert rep.per_head["first_token_attention"][1, 2] == 1.0  # the planted sink head: 100%
+  assert rep.per_head["first_token_prob"][1, 2] == pytest.approx(0.97, rel=1e-6)
+
+
+def test_first_token_diagonal_heads_score_zero():
+  t = 8
+  probs = np.eye(t)[None, None, None].repeat(2, 2)  # every query attends only to itself
+  rep = O.finalize(O.first_token_sums_from_probs(jnp.asarray(probs, jnp.float32)))
+  assert rep.scalars["first_token_attention"] == 0.0  # query 0 (trivially a hit) is excluded
+  assert rep.scalars["first_token_prob"] == 0.0
+
+
+@pytest.mark.parametrize("softmax1", [False, True])
+def test_first_token_from_stats_equals_probs_path(softmax1):
+  rng = np.random.default_rng(5)
+  l, b, n, t = 2, 2, 4, 10
+  logits, mask, probs, lse = _causal_probs(rng, l, b, n, t, softmax1=softmax1)
+  row_max = np.max(np.where(mask, logits, -np.inf), -1)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  stats = O.first_token_sums_from_stats(f32(logits[..., 0]), f32(row_max), f32(lse))
+  ref = O.first_token_sums_from_probs(jnp.asarray(probs, jnp.float32))
+  for key in ("ft_hits", "ft_count"):
+    np.testing.assert_array_equal(stats[key], ref[key])
+  np.testing.assert_allclose(stats["ft_mass"], ref["ft_mass"], rtol=1e-5)
+
+
+def test_nll_sums_and_perplexity_match_numpy():
+  rng = np.random.default_rng(6)
+  logits = rng.normal(size=(2, 5, 11)) * 3
+  targets = rng.integers(0, 11, size=(2, 5))
+  w = (rng.random((2, 5)) > 0.3).astype(np.float32)
+  s = O.nll_sums(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(w))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(float(s["nll"]), (nll * w).sum(), rtol=1e-5)
+  np.testing.assert_allclose(O.finalize(s).scalars["perplexity"], np.exp((nll * w).sum() / w.sum()),
+                             rtol=1e-5)
+
+
+def test_combine_sums_adds_and_maxes():
+  a = {"n_rest": jnp.array(2.0), "max_rest": jnp.array([1.0, 5.0])}
+  b = {"n_rest": jnp.array(3.0), "max_rest": jnp.array([4.0, 2.0])}
+  c = O.combine_sums(a, b)
+  assert float(c["n_rest"]) == 5.0 and c["max_rest"].tolist() == [4.0, 5.0]
+  with pytest.raises(ValueError, match="different entries"):
+    O.combine_sums(a, {"n_rest": 1.0})
+
+
+# ----------------------------------------------------------------------------------------------
+# Against a real model: the jitted scan over batches equals numpy on the model's intermediates.
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  from softmax_one_jax.models import Transformer, preset
+
+  cfg = preset("tiny", vocab_size=97, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
+               max_seq_len=32, softmax="softmax1")
+  return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def _batches(rng, nb, b, t, v, segments=True):
+  out = []
+  for _ in range(nb):
+    batch = {"inputs": rng.integers(0, v, (b, t)).astype(np.int32),
+             "targets": rng.integers(0, v, (b, t)).astype(np.int32),
+             "weights": (rng.random((b, t)) > 0.1).astype(np.float32)}
+    if segments:
+      batch["segment_ids"] = _random_segments(rng, b, t)
+    out.append(batch)
+  return out
+
+
+def test_evaluate_over_batches_matches_numpy_on_intermediates(tiny_model):
+  rng = np.random.default_rng(7)
+  batches = _batches(rng, 3, 2, 16, 97)
+  sums = O.evaluate_sums(tiny_model, batches)
+  hits = mass = count = 0.0
+  nll = wsum = 0.0
+  kurt_rest, n_rest, max_first = 0.0, 0, np.zeros(2)
+  graphdef, state = nnx.split(tiny_model)
+
+  @jax.jit
+  def forward(state, tokens, seg):
+    return nnx.merge(graphdef, state)(tokens, segment_ids=seg,
+                                      intermediates=("hidden", "attention_probs"))
+
+  for batch in batches:
+    seg = batch["segment_ids"]
+    logits, inter = forward(state, jnp.asarray(batch["inputs"]), jnp.asarray(seg))
+    h, p = np.asarray(inter["hidden"], np.float64), np.asarray(inter["attention_probs"], np.float64)
+    bh, bm, bc = _np_first_token(p, seg)
+    hits, mass, count = hits + bh, mass + bm, count + bc
+    _, is_first, valid = _np_layout(seg)
+    k = _np_kurtosis(h)
+    kurt_rest += k[:, valid & ~is_first].sum(-1)
+    n_rest += (valid & ~is_first).sum()
+    max_first = np.maximum(max_first, np.abs(h[:, is_first]).max((1, 2)))
+    lg = np.asarray(logits, np.float64)
+    top = lg.max(-1, keepdims=True)
+    logp = lg - top - np.log(np.exp(lg - top).sum(-1, keepdims=True))
+    tok_nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    nll += (tok_nll * batch["weights"]).sum()
+    wsum += batch["weights"].sum()
+  np.testing.assert_allclose(sums["ft_hits"], hits)
+  np.testing.assert_allclose(sums["ft_count"], count)
+  np.testing.assert_allclose(sums["ft_mass"], mass, rtol=1e-4)
+  np.testing.assert_allclose(sums["kurt_rest"], kurt_rest, rtol=1e-4)
+  assert float(sums["n_rest"]) == n_rest
+  np.testing.assert_allclose(sums["max_first"], max_first, rtol=1e-5)
+  np.testing.assert_allclose(float(sums["nll"]), nll, rtol=1e-5)
+  assert float(sums["nll_weight"]) == pytest.approx(wsum)
+
+
+def test_outlier_metrics_contract_keys_and_ranges(tiny_model):
+  rng = np.random.default_rng(8)
+  tokens = jnp.asarray(rng.integers(0, 97, (2, 16)), jnp.int32)
+  m = O.outlier_metrics(tiny_model, tokens)
+  for key in ("first_token_attention", "first_token_prob", "kurtosis_first", "kurtosis_rest",
+              "max_abs_first", "max_abs_rest"):
+    assert isinstance(m[key], float) and np.isfinite(m[key]), key
+  assert 0.0 <= m["first_token_attention"] <= 1.0 and 0.0 <= m["first_token_prob"] <= 1.0
+  assert "perplexity" not in m
+  m2 = O.outlier_metrics(tiny_model, tokens, targets=tokens)
+  assert m2["perplexity"] > 1.0
+
+
+def test_stack_batches_errors():
+  with pytest.raises(ValueError, match="no batches"):
+    O.stack_batches([])
+  with pytest.raises(ValueError, match="'inputs'"):
+    O.stack_batches([{"targets": np.zeros((1, 2))}])
+
+
+def test_first_token_from_stats_with_segments_counts_the_first_document():
+  rng = np.random.default_rng(9)
+  l, b, n, t = 1, 2, 2, 12
+  seg = _random_segments(rng, b, t)
+  logits, mask, probs, lse = _causal_probs(rng, l, b, n, t, seg, softmax1=True)
+  first_logit = np.where(mask[..., 0], logits[..., 0], -np.inf)
+  row_max = np.max(np.where(mask, logits, -np.inf), -1)
+  stats = O.first_token_sums_from_stats(jnp.asarray(first_logit, jnp.float32),
+                                        jnp.asarray(row_max, jnp.float32),
+                                        jnp.asarray(lse, jnp.float32), jnp.asarray(seg))
+  only_first_doc = np.where(seg == 1, seg, 0)  # the other documents become padding
+  ref = O.first_token_sums_from_probs(jnp.asarray(probs, jnp.float32), jnp.asarray(only_first_doc))
+  for key in ("ft_hits", "ft_count"):
+    np.testing.assert_array_equal(stats[key], ref[key])
+  np.testing.assert_allclose(stats["ft_mass"], ref["ft_mass"], rtol=1e-5)
+
+
+def test_first_token_flags_from_attention_stats_module_agree():
+  from softmax_one_jax.attention.stats import first_token_stats
+
+  rng = np.random.default_rng(10)
+  b, t, n, h = 2, 10, 4, 8
+  q = jnp.asarray(rng.normal(size=(b, t, n, h)) * 2, jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, t, 2, h)) * 2, jnp.float32)
+  from softmax_one_jax.attention.reference import reference_attention
+
+  _, probs = reference_attention(q, k, k, softmax="softmax1", is_causal=True, return_probs=True)
+  st = first_token_stats(q, k, softmax="softmax1", is_causal=True, implementation="xla")
+  flags = O.first_token_sums_from_flags(st["argmax_first"][None], st["prob_first"][None])
+  ref = O.first_token_sums_from_probs(probs[None])
+  for key in ("ft_hits", "ft_count"):
+    np.testing.assert_array_equal(flags[key], ref[key])
+  np.testing.assert_allclose(flags["ft_mass"], ref["ft_mass"], rtol=1e-5)
+
+
+class _StatsIntermediate(nnx.Module):
+  """Stands in for the model's planned "attention_stats" intermediate (per-query flags only)."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __call__(self, tokens, segment_ids=None, positions=None, *, intermediates=()):
+    if not intermediates:
+      return self.inner(tokens, segment_ids, positions)
+    want = tuple(i for i in intermediates if i != "attention_stats") + ("attention_probs",)
+    logits, inter = self.inner(tokens, segment_ids, positions, intermediates=want)
+    probs = inter.pop("attention_probs")
+    inter["attention_stats"] = {"argmax_first": jnp.argmax(probs, -1) == 0,
+                                "prob_first": probs[..., 0]}
+    return logits, inter
+
+
+def test_evaluate_with_attention_stats_equals_probs_path(tiny_model):
+  rng = np.random.default_rng(11)
+  batches = _batches(rng, 2, 2, 16, 97, segments=False)
+  via_probs = O.evaluate_sums(tiny_model, batches, attention="probs")
+  via_stats = O.evaluate_sums(_StatsIntermediate(tiny_model), batches, attention="stats")
+  assert set(via_probs) == set(via_stats)
+  for key in via_probs:
+    np.testing.assert_allclose(via_stats[key], via_probs[key], rtol=1e-5, err_msg=key)
