@@ -6,6 +6,7 @@ Large Language Models" (ICLR 2025, arXiv:2410.17174). Public names only live her
 
 from softmax_one_jax.softmax import log_softmax1, logsumexp1, softmax1
 from softmax_one_jax.attention import attention_stats, dot_product_attention, first_token_stats
+from softmax_one_jax.optim import optimizer_state_shardings, orthoadam, scale_by_orthoadam
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,8 @@ __all__ = [
     "first_token_stats",
     "log_softmax1",
     "logsumexp1",
+    "optimizer_state_shardings",
+    "orthoadam",
+    "scale_by_orthoadam",
     "softmax1",
 ]

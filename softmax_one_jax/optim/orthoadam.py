@@ -1,0 +1,260 @@
+"""OrthoAdam (Kaul et al., ICLR 2025, Algorithm 1) as an optax ``GradientTransformation``.
+
+Adam run in a fixed, randomly rotated basis, one orthogonal ``Q`` per parameter::
+
+    g~ = Q vec(g)
+    m  = b1 m + (1 - b1) g~          v = b2 v + (1 - b2) g~^2
+    u  = Q^T ( m / (1 - b1^t) / (sqrt(v / (1 - b2^t) + eps_root) + eps) )
+
+The moments ``m, v`` live in the rotated basis but keep the parameter's shape (so they shard like
+the parameter); ``Q`` is drawn once in ``init`` from ``seed`` and the parameter's path and stored
+in the state as plain arrays (see ``rotations.py`` for the families). ``orthoadam`` chains it with
+decoupled weight decay in the original basis, like ``optax.adamw``.
+
+Reference: Kaul et al., "From Attention to Activation: Unravelling the Enigmas of Large Language
+Models", ICLR 2025 (arXiv:2410.17174).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from softmax_one_jax.optim import rotations as rot_lib
+
+Params = Any
+
+
+class ScaleByOrthoAdamState(NamedTuple):
+  """State of ``scale_by_orthoadam``: plain arrays only.
+
+  Attributes:
+    count: int32 ``[]``, the number of updates so far.
+    mu: first moments in the rotated basis, the params' structure and shapes (dtype ``mu_dtype``
+      or the param's).
+    nu: second moments in the rotated basis, the params' structure, shapes and dtypes.
+    rotations: the params' structure with one rotation state (a NamedTuple of arrays from
+      ``rotations.py``, e.g. ``HadamardRotation``) in place of each parameter.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  rotations: Any
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+  """``'blocks.0.attn.q_proj.kernel'`` for a jax key path (a trailing nnx ``.value`` dropped)."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      parts.append(k.name)
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(k.key))
+    else:
+      parts.append(str(k))
+  if len(parts) > 1 and parts[-1] == "value":
+    parts = parts[:-1]
+  return ".".join(parts)
+
+
+def _is_family(x: Any) -> bool:
+  return isinstance(x, (str, rot_lib.Identity, rot_lib.Dense, rot_lib.Kronecker, rot_lib.Block,
+                        rot_lib.Hadamard))
+
+
+def _policy_fn(rotation: Any) -> Callable[[str, rot_lib.Shape], rot_lib.RotationFamily]:
+  """Turns a name, family, callable or pytree of names into ``(path, shape) -> family``."""
+  if _is_family(rotation):
+    return lambda path, shape: rot_lib.get_family(rotation, path)
+  if callable(rotation):
+    return lambda path, shape: rot_lib.get_family(rotation(path, shape), path)
+  by_path = {
+      path_name(p): f
+      for p, f in jax.tree_util.tree_flatten_with_path(rotation, is_leaf=_is_family)[0]
+  }
+
+  def lookup(path: str, shape: rot_lib.Shape) -> rot_lib.RotationFamily:
+    del shape
+    parts = path.split(".")
+    for i in range(len(parts), -1, -1):  # Longest prefix wins; "" matches a single-leaf policy.
+      prefix = ".".join(parts[:i])
+      if prefix in by_path:
+        return rot_lib.get_family(by_path[prefix], path)
+    raise ValueError(
+        f"the rotation pytree has no entry for parameter {path!r}; give it the params' structure "
+        f"(or a prefix of it) with family names as leaves. Known paths: {sorted(by_path)[:8]}..."
+    )
+
+  return lookup
+
+
+def param_key(seed: int | jax.Array, path: str) -> jax.Array:
+  """The PRNG key of one parameter's rotation: ``fold_in(key(seed), crc32(path))``."""
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _init_rotations(params: Params, rotation: Any, seed: int | jax.Array) -> Any:
+  """One rotation per parameter; parameters with the same (family, shape) are drawn in one vmap
+  (far fewer ops to compile than one draw per parameter; the same values either way)."""
+  policy = _policy_fn(rotation)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)
+  groups: dict[tuple[Any, rot_lib.Shape], list[int]] = {}
+  names = []
+  for i, (path, p) in enumerate(leaves):
+    names.append(path_name(path))
+    if p is not None:
+      shape = tuple(p.shape)
+      groups.setdefault((policy(names[i], shape), shape), []).append(i)
+  out: list[Any] = [None] * len(leaves)
+  for (family, shape), idx in groups.items():
+    keys = jnp.stack([param_key(seed, names[i]) for i in idx])
+    init = lambda k, family=family, shape=shape, name=names[idx[0]]: family.init(k, shape, name)
+    stacked = jax.vmap(init)(keys)
+    for j, i in enumerate(idx):
+      out[i] = jax.tree.map(lambda x, j=j: x[j], stacked)
+  return treedef.unflatten(out)
+
+
+def scale_by_orthoadam(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    *,
+    rotation: Any = rot_lib.DEFAULT_ROTATION,
+    seed: int | jax.Array = 0,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+) -> optax.GradientTransformation:
+  """Rescales updates by Adam in a fixed random orthogonal basis (OrthoAdam, Algorithm 1).
+
+  Args:
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to ``sqrt(v_hat)``.
+    eps_root: added to ``v_hat`` inside the square root.
+    rotation: the family per parameter: a name (``"hadamard"`` (default), ``"dense"``,
+      ``"kronecker"``, ``"block"``, ``"identity"``), a family instance (``Block(size=128)``), a
+      callable ``(path: str, shape: tuple) -> name | family`` or a pytree of those with the params'
+      structure (or a prefix of it). Paths look like ``"blocks.0.attn.q_proj.kernel"``.
+    seed: the rotations are drawn from ``fold_in(key(seed), crc32(path))`` in ``init``.
+    mu_dtype: dtype of the first moment (default: the parameter's).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a ``ScaleByOrthoAdamState``. The numeric
+    arguments may be arrays (``optax.inject_hyperparams``); rotations are applied in float32 (or
+    wider) and updates are returned in the gradient's dtype.
+
+  Example:
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), scale_by_orthoadam(),
+    ...                  optax.scale_by_learning_rate(1e-3))
+    >>> params = {"w": jnp.ones((4, 3))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.full((4, 3), 0.1)}, state, params)
+  """
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  if _is_family(rotation):
+    rot_lib.get_family(rotation)  # Fail early (at construction) on an unknown name.
+
+  def init_fn(params: Params) -> ScaleByOrthoAdamState:
+    mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+    nu = optax.tree.zeros_like(params)
+    rotations = _init_rotations(params, rotation, seed)
+    return ScaleByOrthoAdamState(jnp.zeros([], jnp.int32), mu, nu, rotations)
+
+  def update_fn(updates, state, params=None):
+    del params
+    count_inc = optax.safe_increment(state.count)
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+    mus = treedef.flatten_up_to(state.mu)
+    nus = treedef.flatten_up_to(state.nu)
+    rots = treedef.flatten_up_to(state.rotations)
+    out_u, out_m, out_v = [], [], []
+    for g, m, v, rot in zip(leaves, mus, nus, rots):
+      if g is None:
+        out_u.append(None)
+        out_m.append(m)
+        out_v.append(v)
+        continue
+      u, m_new, v_new = _leaf_update_any_mesh(g, m, v, rot, count_inc, b1, b2, eps, eps_root)
+      out_u.append(u)
+      out_m.append(m_new.astype(mu_dtype if mu_dtype is not None else m.dtype))
+      out_v.append(v_new.astype(v.dtype))
+    return treedef.unflatten(out_u), ScaleByOrthoAdamState(
+        count_inc, treedef.unflatten(out_m), treedef.unflatten(out_v), state.rotations
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _explicit_sharding(x: jax.Array) -> Any:
+  """``x``'s sharding when it is typed on a mesh with Explicit axes, else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  return sharding if mesh is not None and getattr(mesh, "explicit_axes", ()) else None
+
+
+def _leaf_update_any_mesh(g, m, v, rot, count, b1, b2, eps, eps_root):
+  """``_leaf_update``; on an Explicit-axes mesh the rotation runs in Auto mode (the compiler
+  partitions its contractions) and the results keep the gradient's and moments' shardings."""
+  g_sh, m_sh, v_sh = map(_explicit_sharding, (g, m, v))
+  if g_sh is None and m_sh is None and v_sh is None:
+    return _leaf_update(g, m, v, rot, count, b1, b2, eps, eps_root)
+  out = (g_sh or m_sh or v_sh, m_sh or g_sh or v_sh, v_sh or m_sh or g_sh)
+  fn = lambda *a: _leaf_update(*a, b1, b2, eps, eps_root)
+  return jax.sharding.auto_axes(fn, out_sharding=out)(g, m, v, rot, count)
+
+
+def _leaf_update(g, m, v, rot, count, b1, b2, eps, eps_root):
+  """One parameter's OrthoAdam step; returns ``(update, m, v)`` (moments in compute dtype)."""
+  dtype = jnp.promote_types(g.dtype, jnp.float32)
+  g_rot = rot.rotate(g.astype(dtype))
+  m = (1 - b1) * g_rot + b1 * m.astype(dtype)
+  v = (1 - b2) * jnp.square(g_rot) + b2 * v.astype(dtype)
+  m_hat = m / (1 - jnp.asarray(b1, dtype) ** count.astype(dtype)).astype(dtype)
+  v_hat = v / (1 - jnp.asarray(b2, dtype) ** count.astype(dtype)).astype(dtype)
+  u_rot = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+  return rot.unrotate(u_rot.astype(dtype)).astype(g.dtype), m, v
+
+
+def orthoadam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    mask: Optional[Any] = None,
+    *,
+    rotation: Any = rot_lib.DEFAULT_ROTATION,
+    seed: int | jax.Array = 0,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+) -> optax.GradientTransformation:
+  """OrthoAdam with decoupled weight decay (in the original basis), built like ``optax.adamw``.
+
+  ``chain(scale_by_orthoadam, add_decayed_weights(weight_decay, mask),
+  scale_by_learning_rate(learning_rate))``. With ``rotation="identity"`` it is ``optax.adamw``.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, eps, eps_root, rotation, seed, mu_dtype: see ``scale_by_orthoadam``.
+    weight_decay: decoupled weight decay (default 0.0).
+    mask: which params get weight decay (a pytree of bools or a callable), as in optax.adamw.
+
+  Example:
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                  orthoadam(optax.cosine_decay_schedule(3e-4, 1000), weight_decay=0.1))
+  """
+  return optax.chain(
+      scale_by_orthoadam(b1, b2, eps, eps_root, rotation=rotation, seed=seed, mu_dtype=mu_dtype),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,158 @@
+"""Shardings for optimizer states of any optax chain, OrthoAdam's rotation arrays included.
+
+``flax.nnx.Optimizer`` stamps the parameter's sharding onto every state leaf, which is wrong for
+arrays that are not parameter-shaped (rotation matrices). Here:
+
+- a param-structured subtree whose leaves have their param's shape (Adam/OrthoAdam moments,
+  MultiSteps' accumulated gradients, masked variants) takes the params' shardings;
+- an OrthoAdam rotation gets a sharding derived from its parameter's ``PartitionSpec``:
+
+  ==================  ======================================================================
+  ``DenseRotation``    replicated (``Dense`` is capped to small parameters)
+  ``KroneckerRotation`` factor ``i`` ``[d_i, d_i]``: rows sharded like param axis ``i``
+  ``BlockRotation``    the block axis sharded over all the param's mesh axes when divisible
+  ``HadamardRotation`` sign bits sharded like the param (packed last axis only if divisible);
+                       the ``[d_i]`` permutations replicated
+  ==================  ======================================================================
+
+  and a mesh axis is dropped from a dimension it does not divide;
+- everything else (counts, injected hyper-parameters, scalars) is replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from softmax_one_jax.optim import rotations as rot_lib
+from softmax_one_jax.optim.orthoadam import ScaleByOrthoAdamState
+
+_EMPTY = (optax.MaskedNode, type(None))
+
+
+def _axis_size(mesh: jax.sharding.Mesh, entry: Any) -> int:
+  if entry is None:
+    return 1
+  names = entry if isinstance(entry, tuple) else (entry,)
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def _fit(mesh, spec_entries: tuple, shape: tuple[int, ...]) -> PartitionSpec:
+  """``spec_entries`` padded to ``shape``'s rank, a mesh axis dropped where it does not divide."""
+  entries = list(spec_entries) + [None] * (len(shape) - len(spec_entries))
+  return PartitionSpec(
+      *[e if d % _axis_size(mesh, e) == 0 else None for e, d in zip(entries, shape)]
+  )
+
+
+def rotation_shardings(rotation: Any, param_sharding: jax.sharding.Sharding) -> Any:
+  """Shardings (the rotation's own pytree) for one parameter's rotation state."""
+  if not isinstance(param_sharding, NamedSharding):
+    return jax.tree.map(lambda _: param_sharding, rotation)
+  mesh = param_sharding.mesh
+  spec = tuple(param_sharding.spec)
+  spec = spec + (None,) * 16  # Axes past the spec's length are unsharded.
+  named = lambda s: NamedSharding(mesh, s)
+  replicated = named(PartitionSpec())
+  if isinstance(rotation, rot_lib.KroneckerRotation):
+    return rot_lib.KroneckerRotation(
+        tuple(named(_fit(mesh, (spec[i], None), f.shape)) for i, f in enumerate(rotation.factors))
+    )
+  if isinstance(rotation, rot_lib.HadamardRotation):
+    bits = named(_fit(mesh, spec[: rotation.sign_bits.ndim], rotation.sign_bits.shape))
+    return rot_lib.HadamardRotation(
+        bits,
+        tuple(replicated for _ in rotation.perms),
+        tuple(replicated for _ in rotation.inv_perms),
+    )
+  if isinstance(rotation, rot_lib.BlockRotation):
+    mesh_axes = tuple(
+        n for e in spec if e is not None for n in (e if isinstance(e, tuple) else (e,))
+    )
+    full = tuple(
+        named(_fit(mesh, (mesh_axes or None, None, None), b.shape)) for b in rotation.full
+    )
+    return rot_lib.BlockRotation(full, tuple(replicated for _ in rotation.tail))
+  return jax.tree.map(lambda _: replicated, rotation)
+
+
+def optimizer_state_shardings(
+    tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any
+) -> Any:
+  """Shardings for ``tx.init(params)``, without building the state.
+
+  Args:
+    tx: any optax transformation (a chain, ``inject_hyperparams``, ``MultiSteps``, masked, ...).
+    abstract_params: params or their ``jax.ShapeDtypeStruct``s.
+    param_shardings: a ``jax.sharding.Sharding`` per parameter (same structure as the params).
+
+  Returns:
+    A pytree of shardings matching ``jax.eval_shape(tx.init, abstract_params)``.
+
+  Example:
+    >>> mesh = jax.make_mesh((2, 4), ("data", "model"))
+    >>> p = {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32)}
+    >>> s = {"w": NamedSharding(mesh, PartitionSpec("data", "model"))}
+    >>> tx = softmax_one_jax.optim.orthoadam(1e-3)
+    >>> shardings = optimizer_state_shardings(tx, p, s)
+    >>> state = jax.jit(tx.init, out_shardings=shardings)({"w": jnp.zeros((8, 16))})
+  """
+  abstract_state = jax.eval_shape(tx.init, abstract_params)
+  params_def = jax.tree.structure(abstract_params)
+  flat_shardings = params_def.flatten_up_to(param_shardings)
+  flat_params = params_def.flatten_up_to(abstract_params)
+  first = next((s for s in flat_shardings if s is not None), None)
+  if isinstance(first, NamedSharding):
+    replicated = NamedSharding(first.mesh, PartitionSpec())
+  else:
+    replicated = first
+
+  def param_like(x: Any) -> list | None:
+    """The flattened subtree if it has the params' structure and shapes, else None."""
+    try:
+      flat = params_def.flatten_up_to(x)
+    except (ValueError, TypeError):
+      return None
+    for leaf, p in zip(flat, flat_params):
+      if isinstance(leaf, _EMPTY) or (isinstance(leaf, tuple) and not leaf):
+        continue
+      if not hasattr(leaf, "shape") or tuple(leaf.shape) != tuple(p.shape):
+        return None
+    return flat
+
+  def param_shaped(x: Any) -> Any:
+    flat = param_like(x)
+    out = [
+        leaf if isinstance(leaf, _EMPTY) else s for leaf, s in zip(flat, flat_shardings)
+    ]
+    return params_def.unflatten(out)
+
+  def is_node(x: Any) -> bool:
+    if isinstance(x, ScaleByOrthoAdamState):
+      return True
+    if isinstance(x, (jax.ShapeDtypeStruct, *_EMPTY)):
+      return False
+    return param_like(x) is not None
+
+  def assign(x: Any) -> Any:
+    if isinstance(x, ScaleByOrthoAdamState):
+      rots = params_def.flatten_up_to(x.rotations)
+      rot_shardings = [
+          r if isinstance(r, _EMPTY) else rotation_shardings(r, s)
+          for r, s in zip(rots, flat_shardings)
+      ]
+      return ScaleByOrthoAdamState(
+          replicated, param_shaped(x.mu), param_shaped(x.nu), params_def.unflatten(rot_shardings)
+      )
+    if isinstance(x, jax.ShapeDtypeStruct):
+      single = params_def.num_leaves == 1 and params_def.num_nodes == 1
+      if single and x.shape and tuple(x.shape) == tuple(flat_params[0].shape):
+        return flat_shardings[0]  # A bare-array "params": its moments are bare arrays too.
+      return replicated
+    return param_shaped(x)
+
+  return jax.tree.map(assign, abstract_state, is_leaf=is_node)
