@@ -1,0 +1,31 @@
+"""Training: mesh and shardings, the jitted train step, Orbax checkpoints and the loop.
+
+Example:
+  >>> from softmax_one_jax.training import train
+  >>> summary = train(config, "runs/tiny")        # config from experiments/configs/tiny.py
+"""
+
+from softmax_one_jax.training.checkpoint import load_model
+from softmax_one_jax.training.config import validate_config
+from softmax_one_jax.training.loop import NonFiniteError, evaluate, train
+from softmax_one_jax.training.mesh import LOGICAL_AXIS_RULES, MESH_AXES, make_mesh
+from softmax_one_jax.training.state import TrainState, build_optimizer, init_train_state, make_setup
+from softmax_one_jax.training.step import jit_train_step, make_train_step, weighted_cross_entropy
+
+__all__ = [
+    "LOGICAL_AXIS_RULES",
+    "MESH_AXES",
+    "NonFiniteError",
+    "TrainState",
+    "build_optimizer",
+    "evaluate",
+    "init_train_state",
+    "jit_train_step",
+    "load_model",
+    "make_mesh",
+    "make_setup",
+    "make_train_step",
+    "train",
+    "validate_config",
+    "weighted_cross_entropy",
+]

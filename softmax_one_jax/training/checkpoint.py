@@ -1,0 +1,207 @@
+"""Orbax checkpoints of the training state and the data iterator, and ``load_model``.
+
+A checkpoint step holds two items: ``state`` (the ``TrainState`` pytree: params, optimizer state
+with OrthoAdam rotations, step, RNG, non-finite counters) and ``data`` (each process's Grain
+iterator state, through Grain's Orbax handler). Saves are asynchronous (Orbax copies arrays to host
+before ``save`` returns, so the next step may donate them); the last ``max_to_keep`` steps are kept.
+A step that cannot be read is reported and the previous one is used.
+
+Workdir layout (shared with analysis)::
+
+  workdir/config.json        the run's full, resolved config
+  workdir/checkpoints/<step>/{state,data}/
+  workdir/metrics.jsonl      one JSON object per logged step
+  workdir/tensorboard/       event files
+
+Example:
+  >>> manager = make_manager(workdir, max_to_keep=3, async_save=True)
+  >>> save(manager, step, state, train_iterator)
+  >>> state, step = restore_latest(manager, setup.abstract_state, train_iterator)
+  >>> model, config = load_model(workdir)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from grain.checkpoint import CheckpointRestore, CheckpointSave
+
+from softmax_one_jax.training.state import TrainState
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+
+class _IteratorSnapshot:
+  """A data-iterator state captured at save time, in the form Grain's Orbax handler accepts.
+
+  Grain's handler calls ``get_state()`` when it writes (maybe later, on a background thread);
+  a snapshot makes the saved state the one at the step being saved.
+  """
+
+  def __init__(self, state: bytes | None = None):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return self._state
+
+  def set_state(self, state: bytes) -> None:
+    self._state = state
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def _snapshot(iterator: Any) -> _IteratorSnapshot:
+  state = iterator.get_state()
+  return _IteratorSnapshot(state if isinstance(state, bytes) else json.dumps(state).encode())
+
+
+def _apply_snapshot(iterator: Any, snapshot: _IteratorSnapshot) -> None:
+  raw = snapshot.get_state()
+  iterator.set_state(raw if isinstance(iterator, grain.DataLoaderIterator) else json.loads(raw))
+
+
+def make_manager(workdir: str | pathlib.Path, max_to_keep: int = 3, async_save: bool = True,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """A ``CheckpointManager`` on ``workdir/checkpoints`` (save policy is the loop's: ``save``).
+
+  Args:
+    workdir: the run directory.
+    max_to_keep: newest steps kept on disk.
+    async_save: write in a background thread after the device-to-host copy.
+    read_only: open for reading only (evaluation, analysis).
+  """
+  # "read_only" opens without creating or cleaning anything (Orbax's own read_only flag only adds
+  # a warning; nothing here saves through a reading manager).
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not read_only,
+      cleanup_tmp_directories=not read_only)
+  directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
+         data_iterator: Any | None = None) -> None:
+  """Starts saving ``state`` (and the data iterator's current state) as ``step``.
+
+  Args:
+    manager: from ``make_manager``.
+    step: the number of optimizer steps in ``state`` (and batches the iterator has yielded).
+    state: the training state (its arrays may be donated right after this returns).
+    data_iterator: the Grain train iterator, or None.
+  """
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    items["data"] = CheckpointSave(_snapshot(data_iterator))
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState,
+                   data_iterator: Any | None = None, step: int | None = None
+                   ) -> tuple[TrainState, int] | None:
+  """Restores the newest readable step (or ``step``); sets the data iterator's state.
+
+  An unreadable or partial step is reported with a warning naming the step and the error, and
+  the previous step is tried.
+
+  Args:
+    manager: from ``make_manager``.
+    abstract_state: ``TrainState`` of ``jax.ShapeDtypeStruct`` with shardings (restore target).
+    data_iterator: the Grain train iterator to restore in place, or None to skip the data item.
+    step: a specific step (no fallback), or None for the newest readable one.
+
+  Returns:
+    ``(state, step)``, or None when there is no checkpoint.
+
+  Raises:
+    RuntimeError: checkpoints exist but none could be read.
+  """
+  manager.reload()
+  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+  errors = []
+  for s in steps:
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    snapshot = _IteratorSnapshot()
+    if data_iterator is not None:
+      items["data"] = CheckpointRestore(snapshot)
+    try:
+      restored = manager.restore(s, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except  # any failure: try the previous step
+      msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      log.warning("Checkpoint step %d in %s is unreadable or partial (%s); trying the previous "
+                  "step.", s, manager.directory, msg)
+      errors.append(f"step {s}: {msg}")
+      continue
+    if data_iterator is not None:
+      _apply_snapshot(data_iterator, snapshot)
+    if errors:
+      log.warning("Resumed from step %d after skipping unreadable steps: %s", s, "; ".join(errors))
+    return restored["state"], int(s)
+  if errors:
+    raise RuntimeError(
+        f"No readable checkpoint in {manager.directory}: " + "; ".join(errors) +
+        ". Move the directory away to start afresh, or pass an explicit step.")
+  return None
+
+
+def write_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Writes ``workdir/config.json`` (process 0 only)."""
+  from softmax_one_jax.training.config import config_to_json  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_json(config) + "\n")
+
+
+def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Reads ``workdir/config.json``; a clear error when the run directory has none."""
+  from softmax_one_jax.training.config import config_from_json  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a run directory written by "
+                            "`softmax-one train --workdir=...`.")
+  return config_from_json(path.read_text())
+
+
+def load_model(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Any, ml_collections.ConfigDict]:
+  """The trained ``Transformer`` of a run (newest readable step, or ``step``) and its config.
+
+  Args:
+    workdir: a run directory (``config.json`` + ``checkpoints/``).
+    step: a checkpoint step; None = newest readable.
+
+  Returns:
+    ``(model, config)``: an ``nnx`` Transformer with the restored parameters (placed on all local
+    devices, fsdp-sharded) and the run's full ``ml_collections`` config.
+
+  Example:
+    >>> model, config = load_model("runs/tiny")
+    >>> logits_btv = model(tokens_bt)
+  """
+  from softmax_one_jax.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from softmax_one_jax.training.config import model_config_from  # pylint: disable=import-outside-toplevel
+  from softmax_one_jax.training.state import build_optimizer, make_setup, merge_model  # pylint: disable=import-outside-toplevel
+  config = read_config(workdir)
+  model_cfg = model_config_from(config, config.model.vocab_size)
+  tx, schedule = build_optimizer(config.optimizer, config.num_train_steps)
+  mesh = mesh_lib.make_mesh(1, -1, 1)
+  setup = make_setup(model_cfg, tx, schedule, mesh, config.seed)
+  manager = make_manager(workdir, read_only=True, async_save=False)
+  try:
+    restored = restore_latest(manager, setup.abstract_state, None, step)
+  finally:
+    manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"No checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}.")
+  state, _ = restored
+  return merge_model(setup, state.params), config

@@ -1,0 +1,369 @@
+"""The training loop (``train``) and checkpoint evaluation (``evaluate``).
+
+``train`` builds everything from one ml_collections config, resumes from the newest readable
+checkpoint in ``workdir`` (the same command continues a run), and writes metrics.jsonl, TensorBoard
+events, periodic validation loss / perplexity and outlier metrics. SIGTERM (or a JAX preemption
+notice on multi-host) saves a checkpoint at the next step boundary and stops.
+
+Example:
+  >>> from experiments.configs import tiny
+  >>> summary = train(tiny.get_config(), "runs/tiny")
+  >>> summary["val_ppl"]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+import signal
+import sys
+import threading
+import time
+from typing import Any, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+
+from softmax_one_jax.training import checkpoint as ckpt_lib
+from softmax_one_jax.training import mesh as mesh_lib
+from softmax_one_jax.training.config import (config_to_json, model_config_from, padded_vocab_size,
+                                             validate_config)
+from softmax_one_jax.training.data_iter import ShardedIterator
+from softmax_one_jax.training.metrics import MetricsWriter
+from softmax_one_jax.training.state import (TrainSetup, build_optimizer, init_train_state,
+                                            make_setup, merge_model)
+from softmax_one_jax.training.step import BATCH_KEYS, jit_eval_step, jit_train_step
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run stopped early and can be resumed
+
+
+def _notice(msg: str) -> None:
+  """A lifecycle message (resume, preemption) on stderr of process 0 and in the log."""
+  log.info(msg)
+  if jax.process_index() == 0:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class _StopRequest:
+  """Set by SIGTERM (single process); the loop saves and stops at the next step boundary.
+
+  Multi-process runs leave SIGTERM to JAX's preemption service (installed by
+  ``jax.distributed.initialize``), which makes every process agree on the step to save at
+  (``CheckpointManager.reached_preemption``); a local flag could make processes disagree.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_from_full(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """A batch every process holds in full -> global arrays (multi-host safe)."""
+  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+          for k, v in batch.items()}
+
+
+def _resolve(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> ml_collections.ConfigDict:
+  """A copy of the config with the model's vocabulary resolved (what config.json records)."""
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  resolved.model.vocab_size = padded_vocab_size(config, tokenizer_vocab_size)
+  return resolved
+
+
+def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a run whose model or optimizer kind differ from the saved config.json."""
+  if not (workdir / ckpt_lib.CONFIG_FILE).exists():
+    return
+  old = ckpt_lib.read_config(workdir)
+  a = {**old.model.to_dict(), "optimizer.name": old.optimizer.name,
+       "optimizer.rotation": old.optimizer.get("rotation")}
+  b = {**config.model.to_dict(), "optimizer.name": config.optimizer.name,
+       "optimizer.rotation": config.optimizer.get("rotation")}
+  diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  if diff:
+    raise ValueError(
+        f"{workdir} holds a run with a different model or optimizer "
+        f"({', '.join(f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in diff)}); use a new "
+        "--workdir, or the original config to resume.")
+
+
+def _validation_batches(config: ml_collections.ConfigDict, tokenizer: Any, num_batches: int,
+                        batch_size: int) -> list[dict[str, np.ndarray]]:
+  from softmax_one_jax.data import validation_batches  # pylint: disable=import-outside-toplevel
+  if num_batches <= 0:
+    return []
+  return [{k: np.asarray(b[k]) for k in BATCH_KEYS} for b in validation_batches(
+      config.data, tokenizer=tokenizer, seq_len=config.seq_len, batch_size=batch_size,
+      num_batches=num_batches)]
+
+
+def validation_metrics(setup: TrainSetup, params: Any, batches: Iterable[dict[str, np.ndarray]],
+                       batch_size: int, eval_step: Any = None) -> dict[str, float]:
+  """Weighted-token validation loss and perplexity over ``batches``.
+
+  Args:
+    setup, params: the model.
+    batches: full (unsharded) validation batches ``[batch_size, T]``.
+    batch_size: their rows.
+    eval_step: a ``jit_eval_step(setup, batch_size)`` to reuse (its compilation) across calls.
+
+  Returns:
+    ``{"val_loss": ..., "val_ppl": ...}`` (empty if there are no batches).
+  """
+  eval_step = eval_step or jit_eval_step(setup, batch_size)
+  b_sh = mesh_lib.batch_sharding(setup.mesh, batch_size)
+  loss_sum, weight_sum = 0.0, 0.0
+  for batch in batches:
+    l, w = eval_step(params, _global_from_full(batch, b_sh))
+    loss_sum += float(l)
+    weight_sum += float(w)
+  if weight_sum == 0:
+    return {}
+  loss = loss_sum / weight_sum
+  return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+
+
+def outlier_metrics_for(setup: TrainSetup, params: Any, batch: dict[str, np.ndarray] | None
+                        ) -> dict[str, float]:
+  """``softmax_one_jax.analysis.outliers.outlier_metrics`` on a fixed batch (empty if no batch)."""
+  if batch is None:
+    return {}
+  try:
+    from softmax_one_jax.analysis.outliers import outlier_metrics  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(
+        "Outlier metrics need softmax_one_jax.analysis.outliers.outlier_metrics, which is not "
+        f"importable ({e}); set --config.outlier_every_steps=0 to train without them.") from e
+  model = merge_model(setup, params)
+  return {k: float(v) for k, v in outlier_metrics(
+      model, batch["inputs"], segment_ids=batch["segment_ids"],
+      positions=batch["positions"]).items()}
+
+
+def print_metrics_table(name: str, metrics: dict[str, float]) -> str:
+  """Formats (with analysis.report.format_metrics_table when present) and prints final metrics."""
+  if "val_ppl" in metrics and "perplexity" not in metrics:
+    metrics = {**metrics, "perplexity": metrics["val_ppl"]}
+  try:
+    from softmax_one_jax.analysis.report import format_metrics_table  # pylint: disable=import-outside-toplevel
+    table = format_metrics_table({name: metrics})
+  except ImportError:
+    keys = sorted(metrics)
+    table = ("| run | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1) + "\n| " + name +
+             " | " + " | ".join(f"{metrics[k]:.4g}" for k in keys) + " |")
+  if jax.process_index() == 0:
+    print(table, flush=True)
+  return table
+
+
+def _build(config: ml_collections.ConfigDict):
+  """Tokenizer, resolved config, model config, mesh and setup of a run."""
+  from softmax_one_jax.data import get_tokenizer  # pylint: disable=import-outside-toplevel
+  tokenizer = get_tokenizer(config.data)
+  config = _resolve(config, tokenizer.vocab_size)
+  model_cfg = model_config_from(config, tokenizer.vocab_size)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  tx, schedule = build_optimizer(config.optimizer, config.num_train_steps)
+  setup = make_setup(model_cfg, tx, schedule, mesh, config.seed)
+  return tokenizer, config, model_cfg, setup
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains (or resumes) the run described by ``config`` in ``workdir``.
+
+  Args:
+    config: a run config (experiments/configs/*.py); validated before anything is compiled.
+    workdir: run directory; an existing run there is resumed from its newest readable checkpoint.
+
+  Returns:
+    A summary dict: "step", "status" ("done" | "preempted"), final "loss", and the final
+    validation / outlier metrics.
+
+  Raises:
+    ValueError: an invalid config, or a workdir holding a different run.
+    NonFiniteError: ``config.max_nonfinite_steps`` consecutive non-finite steps.
+  """
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  workdir = pathlib.Path(workdir)
+  tokenizer, config, model_cfg, setup = _build(config)
+  _check_same_run(workdir, config)
+  ckpt_lib.write_config(workdir, config)
+
+  B, T, N = config.global_batch_size, config.seq_len, config.num_train_steps
+  train_iter = ShardedIterator(config, tokenizer, jax.process_index(), jax.process_count())
+  manager = ckpt_lib.make_manager(workdir, config.checkpoint.max_to_keep,
+                                  config.checkpoint.async_save)
+  restored = ckpt_lib.restore_latest(manager, setup.abstract_state, train_iter)
+  if restored is None:
+    state, start = init_train_state(setup, model_cfg, config.seed), 0
+  else:
+    state, start = restored
+    _notice(f"Resumed {workdir} from step {start}.")
+
+  val_batches = _validation_batches(config, tokenizer, config.eval_batches, config.eval_batch_size)
+  outlier_batch = None
+  if config.outlier_every_steps and val_batches:
+    n = min(config.outlier_batch_size, config.eval_batch_size)
+    outlier_batch = {k: v[:n] for k, v in val_batches[0].items()}
+
+  step_fn = jit_train_step(setup, config.grad_accum_steps, B)
+  b_sh = mesh_lib.batch_sharding(setup.mesh, B)
+  writer = MetricsWriter(workdir, resume_step=start)
+  bar = tqdm(total=N, initial=start, unit="step", dynamic_ncols=True,
+             disable=not (jax.process_index() == 0 and config.progress_bar))
+  extras: dict[int, dict[str, float]] = {}
+  pending: tuple[int, Any] | None = None
+  clock = {"t0": 0.0, "steps": 0, "paused": 0.0}  # tokens/s leaves out eval and checkpoint time
+  last = {"loss": float("nan")}
+  status, saved_step, final_step = "done", start, start
+
+  eval_step = jit_eval_step(setup, config.eval_batch_size)
+
+  def final_metrics(params: Any) -> dict[str, float]:
+    out = validation_metrics(setup, params, val_batches, config.eval_batch_size, eval_step)
+    if config.outlier_every_steps:
+      out.update(outlier_metrics_for(setup, params, outlier_batch))
+    return out
+
+  def process(done: int, metrics: Any) -> None:
+    """Host side of one finished step: progress bar, metrics record, non-finite stop."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    if done == start + 1:                       # the first step includes compilation
+      clock.update(t0=now, steps=0, paused=0.0)
+      tok_s = float("nan")
+    else:
+      clock["steps"] += 1
+      tok_s = B * T * clock["steps"] / max(now - clock["t0"] - clock["paused"], 1e-9)
+    last["loss"] = m["loss"]
+    bar.update(1)
+    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+    if done % config.log_every_steps == 0 or done == N or done in extras:
+      writer.write(done, {"loss": m["loss"], "grad_norm": m["grad_norm"],
+                          "learning_rate": m["learning_rate"], "tokens_per_sec": tok_s,
+                          "nonfinite_total": int(m["nonfinite_total"]), **extras.pop(done, {})})
+      if clock["steps"]:
+        clock.update(t0=now, steps=0, paused=0.0)  # tokens/s over each logging interval
+    if m["nonfinite_streak"] >= config.max_nonfinite_steps:
+      raise NonFiniteError(
+          f"Stopping at step {done}: {int(m['nonfinite_streak'])} consecutive steps had a "
+          f"non-finite loss or gradient ({int(m['nonfinite_total'])} skipped in all); the "
+          "parameters are those of the last finite step. Lower config.optimizer.learning_rate, "
+          "set config.optimizer.grad_clip_norm, or check the data, then rerun the same command "
+          "(it resumes from the last checkpoint).")
+
+  summary: dict[str, Any] = {}
+  try:
+    with _StopRequest() as stop:
+      for step in range(start, N):
+        batch = mesh_lib.global_batch(next(train_iter), b_sh)
+        state, metrics = step_fn(state, batch)
+        done = step + 1
+        if pending is not None:
+          process(*pending)
+        pending = (done, metrics)
+        t_pause = time.perf_counter()
+        if done == N:
+          summary = final_metrics(state.params)
+          extras.setdefault(done, {}).update(summary)
+        else:
+          if config.eval_every_steps and done % config.eval_every_steps == 0:
+            extras.setdefault(done, {}).update(validation_metrics(
+                setup, state.params, val_batches, config.eval_batch_size, eval_step))
+          if config.outlier_every_steps and done % config.outlier_every_steps == 0:
+            extras.setdefault(done, {}).update(
+                outlier_metrics_for(setup, state.params, outlier_batch))
+        preempted = stop.requested or (jax.process_count() > 1 and
+                                       manager.reached_preemption(done))
+        every = config.checkpoint.every_steps
+        if done == N or preempted or (every and done % every == 0):
+          ckpt_lib.save(manager, done, state, train_iter)
+          saved_step = done
+        if done in extras or saved_step == done:
+          clock["paused"] += time.perf_counter() - t_pause
+        if preempted:
+          _notice(f"Stop requested (SIGTERM/preemption): saved step {done} in "
+                  f"{manager.directory}; rerun the same command to resume.")
+          status = "preempted"
+          break
+      if pending is not None:
+        process(*pending)
+        pending = None
+    final_step = int(jax.device_get(state.step))
+    if final_step != saved_step:
+      ckpt_lib.save(manager, final_step, state, train_iter)
+    manager.wait_until_finished()
+  finally:
+    bar.close()
+    manager.close()
+    writer.close()
+
+  if status == "done" and not summary:          # resumed a finished run: evaluate it again
+    summary = final_metrics(state.params)
+  if status == "done" and summary:
+    print_metrics_table(config.get("name", workdir.name), summary)
+  return {"step": final_step, "status": status, "loss": last["loss"], **summary}
+
+
+def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches: int | None = None,
+             outliers: bool = True) -> dict[str, float]:
+  """Validation loss / perplexity and outlier metrics of a run's checkpoint; prints the table.
+
+  Args:
+    workdir: a run directory written by ``train``.
+    step: checkpoint step (None = newest readable).
+    eval_batches: number of validation batches (None = the run's ``eval_batches``).
+    outliers: also compute the outlier metrics.
+
+  Returns:
+    ``{"val_loss", "val_ppl", ...outlier metrics, "step"}``.
+  """
+  workdir = pathlib.Path(workdir)
+  config = ckpt_lib.read_config(workdir)
+  validate_config(config)
+  # Evaluation runs on whatever devices are here: all of them on fsdp.
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+  tokenizer, config, _, setup = _build(config)
+  manager = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
+  try:
+    restored = ckpt_lib.restore_latest(manager, setup.abstract_state, None, step)
+  finally:
+    manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir / ckpt_lib.CHECKPOINT_DIR}.")
+  state, restored_step = restored
+  n = config.eval_batches if eval_batches is None else eval_batches
+  batches = _validation_batches(config, tokenizer, max(n, 1), config.eval_batch_size)
+  metrics = validation_metrics(setup, state.params, batches, config.eval_batch_size)
+  if outliers:
+    k = min(config.outlier_batch_size, config.eval_batch_size)
+    metrics.update(outlier_metrics_for(setup, state.params, {k2: v[:k] for k2, v in batches[0].items()}))
+  print_metrics_table(f"{config.get('name', workdir.name)} @ step {restored_step}", metrics)
+  return {**metrics, "step": restored_step}
+
+
+__all__ = ["NonFiniteError", "PREEMPTED_EXIT_CODE", "evaluate", "outlier_metrics_for",
+           "print_metrics_table", "train", "validation_metrics", "config_to_json"]

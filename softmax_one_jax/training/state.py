@@ -1,0 +1,214 @@
+"""The training state pytree, the optimizer, and their shardings.
+
+The model is split once: ``nnx.split(model, nnx.Param, ...)`` gives a static ``graphdef``, the
+parameters (an ``nnx.State`` of plain fp32 arrays) and any other model state (kept constant).
+The optimizer is a plain optax transformation on the parameters, so ``jax.jit`` shardings and Orbax
+see plain arrays; optimizer-state shardings (OrthoAdam rotations included) come from
+``softmax_one_jax.optim.optimizer_state_shardings``.
+
+Example:
+  >>> mesh = make_mesh(1, -1, 1)
+  >>> tx, schedule = build_optimizer(config.optimizer, config.num_train_steps)
+  >>> setup = make_setup(model_cfg, tx, schedule, mesh, seed=0)
+  >>> init_train_state(setup, model_cfg, seed=0).step
+  Array(0, dtype=int32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from softmax_one_jax.training import mesh as mesh_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; a pytree of arrays (what a checkpoint holds).
+
+  Attributes:
+    step: int32 [] optimizer steps taken (skipped non-finite steps included).
+    params: ``nnx.State`` of fp32 parameters.
+    opt_state: the optax state (OrthoAdam rotations included).
+    rng: uint32 [2] raw key data of the run's training RNG (folded with ``step`` per step).
+    nonfinite_streak: int32 [] consecutive steps skipped for a non-finite loss or gradient.
+    nonfinite_total: int32 [] all skipped steps.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  nonfinite_streak: jax.Array
+  nonfinite_total: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """The static half of training: model graph, optimizer, mesh and shardings."""
+  graphdef: Any
+  rest: Any                      # non-Param model state (constant during training)
+  tx: optax.GradientTransformation
+  schedule: Callable[[jax.Array], jax.Array]
+  mesh: Mesh
+  state_shardings: TrainState    # NamedSharding per leaf
+  abstract_state: TrainState     # ShapeDtypeStruct (with sharding) per leaf
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
+  """Linear warmup to ``opt.learning_rate`` then cosine decay to ``end_lr_fraction`` of it.
+
+  Example:
+    >>> s = learning_rate_schedule(cfg.optimizer, 100); float(s(0)), float(s(cfg.optimizer.warmup_steps))
+    (0.0, 0.001)
+  """
+  decay_steps = int(opt.decay_steps or num_train_steps)
+  warmup = int(opt.warmup_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=float(opt.learning_rate), warmup_steps=warmup,
+      decay_steps=max(decay_steps, warmup + 1),
+      end_value=float(opt.learning_rate) * float(opt.end_lr_fraction))
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for matrices (ndim >= 2): norms' gains and biases are not decayed."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The run's optimizer: global-norm clipping, then AdamW or OrthoAdam with the schedule.
+
+  Args:
+    opt: ``config.optimizer`` (name, learning_rate, warmup_steps, decay_steps, end_lr_fraction,
+      b1, b2, eps, weight_decay, grad_clip_norm, rotation).
+    num_train_steps: the run's length (cosine decay horizon when ``decay_steps`` is 0).
+
+  Returns:
+    ``(tx, schedule)``: an optax transformation on the parameters and its learning-rate schedule.
+  """
+  schedule = learning_rate_schedule(opt, num_train_steps)
+  if opt.name == "adamw":
+    core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                       weight_decay=opt.weight_decay, mask=weight_decay_mask)
+  elif opt.name == "orthoadam":
+    from softmax_one_jax.optim import orthoadam  # pylint: disable=import-outside-toplevel
+    kwargs = {} if opt.get("rotation") is None else {"rotation": opt.rotation}
+    core = orthoadam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                     weight_decay=opt.weight_decay, mask=weight_decay_mask,
+                     seed=int(opt.get("seed", 0) or 0), **kwargs)
+  else:
+    raise ValueError(f"config.optimizer.name={opt.name!r} is not allowed; choose 'adamw' or "
+                     "'orthoadam'.")
+  if opt.grad_clip_norm:
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core), schedule
+  return core, schedule
+
+
+def abstract_model(model_cfg: Any) -> tuple[Any, nnx.State, nnx.State]:
+  """``(graphdef, abstract params, abstract rest)`` of the Transformer, without allocating weights."""
+  from softmax_one_jax.models import Transformer  # pylint: disable=import-outside-toplevel
+  model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, rest
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> Any:
+  """Parameter shardings from the models' logical annotations through ``LOGICAL_AXIS_RULES``."""
+  return mesh_lib.tree_shardings(abstract_params, nnx.get_partition_spec(abstract_params), mesh)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
+                        p_shardings: Any, mesh: Mesh) -> Any:
+  """Optimizer-state shardings: ``softmax_one_jax.optim.optimizer_state_shardings``.
+
+  Falls back to optax's parameter-shaped-leaf mapping (moments follow their parameter, everything
+  else replicated) only if the optim package does not provide it.
+  """
+  try:
+    from softmax_one_jax.optim import optimizer_state_shardings  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    optimizer_state_shardings = None
+  if optimizer_state_shardings is not None:
+    return optimizer_state_shardings(tx, abstract_params, p_shardings)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  rep = mesh_lib.replicated(mesh)
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_shardings,
+                               transform_non_params=lambda _: rep)
+
+
+def _abstract(x: jax.ShapeDtypeStruct, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _init_fn(model_cfg: Any, tx: optax.GradientTransformation, seed: int
+             ) -> Callable[[], tuple[TrainState, nnx.State]]:
+  def init() -> tuple[TrainState, nnx.State]:
+    from softmax_one_jax.models import Transformer  # pylint: disable=import-outside-toplevel
+    model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.key_data(jax.random.key(seed + 1)),
+                       nonfinite_streak=jnp.zeros((), jnp.int32),
+                       nonfinite_total=jnp.zeros((), jnp.int32))
+    return state, rest
+  return init
+
+
+def make_setup(model_cfg: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               mesh: Mesh, seed: int) -> TrainSetup:
+  """Graph, shardings and abstract state of a run; allocates no parameters.
+
+  Args:
+    model_cfg: ``softmax_one_jax.models.TransformerConfig``.
+    tx: the optimizer (``build_optimizer``).
+    schedule: its learning-rate schedule (for metrics).
+    mesh: the device mesh.
+    seed: parameter-initialisation seed (also seeds the training RNG).
+
+  Returns:
+    A ``TrainSetup``; ``setup.abstract_state`` is the restore target for checkpoints.
+  """
+  graphdef, abs_params, abs_rest = abstract_model(model_cfg)
+  p_sh = param_shardings(abs_params, mesh)
+  o_sh = opt_state_shardings(tx, abs_params, p_sh, mesh)
+  rep = mesh_lib.replicated(mesh)
+  shardings = TrainState(step=rep, params=p_sh, opt_state=o_sh, rng=rep, nonfinite_streak=rep,
+                         nonfinite_total=rep)
+  init = _init_fn(model_cfg, tx, seed)
+  abstract, _ = jax.eval_shape(init)
+  abstract = jax.tree.map(_abstract, abstract, shardings)
+  # Non-Param model state (if any) is created replicated and kept constant during training;
+  # XLA drops the unused parameter initialisation from this program.
+  rest = abs_rest
+  if jax.tree.leaves(abs_rest):
+    rest = jax.jit(lambda: init()[1], out_shardings=jax.tree.map(lambda _: rep, abs_rest))()
+  return TrainSetup(graphdef=graphdef, rest=rest, tx=tx, schedule=schedule, mesh=mesh,
+                    state_shardings=shardings, abstract_state=abstract)
+
+
+def init_train_state(setup: TrainSetup, model_cfg: Any, seed: int) -> TrainState:
+  """Fresh parameters and optimizer state, created directly in their shardings.
+
+  Args:
+    setup: from ``make_setup`` (same ``model_cfg`` and ``seed``).
+    model_cfg: ``softmax_one_jax.models.TransformerConfig``.
+    seed: parameter-initialisation seed.
+
+  Returns:
+    The step-0 ``TrainState``.
+  """
+  init = _init_fn(model_cfg, setup.tx, seed)
+  return jax.jit(lambda: init()[0], out_shardings=setup.state_shardings)()
+
+
+def merge_model(setup: TrainSetup, params: nnx.State) -> nnx.Module:
+  """The ``Transformer`` with ``params`` (for evaluation and analysis)."""
+  return nnx.merge(setup.graphdef, params, setup.rest)
