@@ -280,8 +280,8 @@ def analyze_main(
     out: str | None = None,
     *,
     step: int | None = None,
-    num_batches: int = DEFAULT_NUM_BATCHES,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_batches: int | None = None,
+    batch_size: int | None = None,
     seq_len: int | None = None,
     schemes: str | Sequence[str] | None = None,
     heads: str | Sequence[tuple[int, int]] | None = None,
@@ -297,7 +297,9 @@ def analyze_main(
     hf: a local Hugging Face GPT-2 / Llama checkpoint directory.
     out: output directory; default ``WORKDIR/analysis`` or ``./analysis/<checkpoint name>``.
     step: checkpoint step of the run (default: the latest good one).
-    num_batches, batch_size: validation batches to evaluate.
+    num_batches, batch_size: validation batches to evaluate; for a run, default the run's own
+      ``eval_batches`` / ``eval_batch_size`` (so the perplexity matches the one training logged),
+      else ``DEFAULT_NUM_BATCHES`` / ``DEFAULT_BATCH_SIZE``.
     seq_len: tokens per row; default the run's ``seq_len`` (HF: min(256, max_seq_len)).
     schemes: quantisation schemes (comma-separated names of ``quantize.SCHEMES``); None = all;
       "" = none.
@@ -330,6 +332,8 @@ def analyze_main(
         if v is not None:
           setattr(data_cfg, k, v)
     seq_len = seq_len or _lookup(run_config, "seq_len")
+    num_batches = num_batches or _lookup(run_config, "eval_batches")
+    batch_size = batch_size or _lookup(run_config, "eval_batch_size")
     meta.update(source=str(root), optimizer=_optimizer_name(run_config))
     out_dir = pathlib.Path(out) if out else root / "analysis"
     default_name = root.name
@@ -345,6 +349,8 @@ def analyze_main(
     default_name = root.name
   cfg = model.config
   seq_len = int(seq_len or min(DEFAULT_HF_SEQ_LEN, cfg.max_seq_len))
+  num_batches = int(num_batches or DEFAULT_NUM_BATCHES)
+  batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
   meta.update(softmax=cfg.softmax, num_layers=cfg.num_layers, num_heads=cfg.num_heads)
   if batches is not None:
     stacked = outliers.stack_batches(batches, num_batches)
