@@ -274,7 +274,15 @@ def test_kernels_lower_to_triton_for_cuda(dtype, softmax, is_causal, segments, h
   triton = "__gpu$xla.gpu.triton"
   for fn, args, kernels in ((fwd_bwd, (q, kv, kv, ids), 3), (stats, (q, kv, ids), 1),
                             (with_stats, (q, kv, kv, ids), 1)):
-    exported = export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
+    with _abstract_gpu_target():
+      exported = export.export(
+          jax.jit(fn), platforms=["cuda"],
+          disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
     assert exported.mlir_module().count(f"@{triton}(") == kernels
+
+
+def _abstract_gpu_target():
+  """An abstract H100 as the lowering target: newer jax asks Triton lowering for a GPU's kind."""
+  abstract_device = jax.sharding.AbstractDevice("NVIDIA H100", None, "gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=abstract_device)
+  return jax.sharding.use_abstract_mesh(mesh)
