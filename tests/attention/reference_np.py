@@ -3,6 +3,19 @@
 import numpy as np
 
 
+def np_allowed(b, n, t, s, *, is_causal=False, segment_ids=None, mask=None):
+  """Boolean ``[B, N, T, S]``: True where query t may attend to key s."""
+  allowed = np.ones((b, n, t, s), bool)
+  if is_causal:
+    allowed &= np.tril(np.ones((t, s), bool))
+  if segment_ids is not None:
+    q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+    allowed &= (np.asarray(q_ids)[:, :, None] == np.asarray(kv_ids)[:, None, :])[:, None]
+  if mask is not None:
+    allowed &= np.broadcast_to(np.asarray(mask, bool), allowed.shape)
+  return allowed
+
+
 def np_attention(q, k, v, *, softmax="softmax1", is_causal=False, mask=None, segment_ids=None,
                  scale=None):
   """``q [B, T, N, H]``, ``k/v [B, S, K, H]`` -> ``(out [B, T, N, H], probs [B, N, T, S])`` in float64.
@@ -14,14 +27,7 @@ def np_attention(q, k, v, *, softmax="softmax1", is_causal=False, mask=None, seg
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   scale = 1.0 / np.sqrt(h) if scale is None else scale
-  allowed = np.ones((b, n, t, s), bool)
-  if is_causal:
-    allowed &= np.tril(np.ones((t, s), bool))
-  if segment_ids is not None:
-    q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
-    allowed &= (np.asarray(q_ids)[:, :, None] == np.asarray(kv_ids)[:, None, :])[:, None]
-  if mask is not None:
-    allowed &= np.broadcast_to(np.asarray(mask, bool), allowed.shape)
+  allowed = np_allowed(b, n, t, s, is_causal=is_causal, segment_ids=segment_ids, mask=mask)
   out = np.zeros((b, t, n, h))
   probs = np.zeros((b, n, t, s))
   for bi in range(b):

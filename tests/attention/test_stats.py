@@ -6,7 +6,7 @@ import pytest
 
 from softmax_one_jax.attention import attention_stats, first_token_stats
 from softmax_one_jax.attention import stats as stats_lib
-from tests.attention.reference_np import np_attention
+from tests.attention.reference_np import np_allowed, np_attention
 
 
 def np_logits(q, k, *, is_causal=False, segment_ids=None, mask=None, scale=None):
@@ -15,14 +15,7 @@ def np_logits(q, k, *, is_causal=False, segment_ids=None, mask=None, scale=None)
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   scale = 1.0 / np.sqrt(h) if scale is None else scale
-  allowed = np.ones((b, n, t, s), bool)
-  if is_causal:
-    allowed &= np.tril(np.ones((t, s), bool))
-  if segment_ids is not None:
-    q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
-    allowed &= (np.asarray(q_ids)[:, :, None] == np.asarray(kv_ids)[:, None, :])[:, None]
-  if mask is not None:
-    allowed &= np.broadcast_to(np.asarray(mask, bool), allowed.shape)
+  allowed = np_allowed(b, n, t, s, is_causal=is_causal, segment_ids=segment_ids, mask=mask)
   logits = np.stack([np.einsum("bth,bsh->bts", q[:, :, ni], k[:, :, ni // (n // kh)]) * scale
                      for ni in range(n)], axis=1)
   return np.where(allowed, logits, -np.inf)
