@@ -28,8 +28,13 @@ import jax.numpy as jnp
 Axis = int | tuple[int, ...]
 
 
-def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
-  """float32 for narrow floats (bf16, f16) and ints; wider floats stay as they are."""
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """float32 for narrow floats (bf16, f16) and ints; wider floats stay as they are.
+
+  Example:
+    >>> compute_dtype(jnp.bfloat16)
+    dtype('float32')
+  """
   if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 32:
     return dtype
   return jnp.dtype(jnp.float32)
@@ -78,7 +83,7 @@ def logsumexp1(
   """
   x = jnp.asarray(x)
   out_dtype = _output_dtype(x.dtype)
-  xc = x.astype(_compute_dtype(x.dtype))
+  xc = x.astype(compute_dtype(x.dtype))
   shifted_exp, m = _stable_parts(xc, axis, where)
   lse = m + jnp.log(jnp.exp(-m) + jnp.sum(shifted_exp, axis=axis, keepdims=True))
   if not keepdims:
@@ -144,7 +149,7 @@ def log_softmax1(x: jax.Array, axis: Axis = -1, where: jax.Array | None = None) 
   """
   x = jnp.asarray(x)
   out_dtype = _output_dtype(x.dtype)
-  xc = x.astype(_compute_dtype(x.dtype))
+  xc = x.astype(compute_dtype(x.dtype))
   out = xc - logsumexp1(xc, axis=axis, where=where, keepdims=True)
   if where is not None:
     out = jnp.where(where, out, -jnp.inf)
@@ -169,5 +174,5 @@ def normalize(x: jax.Array, kind: str, axis: Axis = -1, where: jax.Array | None 
   out_dtype = _output_dtype(x.dtype)
   if where is not None:
     where = jnp.broadcast_to(jnp.asarray(where, dtype=bool), x.shape)
-  y = _normalize(x.astype(_compute_dtype(x.dtype)), axis, where, kind == "softmax1")
+  y = _normalize(x.astype(compute_dtype(x.dtype)), axis, where, kind == "softmax1")
   return y.astype(out_dtype)

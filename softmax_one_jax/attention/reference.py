@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from softmax_one_jax.softmax import SOFTMAX_KINDS, normalize
+from softmax_one_jax.softmax import SOFTMAX_KINDS, compute_dtype, normalize
 
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array]
 
@@ -73,7 +73,6 @@ def split_segment_ids(
 
 
 def combine_masks(
-    batch: int,
     q_len: int,
     kv_len: int,
     *,
@@ -87,7 +86,7 @@ def combine_masks(
   ``jax.nn.dot_product_attention`` does. Returns None when nothing is masked.
 
   Example:
-    >>> combine_masks(1, 3, 3, is_causal=True)[0, 0].astype(int)
+    >>> combine_masks(3, 3, is_causal=True)[0, 0].astype(int)
     Array([[1, 0, 0],
            [1, 1, 0],
            [1, 1, 1]], dtype=int32)
@@ -105,13 +104,7 @@ def combine_masks(
     if mask.ndim != 4:
       mask = jnp.broadcast_to(mask, (1,) * (4 - mask.ndim) + mask.shape)
     out = mask if out is None else out & mask
-  del batch
   return out
-
-
-def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
-  """float32 for bf16/f16/f32 inputs, float64 for float64 inputs."""
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def attention_logits(
@@ -126,7 +119,7 @@ def attention_logits(
   b, t, n, h = query.shape
   k = key.shape[2]
   scale = 1.0 / math.sqrt(h) if scale is None else scale
-  acc_dtype = accumulation_dtype(query.dtype)
+  acc_dtype = compute_dtype(query.dtype)
   q_btkgh = query.reshape(b, t, k, n // k, h)
   logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, key, preferred_element_type=acc_dtype)
   return logits_bkgts.reshape(b, n, t, key.shape[1]) * jnp.asarray(scale, acc_dtype)
@@ -173,11 +166,11 @@ def reference_attention(
   b, t, n, h = query.shape
   s, k = key.shape[1], key.shape[2]
   logits_bnts = attention_logits(query, key, scale)
-  where = combine_masks(b, t, s, is_causal=is_causal, mask=mask, segment_ids=segment_ids)
+  where = combine_masks(t, s, is_causal=is_causal, mask=mask, segment_ids=segment_ids)
   probs_bnts = normalize(logits_bnts, softmax, axis=-1, where=where)
   probs_bkgts = probs_bnts.reshape(b, k, n // k, t, s).astype(value.dtype)
   out_btkgh = jnp.einsum(
-      "bkgts,bskh->btkgh", probs_bkgts, value, preferred_element_type=accumulation_dtype(value.dtype)
+      "bkgts,bskh->btkgh", probs_bkgts, value, preferred_element_type=compute_dtype(value.dtype)
   )
   out_btnh = out_btkgh.reshape(b, t, n, h).astype(query.dtype)
   return (out_btnh, probs_bnts) if return_probs else out_btnh

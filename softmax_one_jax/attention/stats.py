@@ -32,30 +32,22 @@ from softmax_one_jax.attention.reference import (
     combine_masks,
     split_segment_ids,
 )
-from softmax_one_jax.softmax import SOFTMAX_KINDS
+from softmax_one_jax.softmax import SOFTMAX_KINDS, logsumexp1
 
 STATS_IMPLEMENTATIONS = (None, "xla", "chunked", "pallas")
 
 
-def _row_stats(logits, where, softmax1: bool):
-  """``(lse, row_max)`` over the last axis of masked float32 logits (``where`` may be None)."""
-  if where is not None:
-    logits = jnp.where(where, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1)
-  m = jnp.maximum(row_max, 0.0) if softmax1 else jnp.where(jnp.isneginf(row_max), 0.0, row_max)
-  total = jnp.sum(jnp.exp(logits - m[..., None]), axis=-1)
-  if softmax1:
-    total = total + jnp.exp(-m)
-  return m + jnp.log(total), row_max
-
-
 def _xla_stats(query, key, softmax1, is_causal, segment_ids, mask, scale):
   """Dense reference: materialises the ``[B, N, T, S]`` logits."""
-  b, t = query.shape[:2]
   logits = attention_logits(query, key, scale)
-  where = combine_masks(b, t, key.shape[1], is_causal=is_causal, mask=mask,
+  where = combine_masks(query.shape[1], key.shape[1], is_causal=is_causal, mask=mask,
                         segment_ids=segment_ids)
-  return _row_stats(logits, where, softmax1)
+  if where is not None:
+    where = jnp.broadcast_to(where, logits.shape)
+  log_normaliser = logsumexp1 if softmax1 else jax.nn.logsumexp
+  lse = log_normaliser(logits, axis=-1, where=where)
+  row_max = jnp.max(logits if where is None else jnp.where(where, logits, -jnp.inf), axis=-1)
+  return lse, row_max
 
 
 def _chunked_stats(query, key, softmax1, is_causal, segment_ids, scale, chunk: int = 512):
@@ -98,19 +90,16 @@ def _chunked_stats(query, key, softmax1, is_causal, segment_ids, scale, chunk: i
 
 def _first_logit(query, key, is_causal, segment_ids, mask, scale):
   """Scaled logit of every query on key 0, ``[B, N, T]`` float32, ``-inf`` where masked."""
-  b, t, n, h = query.shape
+  t, h = query.shape[1], query.shape[3]
   s0 = attention_logits(query, key[:, :1], _padding.resolve_scale(scale, h))[..., 0]
   del is_causal  # top-left causal alignment: every query may see key 0
-  allowed = jnp.ones((1, 1, t), bool)
   ids = split_segment_ids(segment_ids, t, key.shape[1])
-  if ids is not None:
-    q_ids, kv_ids = ids
-    allowed = allowed & (q_ids == kv_ids[:, :1])[:, None, :]
   if mask is not None:
     mask = jnp.asarray(mask, bool)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    allowed = allowed & mask[..., 0]  # key 0's column, broadcastable to [B, N, T]
-  return jnp.where(jnp.broadcast_to(allowed, s0.shape), s0, -jnp.inf)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)[..., :1]  # key 0's column
+  allowed = combine_masks(t, 1, mask=mask,
+                          segment_ids=None if ids is None else (ids[0], ids[1][:, :1]))
+  return s0 if allowed is None else jnp.where(allowed[..., 0], s0, -jnp.inf)
 
 
 def _pick(implementation: str | None, mask) -> str:

@@ -240,12 +240,7 @@ def convert_gpt2(
       if take.has(h + buf):
         take.left.pop(h + buf)
   out["final_norm.scale"], out["final_norm.bias"] = take("ln_f.weight"), take("ln_f.bias")
-  if cfg.tie_embeddings:
-    take.left.pop("lm_head.weight", None)
-  else:
-    out["lm_head.kernel"] = take("lm_head.weight").T
-  _check_all_used(take)
-  return out
+  return _finish(take, cfg, out)
 
 
 def convert_llama(
@@ -270,6 +265,11 @@ def convert_llama(
     if take.has(h + "self_attn.rotary_emb.inv_freq"):
       take.left.pop(h + "self_attn.rotary_emb.inv_freq")
   out["final_norm.scale"] = take(m + "norm.weight")
+  return _finish(take, cfg, out)
+
+
+def _finish(take: _Taker, cfg: TransformerConfig, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Adds the output projection (unless tied) and checks that every tensor was used."""
   if cfg.tie_embeddings:
     take.left.pop("lm_head.weight", None)
   else:
