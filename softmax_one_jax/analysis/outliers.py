@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from softmax_one_jax.models.loss import weighted_cross_entropy
+
 Sums = dict[str, jax.Array]
 ATTENTION_SOURCES = ("probs", "stats", "none")
 
@@ -280,10 +282,10 @@ def nll_sums(
     >>> float(jnp.exp(s["nll"] / s["nll_weight"]))  # uniform over 4 tokens
     4.0...
   """
-  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-  nll_bt = -jnp.take_along_axis(logp_btv, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  w_bt = jnp.ones_like(nll_bt) if weights_bt is None else weights_bt.astype(jnp.float32)
-  return {"nll": jnp.sum(nll_bt * w_bt), "nll_weight": jnp.sum(w_bt)}
+  if weights_bt is None:
+    weights_bt = jnp.ones(targets_bt.shape, jnp.float32)
+  nll, weight = weighted_cross_entropy(logits_btv, targets_bt, weights_bt)
+  return {"nll": nll, "nll_weight": weight}
 
 
 def combine_sums(a: Sums, b: Sums) -> Sums:

@@ -9,6 +9,7 @@ Example:
 from softmax_one_jax.models.config import PRESET_NAMES, TransformerConfig, preset
 from softmax_one_jax.models.generate import generate
 from softmax_one_jax.models.hf import load_hf
+from softmax_one_jax.models.loss import weighted_cross_entropy
 from softmax_one_jax.models.transformer import (
     KVCache,
     Transformer,
@@ -26,4 +27,5 @@ __all__ = [
     "load_hf",
     "positions_from_segments",
     "preset",
+    "weighted_cross_entropy",
 ]
