@@ -159,6 +159,12 @@ def log_softmax1(x: jax.Array, axis: Axis = -1, where: jax.Array | None = None) 
 SOFTMAX_KINDS = ("softmax1", "softmax")
 
 
+def check_softmax_kind(kind: str) -> None:
+  """Raises a ValueError naming the allowed values unless ``kind`` is in ``SOFTMAX_KINDS``."""
+  if kind not in SOFTMAX_KINDS:
+    raise ValueError(f"softmax={kind!r} is not known; expected one of {SOFTMAX_KINDS}.")
+
+
 def normalize(x: jax.Array, kind: str, axis: Axis = -1, where: jax.Array | None = None) -> jax.Array:
   """softmax-1 (``kind="softmax1"``) or softmax (``kind="softmax"``) with one stable code path.
 
@@ -168,8 +174,7 @@ def normalize(x: jax.Array, kind: str, axis: Axis = -1, where: jax.Array | None 
     >>> normalize(jnp.zeros(2), "softmax")
     Array([0.5, 0.5], dtype=float32)
   """
-  if kind not in SOFTMAX_KINDS:
-    raise ValueError(f"softmax={kind!r} is not known; expected one of {SOFTMAX_KINDS}.")
+  check_softmax_kind(kind)
   x = jnp.asarray(x)
   out_dtype = _output_dtype(x.dtype)
   if where is not None:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from softmax_one_jax.attention.reference import SegmentIds, check_shapes, split_segment_ids
-from softmax_one_jax.softmax import SOFTMAX_KINDS
+from softmax_one_jax.softmax import check_softmax_kind
 
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -43,8 +43,7 @@ def check_kernel_args(
 ) -> None:
   """Raises a ValueError for what the fused kernels cannot do (say what to use instead)."""
   check_shapes(query, key, value)
-  if softmax not in SOFTMAX_KINDS:
-    raise ValueError(f"softmax={softmax!r} is not known; expected one of {SOFTMAX_KINDS}.")
+  check_softmax_kind(softmax)
   if mask is not None:
     raise ValueError(
         "the Pallas attention kernels take is_causal and segment_ids, not a dense mask "

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from softmax_one_jax.softmax import SOFTMAX_KINDS, compute_dtype, normalize
+from softmax_one_jax.softmax import check_softmax_kind, compute_dtype, normalize
 
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array]
 
@@ -161,8 +161,7 @@ def reference_attention(
     (1, 4, 2, 8)
   """
   check_shapes(query, key, value)
-  if softmax not in SOFTMAX_KINDS:
-    raise ValueError(f"softmax={softmax!r} is not known; expected one of {SOFTMAX_KINDS}.")
+  check_softmax_kind(softmax)
   b, t, n, h = query.shape
   s, k = key.shape[1], key.shape[2]
   logits_bnts = attention_logits(query, key, scale)

@@ -32,7 +32,7 @@ from softmax_one_jax.attention.reference import (
     combine_masks,
     split_segment_ids,
 )
-from softmax_one_jax.softmax import SOFTMAX_KINDS, logsumexp1
+from softmax_one_jax.softmax import check_softmax_kind, logsumexp1
 
 STATS_IMPLEMENTATIONS = (None, "xla", "chunked", "pallas")
 
@@ -148,8 +148,7 @@ def attention_stats(
     (1, 2, 4)
   """
   check_shapes(query, key, key)
-  if softmax not in SOFTMAX_KINDS:
-    raise ValueError(f"softmax={softmax!r} is not known; expected one of {SOFTMAX_KINDS}.")
+  check_softmax_kind(softmax)
   impl = _pick(implementation, mask)
   if mask is not None and impl != "xla":
     raise ValueError(f"implementation={impl!r} takes is_causal and segment_ids, not a dense "
