@@ -89,7 +89,10 @@ def test_gradients_match_jax_nn_with_a_zero_key(np_rng, is_causal):
   theirs = lambda q, k, v: jnp.sum(w * _softmax1_via_zero_key(q, k, v, is_causal, 0.25))
   np.testing.assert_allclose(ours(q, k, v), theirs(q, k, v), rtol=1e-5)
   for g_ours, g_theirs in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(theirs, (0, 1, 2))(q, k, v)):
-    np.testing.assert_allclose(g_ours, g_theirs, rtol=1e-4, atol=1e-5)
+    # Two float32 algorithms: an entry near zero is a difference of O(|g|) terms, so its error
+    # scales with the gradient's size, not its own (a fixed 1e-5 failed once in ~1000 draws).
+    scale = float(np.abs(g_theirs).max())
+    np.testing.assert_allclose(g_ours, g_theirs, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
 
 
 def test_gradients_numerically_in_float64(np_rng):
