@@ -8,6 +8,9 @@ State bytes: jax.eval_shape(tx.init, abstract params) for every preset (no weigh
 Usage:
   python bench/optimizer.py                       # tiny + gpt2-60m timings, all presets' bytes
   python bench/optimizer.py --time_presets tiny --reps 7 --batch 8 --seq 128
+
+The train step's batch defaults to the tiny experiment's (experiments/configs/tiny.py: 16 x 128),
+the step the issue's "<= 1.05x AdamW at tiny" is about.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from experiments.configs import tiny as tiny_config  # noqa: E402
 from softmax_one_jax.models import PRESET_NAMES, Transformer, preset  # noqa: E402
 from softmax_one_jax.optim import DEFAULT_ROTATION, Block, Dense, Kronecker, orthoadam  # noqa: E402
 
@@ -158,8 +162,9 @@ def main() -> None:
   ap.add_argument("--time_presets", default="tiny,gpt2-60m")
   ap.add_argument("--bytes_presets", default=",".join(PRESET_NAMES))
   ap.add_argument("--families", default=",".join(FAMILIES))
-  ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--seq", type=int, default=128)
+  tiny = tiny_config.get_config()
+  ap.add_argument("--batch", type=int, default=tiny.global_batch_size)
+  ap.add_argument("--seq", type=int, default=tiny.seq_len)
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--inner", type=int, default=3)
   args = ap.parse_args()

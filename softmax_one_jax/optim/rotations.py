@@ -11,9 +11,9 @@ family          Q (x: the parameter's array, n = x.size, d_i = x.shape[i])     s
 ``"dense"``     the paper's Haar ``Q`` over ``vec(x)``                         n^2 / n^2
 ``"kronecker"`` ``Q_0 (x) Q_1 (x) ...``: one Haar matrix per axis              sum d_i^2 / n sum d_i
 ``"block"``     block-diagonal Haar over ``vec(x)``, blocks of ``size``       n b / n b
-``"hadamard"``  ``(H_0 P_0 (x) H_1 P_1 (x) ...) D``: random signs ``D`` (one  n/8 bytes + sum d_i
-                per element, bit-packed), a random permutation ``P_i`` and a  / n log n
-                normalised Walsh-Hadamard ``H_i`` per axis
+``"hadamard"``  ``H_0 P_0 D_0 (x) H_1 P_1 D_1 (x) ...``: per axis, random      sum d_i / n log n
+                signs ``D_i``, a normalised Walsh-Hadamard ``H_i`` and, if
+                ``d_i`` is not a power of two, a random permutation ``P_i``
 ``"identity"``  ``I``: plain Adam(W)                                           0 / 0
 ==============  ===========================================================  ==================
 
@@ -25,8 +25,13 @@ are the binary digits of ``d`` (``11008 = 8192 + 2048 + 512 + 256``) and each bl
 normalised Sylvester Hadamard matrix ``H_{2^k} / sqrt(2^k)``. The result is block-diagonal, hence
 square and exactly orthogonal on the parameter's own space (no padding, so moments keep the
 parameter's shape). The random permutation before it decides which coordinates share a block.
-A power-of-two block is applied as a product of small Hadamard matmuls (<= 128, or <= 16 on
-CPU), which is ``H_{2^a} (x) H_{2^b} = H_{2^(a+b)}``: ``O(n log n)`` work on matrix units.
+A power-of-two block uses ``H_{2^a} (x) H_{2^b} = H_{2^(a+b)}``: ``O(n log n)`` work as radix-4
+butterflies (CPU) or small Hadamard matmuls (<= 128 x 128, GPU/TPU matrix units).
+
+"hadamard" is a Kronecker product of per-axis randomized Hadamard matrices: like "kronecker", every
+entry of ``Q`` is nonzero (``+-1/sqrt(n)`` on power-of-two shapes), so no rotated coordinate lines
+up with a coordinate of the parameter, but its state is ``sum d_i`` small integers instead of
+``sum d_i^2`` floats, and the Hadamard costs ``log2 n`` additions per element.
 
 Each family is a frozen dataclass with ``init(key, shape) -> state``; each state is a NamedTuple
 of arrays with ``rotate(x)`` (``Q vec(x)``) and ``unrotate(y)`` (``Q^T vec(y)``), both
@@ -52,11 +57,6 @@ import numpy as np
 
 Shape = tuple[int, ...]
 _HIGHEST = jax.lax.Precision.HIGHEST
-# A power-of-two Hadamard is applied as a product of small ones: <= 128 x 128 feeds matrix units
-# (GPU/TPU); on CPU, where each factor is a pass over memory, <= 16 x 16 measured fastest
-# (bench/optimizer.py). The result is the same Sylvester matrix either way.
-_MAX_HADAMARD_FACTOR_LOG2 = {"cpu": 4}
-_DEFAULT_HADAMARD_FACTOR_LOG2 = 7
 
 
 def haar_orthogonal(key: jax.Array, dim: int, dtype: jnp.dtype = jnp.float32) -> jax.Array:
@@ -157,33 +157,46 @@ class BlockRotation(NamedTuple):
 
 
 class HadamardRotation(NamedTuple):
-  """``Q = (H_0 P_0 (x) H_1 P_1 (x) ...) D``, a randomized Hadamard transform per axis.
+  """``Q = (H_0 P_0 D_0) (x) (H_1 P_1 D_1) (x) ...``: a randomized Hadamard matrix per axis.
 
-  ``sign_bits``: uint8, the parameter's shape with the last axis bit-packed (``ceil(d/8)``);
-  bit 1 means sign -1. ``perms[i]`` / ``inv_perms[i]``: int32 ``[d_i]``, ``(P_i x)[j] =
-  x[perm[j]]``. ``H_i``: block-diagonal normalised Sylvester Hadamard (binary digits of ``d_i``).
-  Scalars have no axes and use ``sign_bits`` of shape ``[1]``.
+  ``signs[i]``: int8 ``[d_i]`` of +-1, the diagonal of ``D_i``. ``perms`` / ``inv_perms``: int32
+  ``[d_i]``, ``(P_i x)[j] = x[perm[j]]``, one per axis whose length is *not* a power of two, in
+  axis order (on a power-of-two axis ``H_i`` mixes every coordinate with every other, so ``P_i``
+  is the identity and costs nothing). ``H_i``: block-diagonal normalised Sylvester Hadamard
+  (binary digits of ``d_i``). Scalars have no axes: ``Q = 1``.
   """
 
-  sign_bits: jax.Array
+  signs: tuple[jax.Array, ...]
   perms: tuple[jax.Array, ...]
   inv_perms: tuple[jax.Array, ...]
 
-  def _signs(self, shape: Shape, dtype: jnp.dtype) -> jax.Array:
-    last = shape[-1] if shape else 1
-    bits = jnp.unpackbits(self.sign_bits, axis=-1, count=last)
-    return (1 - 2 * bits.astype(dtype)).reshape(shape)
-
   def rotate(self, x: jax.Array) -> jax.Array:
-    x = x * self._signs(x.shape, x.dtype)
-    for axis, perm in enumerate(self.perms):
-      x = _block_hadamard(jnp.take(x, perm, axis=axis), axis)
+    x = _scale_by_axis_signs(x, self.signs)
+    perms = iter(self.perms)
+    for axis in range(x.ndim):
+      if not is_power_of_two(x.shape[axis]):
+        x = jnp.take(x, next(perms), axis=axis)
+      x = _block_hadamard(x, axis)
     return x
 
   def unrotate(self, y: jax.Array) -> jax.Array:
-    for axis, inv_perm in enumerate(self.inv_perms):
-      y = jnp.take(_block_hadamard(y, axis), inv_perm, axis=axis)
-    return y * self._signs(y.shape, y.dtype)
+    inv_perms = iter(self.inv_perms)
+    for axis in range(y.ndim):
+      y = _block_hadamard(y, axis)
+      if not is_power_of_two(y.shape[axis]):
+        y = jnp.take(y, next(inv_perms), axis=axis)
+    return _scale_by_axis_signs(y, self.signs)
+
+
+def is_power_of_two(dim: int) -> bool:
+  return dim > 0 and dim & (dim - 1) == 0
+
+
+def _scale_by_axis_signs(x: jax.Array, signs: tuple[jax.Array, ...]) -> jax.Array:
+  """``x * (D_0 (x) D_1 (x) ...)``: multiplies by the outer product of per-axis sign vectors."""
+  for axis, s_d in enumerate(signs):
+    x = x * s_d.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
+  return x
 
 
 RotationState = Union[IdentityRotation, DenseRotation, KroneckerRotation, BlockRotation,
@@ -204,30 +217,70 @@ def sylvester_hadamard(log2_dim: int) -> np.ndarray:
   return (h / math.sqrt(h.shape[0])).astype(np.float32)
 
 
-def _pow2_chunks(log2_dim: int) -> list[int]:
-  """Splits ``k`` into near-equal parts of at most 7 (4 on CPU): ``13 -> [7, 6]``."""
-  max_log2 = _MAX_HADAMARD_FACTOR_LOG2.get(jax.default_backend(), _DEFAULT_HADAMARD_FACTOR_LOG2)
+def _pow2_chunks(log2_dim: int, max_log2: int) -> list[int]:
+  """Splits ``k`` into near-equal parts of at most ``max_log2``: ``(13, 7) -> [7, 6]``."""
   num = max(1, -(-log2_dim // max_log2))
   base, extra = divmod(log2_dim, num)
   return [base + (1 if i < extra else 0) for i in range(num)]
 
 
-def _pow2_hadamard(x: jax.Array, axis: int) -> jax.Array:
-  """Applies ``H_{2^k}/sqrt(2^k)`` along ``axis`` (length ``2^k``) as small Hadamard matmuls."""
-  dim = x.shape[axis]
-  log2_dim = dim.bit_length() - 1
-  if log2_dim == 0:
-    return x
-  chunks = _pow2_chunks(log2_dim)
+def _hadamard_by_matmuls(x: jax.Array, axis: int, max_log2: int) -> jax.Array:
+  """Unnormalised ``H_{2^k}`` along ``axis`` as a product of small Hadamard matmuls."""
+  chunks = _pow2_chunks(x.shape[axis].bit_length() - 1, max_log2)
   shape = x.shape
   y = x.reshape(shape[:axis] + tuple(2**c for c in chunks) + shape[axis + 1:])
   # Contract sub-axis `axis` and append the result last; after len(chunks) steps the sub-axes are
   # back in order (a cyclic shift), so (H_a (x) H_b ...) is applied in Sylvester order.
   for c in chunks:
-    h = jnp.asarray(sylvester_hadamard(c), dtype=y.dtype)
+    h = jnp.asarray(sylvester_hadamard(c) * math.sqrt(2**c), dtype=y.dtype)  # Entries +-1.
     y = jnp.tensordot(y, h, axes=([axis], [0]), precision=_HIGHEST)
     y = jnp.moveaxis(y, -1, axis + len(chunks) - 1)
   return y.reshape(shape)
+
+
+def _hadamard_by_butterflies(x: jax.Array, axis: int) -> jax.Array:
+  """Unnormalised ``H_{2^k}`` along ``axis`` as radix-4 (and one radix-2) butterfly passes.
+
+  ``H_{2^k} = H_4 (x) H_4 (x) ...``: pass ``j`` views the array as ``[pre, 4, post]`` with the
+  ``4`` on bits ``2j, 2j + 1`` of the axis and adds/subtracts its four slices: only additions,
+  one elementwise pass over memory per two bits.
+  """
+  shape = x.shape
+  outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+  log2_dim = shape[axis].bit_length() - 1
+  y, done = x, 0
+  while done < log2_dim:
+    bits = min(2, log2_dim - done)
+    y = y.reshape(outer << done, 1 << bits, (inner << (log2_dim - done - bits)))
+    if bits == 2:
+      x0, x1, x2, x3 = y[:, 0], y[:, 1], y[:, 2], y[:, 3]
+      s01, d01, s23, d23 = x0 + x1, x0 - x1, x2 + x3, x2 - x3
+      y = jnp.stack([s01 + s23, d01 + d23, s01 - s23, d01 - d23], axis=1)
+    else:
+      y = jnp.stack([y[:, 0] + y[:, 1], y[:, 0] - y[:, 1]], axis=1)
+    done += bits
+  return y.reshape(shape)
+
+
+# How a power-of-two Hadamard is computed, per backend (the matrix is the same): on CPU, where
+# each pass costs a trip through memory and matmuls are no faster than additions, radix-4
+# butterflies ("butterfly"; measured 1.5-2x faster than 16x16 matmuls in bench/optimizer.py); on
+# GPU/TPU, matmuls with <= 128x128 factors feed the matrix units ("matmul", log2 of the factor).
+_HADAMARD_IMPL: dict[str, tuple[str, int]] = {"cpu": ("butterfly", 2)}
+_DEFAULT_HADAMARD_IMPL = ("matmul", 7)
+
+
+def _pow2_hadamard(x: jax.Array, axis: int) -> jax.Array:
+  """Applies ``H_{2^k}/sqrt(2^k)`` along ``axis`` (length ``2^k``)."""
+  dim = x.shape[axis]
+  if dim == 1:
+    return x
+  impl, max_log2 = _HADAMARD_IMPL.get(jax.default_backend(), _DEFAULT_HADAMARD_IMPL)
+  if impl == "butterfly":
+    y = _hadamard_by_butterflies(x, axis)
+  else:
+    y = _hadamard_by_matmuls(x, axis, max_log2)
+  return y * jnp.asarray(1.0 / math.sqrt(dim), y.dtype)
 
 
 def hadamard_block_sizes(dim: int) -> list[int]:
@@ -342,22 +395,25 @@ class Block:
 
 @dataclasses.dataclass(frozen=True)
 class Hadamard:
-  """Randomized Hadamard: per-element random signs, per-axis random permutation and Hadamard."""
+  """Randomized Hadamard per axis: random signs, a Hadamard transform and, on axes whose length
+  is not a power of two, a random permutation (which coordinates share a Hadamard block)."""
 
   name = "hadamard"
 
   def init(self, key: jax.Array, shape: Shape, path: str = "") -> HadamardRotation:
     del path
-    key_signs, key_perm = jax.random.split(key)
-    bits_shape = shape if shape else (1,)
-    bits = jax.random.bernoulli(key_signs, 0.5, bits_shape).astype(jnp.uint8)
-    sign_bits = jnp.packbits(bits, axis=-1)
-    keys = jax.random.split(key_perm, max(len(shape), 1))
-    perms = tuple(_random_permutation(k, d) for k, d in zip(keys, shape))
+    keys = jax.random.split(key, 2 * max(len(shape), 1))
+    signs = tuple(
+        jnp.where(jax.random.bernoulli(k, 0.5, (d,)), -1, 1).astype(jnp.int8)
+        for k, d in zip(keys[0::2], shape)
+    )
+    perms = tuple(
+        _random_permutation(k, d) for k, d in zip(keys[1::2], shape) if not is_power_of_two(d)
+    )
     inv_perms = tuple(
         jnp.zeros_like(p).at[p].set(jnp.arange(p.shape[0], dtype=p.dtype)) for p in perms
     )
-    return HadamardRotation(sign_bits, perms, inv_perms)
+    return HadamardRotation(signs, perms, inv_perms)
 
 
 RotationFamily = Union[Identity, Dense, Kronecker, Block, Hadamard]
@@ -394,7 +450,7 @@ def rotation_state_bytes(shape: Shape, family: str | RotationFamily) -> int:
 
   Example:
     >>> rotation_state_bytes((4096, 11008), "hadamard")
-    5756928
+    103168
   """
   fam = get_family(family)
   abstract = jax.eval_shape(lambda: fam.init(jax.random.key(0), tuple(shape)))

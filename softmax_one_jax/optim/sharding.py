@@ -11,8 +11,7 @@ arrays that are not parameter-shaped (rotation matrices). Here:
   ``DenseRotation``    replicated (``Dense`` is capped to small parameters)
   ``KroneckerRotation`` factor ``i`` ``[d_i, d_i]``: rows sharded like param axis ``i``
   ``BlockRotation``    the block axis sharded over all the param's mesh axes when divisible
-  ``HadamardRotation`` sign bits sharded like the param (packed last axis only if divisible);
-                       the ``[d_i]`` permutations replicated
+  ``HadamardRotation`` replicated: per-axis ``[d_i]`` signs and permutations (tiny)
   ==================  ======================================================================
 
   and a mesh axis is dropped from a dimension it does not divide;
@@ -61,13 +60,6 @@ def rotation_shardings(rotation: Any, param_sharding: jax.sharding.Sharding) -> 
   if isinstance(rotation, rot_lib.KroneckerRotation):
     return rot_lib.KroneckerRotation(
         tuple(named(_fit(mesh, (spec[i], None), f.shape)) for i, f in enumerate(rotation.factors))
-    )
-  if isinstance(rotation, rot_lib.HadamardRotation):
-    bits = named(_fit(mesh, spec[: rotation.sign_bits.ndim], rotation.sign_bits.shape))
-    return rot_lib.HadamardRotation(
-        bits,
-        tuple(replicated for _ in rotation.perms),
-        tuple(replicated for _ in rotation.inv_perms),
     )
   if isinstance(rotation, rot_lib.BlockRotation):
     mesh_axes = tuple(

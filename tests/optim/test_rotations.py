@@ -36,13 +36,14 @@ def explicit_matrix(rot, shape) -> np.ndarray:
     return scipy.linalg.block_diag(*blocks)
   if isinstance(rot, R.HadamardRotation):
     mats = []
-    for d, perm in zip(shape, rot.perms):
-      p_dd = np.zeros((d, d))
-      p_dd[np.arange(d), np.asarray(perm)] = 1.0  # (P x)[j] = x[perm[j]]
-      mats.append(_np_hadamard_axis(d) @ p_dd)
-    last = shape[-1] if shape else 1
-    bits = np.unpackbits(np.asarray(rot.sign_bits), axis=-1, count=last).reshape(-1)[:n]
-    return functools.reduce(np.kron, mats, np.eye(1)) @ np.diag(1.0 - 2.0 * bits)
+    perms = iter(rot.perms)
+    for d, signs in zip(shape, rot.signs):
+      p_dd = np.eye(d)
+      if d & (d - 1):  # Only axes whose length is not a power of two carry a permutation.
+        p_dd = np.zeros((d, d))
+        p_dd[np.arange(d), np.asarray(next(perms))] = 1.0  # (P x)[j] = x[perm[j]]
+      mats.append(_np_hadamard_axis(d) @ p_dd @ np.diag(np.asarray(signs, np.float64)))
+    return functools.reduce(np.kron, mats, np.eye(1))
   raise TypeError(rot)
 
 
@@ -142,12 +143,12 @@ def test_state_bytes_of_the_default_scale_linearly():
   assert b < 0.02 * 8 * n  # Under 2% of AdamW's two float32 moments.
 
 
-@pytest.mark.parametrize("max_log2", [1, 3, 7])
-def test_hadamard_factor_size_does_not_change_the_matrix(monkeypatch, max_log2):
-  # CPU uses <= 16x16 factors, GPU/TPU <= 128x128: both must be the same Sylvester matrix.
-  monkeypatch.setattr(R, "_MAX_HADAMARD_FACTOR_LOG2", {jax.default_backend(): max_log2})
-  rot = init_rotation("hadamard", jax.random.key(4), (256, 6))
-  x = np.random.default_rng(1).standard_normal((256, 6)).astype(np.float32)
+@pytest.mark.parametrize("impl", [("butterfly", 2), ("matmul", 1), ("matmul", 3), ("matmul", 7)])
+def test_hadamard_implementation_does_not_change_the_matrix(monkeypatch, impl):
+  # CPU uses radix-4 butterflies, GPU/TPU <= 128x128 matmuls: both are the same Sylvester matrix.
+  monkeypatch.setattr(R, "_HADAMARD_IMPL", {jax.default_backend(): impl})
+  rot = init_rotation("hadamard", jax.random.key(4), (128, 6, 4))
+  x = np.random.default_rng(1).standard_normal((128, 6, 4)).astype(np.float32)
   y = np.asarray(jax.jit(lambda r, x: r.rotate(x))(rot, jnp.asarray(x)))
-  q_nn = explicit_matrix(rot, (256, 6))
+  q_nn = explicit_matrix(rot, (128, 6, 4))
   np.testing.assert_allclose(y.reshape(-1), q_nn @ x.reshape(-1).astype(np.float64), atol=2e-5)

@@ -91,9 +91,8 @@ def test_rotation_sharding_rules(mesh):
   # Kronecker factor i: rows sharded like param axis i.
   assert o.rotations["w"].factors[0].spec == P("data", None)
   assert o.rotations["w"].factors[1].spec == P("model", None)
-  # Hadamard: sign bits [32, 2] like the param (model divides 32); small permutations replicated.
-  assert o.rotations["v"].sign_bits.spec == P("model", None)
-  assert all(s.spec == P() for s in o.rotations["v"].perms)
+  # Hadamard: per-axis [d_i] signs and permutations, replicated.
+  assert all(s.spec == P() for s in jax.tree.leaves(o.rotations["v"]))
   assert o.rotations["b"].full[0].spec == P(None, None, None)  # 4 blocks; unsharded param.
   assert o.rotations["s"].q_nn.spec == P()
   assert o.mu["w"].spec == P("data", "model") and o.count.spec == P()
