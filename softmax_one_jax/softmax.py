@@ -57,10 +57,9 @@ def _stable_parts(
   m = jnp.max(x, axis=axis, keepdims=True)
   m = jnp.maximum(m, 0.0) if with_null else jnp.where(jnp.isneginf(m), 0.0, m)
   m = jax.lax.stop_gradient(m)
-  shifted_exp = jnp.exp(x - m)
-  if where is not None:
-    shifted_exp = jnp.where(where, shifted_exp, 0.0)
-  return shifted_exp, m
+  # m is finite (>= 0 for softmax-1, 0 for an all-masked softmax row), so masked entries give
+  # exp(-inf) = 0 without a second select.
+  return jnp.exp(x - m), m
 
 
 def logsumexp1(
@@ -109,7 +108,7 @@ def _normalize_jvp(axis, with_null, primals, tangents):
   x, where = primals
   x_dot, _ = tangents
   y = _normalize(x, axis, where, with_null)
-  x_dot = x_dot if where is None else jnp.where(where, x_dot, 0.0)
+  # Masked entries have y = 0, so they drop out of both terms (x_dot is finite there).
   return y, y * (x_dot - jnp.sum(y * x_dot, axis=axis, keepdims=True))
 
 

@@ -173,6 +173,25 @@ def _residual_std(config: TransformerConfig) -> float:
   return config.init_std / math.sqrt(2 * config.num_layers)
 
 
+def _stacked_linear(layers: list[nnx.Linear], x_btd: jax.Array, config: TransformerConfig
+                    ) -> list[jax.Array]:
+  """``[layer(x) for layer in layers]`` (same shapes) as one matmul on the stacked kernels.
+
+  One ``[B*T, D] @ [D, S*F]`` matmul instead of ``S`` narrow ones (the q/k/v projections). The
+  kernels are stacked on a new middle axis, ``[D, S, F]``, so a sharded ``F`` axis stays local.
+  Layers that are not plain ``nnx.Linear`` (e.g. analysis wrappers that quantise activations)
+  are called one by one.
+  """
+  if any(type(layer) is not nnx.Linear for layer in layers):
+    return [layer(x_btd) for layer in layers]
+  dtype = jnp.dtype(config.dtype)
+  kernel_dsf = jnp.stack([layer.kernel.value for layer in layers], axis=1).astype(dtype)
+  y_btsf = jnp.einsum("btd,dsf->btsf", x_btd.astype(dtype), kernel_dsf)
+  if layers[0].bias is not None:
+    y_btsf = y_btsf + jnp.stack([layer.bias.value for layer in layers]).astype(dtype)
+  return [y_btsf[:, :, i] for i in range(len(layers))]
+
+
 class Attention(nnx.Module):
   """Multi-head / grouped-query self-attention with softmax or softmax-1."""
 
@@ -189,9 +208,15 @@ class Attention(nnx.Module):
   def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
     c = self.config
     b, t, _ = x_btd.shape
-    q_btnh = self.q_proj(x_btd).reshape(b, t, c.num_heads, c.head_dim)
-    k_btkh = self.k_proj(x_btd).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v_btkh = self.v_proj(x_btd).reshape(b, t, c.num_kv_heads, c.head_dim)
+    projections = [self.q_proj, self.k_proj, self.v_proj]
+    if c.num_kv_heads != c.num_heads:  # Grouped-query: q is wider than k and v.
+      q_btnh = self.q_proj(x_btd).reshape(b, t, c.num_heads, c.head_dim)
+      k_btkh, v_btkh = _stacked_linear(projections[1:], x_btd, c)
+    else:
+      q_btnh, k_btkh, v_btkh = _stacked_linear(projections, x_btd, c)
+    q_btnh = q_btnh.reshape(b, t, c.num_heads, c.head_dim)
+    k_btkh = k_btkh.reshape(b, t, c.num_kv_heads, c.head_dim)
+    v_btkh = v_btkh.reshape(b, t, c.num_kv_heads, c.head_dim)
     if c.position == "rope":
       cos, sin = rope_cos_sin(positions_bt, c.head_dim, c.rope_theta)
       q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)

@@ -108,6 +108,51 @@ class Transformer(nnx.Module):
     logits_btv = self.embed.attend(x_btd) if self.lm_head is None else self.lm_head(x_btd)
     return logits_btv.astype(jnp.float32)
 
+  def unembedding(self) -> jax.Array:
+    """The output embedding ``[V, D]`` in the compute dtype: logits are ``features @ it.T``.
+
+    The token embedding when tied, else the LM head's kernel transposed (a layout change that
+    XLA folds into the matmul reading it).
+    """
+    table_vd = self.embed.embedding.value if self.lm_head is None else self.lm_head.kernel.value.T
+    return table_vd.astype(jnp.dtype(self.config.dtype))
+
+  def features(
+      self,
+      tokens_bt: jax.Array,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+  ) -> jax.Array:
+    """The final-normalised hidden states ``[B, T, D]`` that the LM head reads (compute dtype).
+
+    ``model(tokens)`` equals ``features(tokens) @ unembedding().T`` in float32; training feeds
+    both to ``models.loss.linear_cross_entropy``, which never builds the ``[B, T, V]`` logits.
+
+    Example:
+      >>> x_btd = model.features(tokens_bt)
+      >>> loss_sum, n = linear_cross_entropy(x_btd, model.unembedding(), targets_bt, weights_bt)
+    """
+    return self.final_norm(self._body(tokens_bt, segment_ids, positions, frozenset())[0])
+
+  def _body(self, tokens_bt, segment_ids, positions, analysis):
+    """Embeddings and blocks: ``(x_btd, hidden, extras)`` before the final norm."""
+    self._check_tokens(tokens_bt, tokens_bt.shape[1])
+    if positions is None:
+      positions = (
+          positions_from_segments(segment_ids) if segment_ids is not None
+          else jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
+      )
+    block_fn = _call_block
+    if self.config.remat:
+      block_fn = nnx.remat(_call_block, static_argnums=(4,))
+    x_btd = self._embed(tokens_bt, positions)
+    hidden, extras = [], []
+    for block in self.blocks:
+      x_btd, block_extras = block_fn(block, x_btd, positions, segment_ids, analysis)
+      hidden.append(x_btd.astype(jnp.float32))
+      extras.append(block_extras)
+    return x_btd, hidden, extras
+
   # ----------------------------------------------------------------------------------------------
   def __call__(
       self,
@@ -136,22 +181,8 @@ class Transformer(nnx.Module):
     unknown = set(intermediates) - set(INTERMEDIATES)
     if unknown:
       raise ValueError(f"unknown intermediates {sorted(unknown)}; expected some of {INTERMEDIATES}.")
-    self._check_tokens(tokens_bt, tokens_bt.shape[1])
-    if positions is None:
-      positions = (
-          positions_from_segments(segment_ids) if segment_ids is not None
-          else jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
-      )
     analysis = frozenset(intermediates) - {"hidden"}
-    block_fn = _call_block
-    if self.config.remat:
-      block_fn = nnx.remat(_call_block, static_argnums=(4,))
-    x_btd = self._embed(tokens_bt, positions)
-    hidden, extras = [], []
-    for block in self.blocks:
-      x_btd, block_extras = block_fn(block, x_btd, positions, segment_ids, analysis)
-      hidden.append(x_btd.astype(jnp.float32))
-      extras.append(block_extras)
+    x_btd, hidden, extras = self._body(tokens_bt, segment_ids, positions, analysis)
     logits_btv = self._logits(x_btd)
     if not intermediates:
       return logits_btv

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from softmax_one_jax.models.loss import weighted_cross_entropy
+from softmax_one_jax.models.loss import linear_cross_entropy
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.training.state import TrainSetup, TrainState
 
@@ -31,10 +31,11 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 def _loss_sums(params: nnx.State, batch: Batch, graphdef: Any, rest: Any
                ) -> tuple[jax.Array, jax.Array]:
+  """Weighted token-loss sums; the LM head and softmax are fused (no [B, T, V] logits)."""
   model = nnx.merge(graphdef, params, rest)
-  logits_btv = model(batch["inputs"], segment_ids=batch["segment_ids"],
-                     positions=batch["positions"])
-  return weighted_cross_entropy(logits_btv, batch["targets"], batch["weights"])
+  x_btd = model.features(batch["inputs"], segment_ids=batch["segment_ids"],
+                         positions=batch["positions"])
+  return linear_cross_entropy(x_btd, model.unembedding(), batch["targets"], batch["weights"])
 
 
 def _microbatches(batch: Batch, num: int, sharding: NamedSharding | None) -> Batch:

@@ -11,7 +11,7 @@ import pytest
 
 from softmax_one_jax.data import get_tokenizer, validation_batches
 from softmax_one_jax.training import NonFiniteError, evaluate, load_model, train
-from softmax_one_jax.training.step import weighted_cross_entropy
+from softmax_one_jax.models.loss import weighted_cross_entropy
 from tests.training._micro import micro_config
 
 OUTLIER_KEYS = ("first_token_attention", "kurtosis_first", "kurtosis_rest", "max_abs_first",

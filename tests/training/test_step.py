@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from softmax_one_jax.models.loss import weighted_cross_entropy
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.training.config import model_config_from
 from softmax_one_jax.training.state import (build_optimizer, init_train_state,
                                             learning_rate_schedule, make_setup)
-from softmax_one_jax.training.step import jit_train_step, weighted_cross_entropy
+from softmax_one_jax.training.step import jit_train_step
 from tests.training._micro import micro_config, random_batch
 
 VOCAB = 512

@@ -1,0 +1,93 @@
+"""The fused LM head + loss (linear_cross_entropy) against float64 numpy and the unfused path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from softmax_one_jax.models import Transformer, preset
+from softmax_one_jax.models.loss import (linear_cross_entropy, sequence_chunk,
+                                         weighted_cross_entropy)
+
+
+def _np_reference(x, w_vd, targets, weights):
+  """float64 loss sums and the analytic gradients d loss_sum / d (x, w_vd, weights)."""
+  x, w_vd = x.astype(np.float64), w_vd.astype(np.float64)
+  logits = x @ w_vd.T
+  z = logits - logits.max(-1, keepdims=True)
+  p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+  nll = -np.log(np.take_along_axis(p, targets[..., None], -1)[..., 0])
+  onehot = np.eye(w_vd.shape[0])[targets]
+  g_logits = (p - onehot) * weights[..., None]
+  return ((nll * weights).sum(), weights.sum()), (g_logits @ w_vd,
+                                                  np.einsum("btv,btd->vd", g_logits, x), nll)
+
+
+def _inputs(rng, b=3, t=12, d=8, v=37):
+  x = rng.normal(size=(b, t, d)).astype(np.float32)
+  w_vd = (rng.normal(size=(v, d)) * 0.7).astype(np.float32)
+  targets = rng.integers(0, v, (b, t)).astype(np.int32)
+  weights = (rng.random((b, t)) > 0.25).astype(np.float32)
+  return x, w_vd, targets, weights
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 12, None])
+def test_loss_and_gradients_match_float64_numpy(np_rng, chunk):
+  x, w_vd, targets, weights = _inputs(np_rng)
+  (s_ref, n_ref), (gx_ref, gw_ref, gweights_ref) = _np_reference(x, w_vd, targets, weights)
+  a, c = np_rng.normal(size=2)  # Arbitrary cotangents for both outputs.
+
+  def objective(x, w_vd, weights):
+    s, n = linear_cross_entropy(x, w_vd, targets, weights, chunk=chunk)
+    return a * s + c * n, (s, n)
+
+  (_, (s, n)), (gx, gw, gweights) = jax.jit(
+      jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True))(x, w_vd, weights)
+  np.testing.assert_allclose(float(s), s_ref, rtol=1e-5)
+  assert float(n) == n_ref
+  np.testing.assert_allclose(np.asarray(gx), a * gx_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gw), a * gw_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gweights), a * gweights_ref + c, rtol=1e-4, atol=1e-5)
+  # Without differentiation (evaluation) the same sums come from the forward-only path.
+  s2, _ = jax.jit(lambda *args: linear_cross_entropy(*args, chunk=chunk))(x, w_vd, targets, weights)
+  np.testing.assert_allclose(float(s2), s_ref, rtol=1e-5)
+
+
+def test_equals_unfused_head_and_loss_under_grad(np_rng):
+  x, w_vd, targets, weights = _inputs(np_rng, b=2, t=16, d=16, v=64)
+  fused = lambda x, w: linear_cross_entropy(x, w, targets, weights, chunk=4)[0]
+  unfused = lambda x, w: weighted_cross_entropy(jnp.einsum("btd,vd->btv", x, w), targets,
+                                                weights)[0]
+  for f_out, u_out in zip(jax.grad(fused, (0, 1))(x, w_vd), jax.grad(unfused, (0, 1))(x, w_vd)):
+    np.testing.assert_allclose(np.asarray(f_out), np.asarray(u_out), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_features_times_unembedding_are_the_logits(tie):
+  cfg = preset("tiny").replace(tie_embeddings=tie, vocab_size=96, num_layers=1)
+  model = Transformer(cfg, rngs=nnx.Rngs(1))
+  tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size)
+  logits = model(tokens)
+  via_features = jnp.einsum("btd,vd->btv", model.features(tokens), model.unembedding())
+  np.testing.assert_allclose(np.asarray(via_features), np.asarray(logits), rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_chunk_is_the_largest_divisor_within_the_bound():
+  for b, t, v, cap in [(16, 128, 4096, 1 << 20), (4, 256, 50257, 1 << 24), (1, 7, 10, 30),
+                       (64, 256, 50257, 1 << 20)]:
+    c = sequence_chunk(b, t, v, max_logits=cap)
+    assert t % c == 0 and (c == 1 or b * c * v <= cap)
+    assert c == t or b * next(d for d in range(c + 1, t + 1) if t % d == 0) * v > cap
+
+
+def test_bad_shapes_and_chunks_fail_clearly():
+  x, w_vd, targets, weights = _inputs(np.random.default_rng(0))
+  with pytest.raises(ValueError, match="must divide the sequence length 12"):
+    linear_cross_entropy(x, w_vd, targets, weights, chunk=5)
+  with pytest.raises(ValueError, match=r"unembed_vd must be \[V, D=8\]"):
+    linear_cross_entropy(x, w_vd.T, targets, weights)
+  with pytest.raises(ValueError, match="targets and weights must be"):
+    linear_cross_entropy(x, w_vd, targets[:, :3], weights)
