@@ -31,9 +31,11 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+
 from experiments.configs import tiny as tiny_config  # noqa: E402
 from softmax_one_jax.models import PRESET_NAMES, Transformer, preset  # noqa: E402
 from softmax_one_jax.optim import DEFAULT_ROTATION, Block, Dense, Kronecker, orthoadam  # noqa: E402
+from softmax_one_jax.runtime import apply_cpu_workarounds  # noqa: E402
 
 FAMILIES = ("hadamard", "kronecker", "block", "dense", "identity")
 MAX_STATE_BYTES_TO_TIME = 4 * 2**30  # Skip timing a family whose state would not fit comfortably.
@@ -169,10 +171,15 @@ def main() -> None:
   ap.add_argument("--inner", type=int, default=3)
   args = ap.parse_args()
   families = tuple(f for f in args.families.split(",") if f)
+  # Haar families' inits can deadlock jax 0.10's CPU runtime; the workaround slows the step, so
+  # time "hadamard" against AdamW in a run without Haar families (--families hadamard,identity).
+  workaround = apply_cpu_workarounds(families)
   print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
   print(f"machine: {machine()}")
   print(f"default rotation: {DEFAULT_ROTATION}; batch {args.batch} x seq {args.seq}; "
-        f"medians of {args.reps} interleaved reps x {args.inner} calls\n")
+        f"medians of {args.reps} interleaved reps x {args.inner} calls"
+        + ("; XLA_FLAGS has the jax 0.10 CPU deadlock workaround (slower steps)" if workaround
+           else "") + "\n")
 
   for name in filter(None, args.time_presets.split(",")):
     upd, stp, skipped = time_preset(name, families, args.batch, args.seq, args.reps, args.inner)

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from softmax_one_jax.runtime import apply_cpu_workarounds
+
 COMMANDS = ("train", "eval", "prepare", "analyze", "compare")
 USAGE = __doc__
 
@@ -127,6 +129,8 @@ def _train() -> int:
     validate_config(config)            # field errors before jax starts or anything compiles
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  if config.optimizer.name == "orthoadam":
+    apply_cpu_workarounds([config.optimizer.get("rotation")])
   _init_distributed()
   try:
     summary = loop.train(config, workdir)

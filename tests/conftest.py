@@ -8,6 +8,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from softmax_one_jax.runtime import apply_cpu_workarounds  # noqa: E402  (no backend started yet)
+
+apply_cpu_workarounds()
+
 import numpy as np
 import pytest
 
