@@ -85,6 +85,12 @@ def _chunk_nll(logits_bcv: jax.Array, targets_bc: jax.Array) -> tuple[jax.Array,
   return lse_bc - target_bc, lse_bc
 
 
+def _chunked_inputs(x_btd, targets_bt, weights_bt, chunk):
+  """The scan's ``(x, targets, float32 weights)`` sequence chunks, and the sum of weights."""
+  w_bt = weights_bt.astype(jnp.float32)
+  return (_chunks(x_btd, chunk), _chunks(targets_bt, chunk), _chunks(w_bt, chunk)), jnp.sum(w_bt)
+
+
 def _linear_ce_sums(x_btd, unembed_vd, targets_bt, weights_bt, chunk):
   """Forward only: the loss sums, one chunk of logits at a time."""
   def body(loss_sum, xs):
@@ -92,10 +98,9 @@ def _linear_ce_sums(x_btd, unembed_vd, targets_bt, weights_bt, chunk):
     nll_bc, _ = _chunk_nll(_chunk_logits(x_bcd, unembed_vd), t_bc)
     return loss_sum + jnp.sum(nll_bc * w_bc), None
 
-  w_bt = weights_bt.astype(jnp.float32)
-  xs = (_chunks(x_btd, chunk), _chunks(targets_bt, chunk), _chunks(w_bt, chunk))
+  xs, weight_sum = _chunked_inputs(x_btd, targets_bt, weights_bt, chunk)
   loss_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-  return loss_sum, jnp.sum(w_bt)
+  return loss_sum, weight_sum
 
 
 def _linear_ce_sums_and_grads(x_btd, unembed_vd, targets_bt, weights_bt, chunk):
@@ -117,12 +122,11 @@ def _linear_ce_sums_and_grads(x_btd, unembed_vd, targets_bt, weights_bt, chunk):
                                              preferred_element_type=jnp.float32)
     return (loss_sum + jnp.sum(nll_bc * w_bc), g_unembed_dv), (g_x_bcd, nll_bc)
 
-  w_bt = weights_bt.astype(jnp.float32)
-  xs = (_chunks(x_btd, chunk), _chunks(targets_bt, chunk), _chunks(w_bt, chunk))
+  xs, weight_sum = _chunked_inputs(x_btd, targets_bt, weights_bt, chunk)
   init = (jnp.zeros((), jnp.float32), jnp.zeros(unembed_vd.shape[::-1], jnp.float32))
   (loss_sum, g_unembed_dv), (g_x, nll) = jax.lax.scan(body, init, xs)
   grads = (_unchunk(g_x), g_unembed_dv.T.astype(unembed_vd.dtype), _unchunk(nll))
-  return (loss_sum, jnp.sum(w_bt)), grads
+  return (loss_sum, weight_sum), grads
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -209,12 +209,12 @@ ROTATION_STATE_TYPES = (IdentityRotation, DenseRotation, KroneckerRotation, Bloc
 
 
 @functools.cache
-def sylvester_hadamard(log2_dim: int) -> np.ndarray:
-  """Normalised Sylvester Hadamard ``H_{2^k} / sqrt(2^k)``, float32 numpy ``[2^k, 2^k]``."""
-  h = np.ones((1, 1), np.float64)
+def sylvester_signs(log2_dim: int) -> np.ndarray:
+  """Unnormalised Sylvester Hadamard ``H_{2^k}`` (entries exactly +-1), float32 ``[2^k, 2^k]``."""
+  h = np.ones((1, 1), np.float32)
   for _ in range(log2_dim):
     h = np.block([[h, h], [h, -h]])
-  return (h / math.sqrt(h.shape[0])).astype(np.float32)
+  return h
 
 
 def _pow2_chunks(log2_dim: int, max_log2: int) -> list[int]:
@@ -232,7 +232,7 @@ def _hadamard_by_matmuls(x: jax.Array, axis: int, max_log2: int) -> jax.Array:
   # Contract sub-axis `axis` and append the result last; after len(chunks) steps the sub-axes are
   # back in order (a cyclic shift), so (H_a (x) H_b ...) is applied in Sylvester order.
   for c in chunks:
-    h = jnp.asarray(sylvester_hadamard(c) * math.sqrt(2**c), dtype=y.dtype)  # Entries +-1.
+    h = jnp.asarray(sylvester_signs(c), dtype=y.dtype)
     y = jnp.tensordot(y, h, axes=([axis], [0]), precision=_HIGHEST)
     y = jnp.moveaxis(y, -1, axis + len(chunks) - 1)
   return y.reshape(shape)

@@ -1,6 +1,9 @@
 """OrthoAdam against an independent float64 numpy Algorithm 1, optax.adamw, and optax wrappers."""
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ from softmax_one_jax.optim import (
     scale_by_orthoadam,
 )
 from softmax_one_jax.optim import rotations as R
+from softmax_one_jax.runtime import apply_cpu_workarounds
 from tests.optim.test_rotations import explicit_matrix
 
 SHAPES = {"w": (4, 6), "b": (5,), "g": (), "t": (3, 2, 5)}
@@ -305,11 +309,6 @@ def test_haar_inits_of_several_shapes_finish_under_the_cpu_workaround():
   # Three Block groups in one jit parked every thread of jax 0.10's CPU runtime (4 of 4 tries);
   # runtime.apply_cpu_workarounds (applied by `softmax-one train` for Haar families, the optimizer
   # bench and conftest) avoids it.
-  import os
-  import subprocess
-  import sys
-
-  from softmax_one_jax.runtime import apply_cpu_workarounds
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   apply_cpu_workarounds(["block"], env)
   out = subprocess.run([sys.executable, "-c", _HAAR_INIT_SCRIPT], env=env, capture_output=True,
