@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from softmax_one_jax.runtime import apply_cpu_workarounds
+from softmax_one_jax.runtime import apply_cpu_workarounds, configure_host_allocator
 
 COMMANDS = ("train", "eval", "prepare", "analyze", "compare")
 USAGE = __doc__
@@ -190,6 +190,8 @@ def _compare(runs: Sequence[str]) -> int:
 
 def _dispatch(cmd: str, argv: Sequence[str]) -> None:
   _quiet_logging()
+  if cmd != "compare":
+    configure_host_allocator()  # before jax starts its CPU threads; a no-op on accelerators
   rest = list(argv[1:])
   if rest and cmd != "compare":
     raise app.UsageError(f"Unexpected arguments for `softmax-one {cmd}`: {rest}")
