@@ -17,6 +17,7 @@ from flax import nnx
 
 from softmax_one_jax.attention import dot_product_attention, first_token_stats, reference_attention
 from softmax_one_jax.models.config import TransformerConfig
+from softmax_one_jax.models.matmul import dense_dot_general, matmul
 
 LogicalNames = tuple[str | None, ...]
 
@@ -53,6 +54,7 @@ def dense(
       bias_init=logical(nnx.initializers.zeros_init(), (names[1],)),
       dtype=jnp.dtype(config.dtype),
       param_dtype=jnp.dtype(config.param_dtype),
+      dot_general=dense_dot_general,
       rngs=rngs,
   )
 
@@ -186,7 +188,7 @@ def _stacked_linear(layers: list[nnx.Linear], x_btd: jax.Array, config: Transfor
     return [layer(x_btd) for layer in layers]
   dtype = jnp.dtype(config.dtype)
   kernel_dsf = jnp.stack([layer.kernel.value for layer in layers], axis=1).astype(dtype)
-  y_btsf = jnp.einsum("btd,dsf->btsf", x_btd.astype(dtype), kernel_dsf)
+  y_btsf = matmul(x_btd.astype(dtype), kernel_dsf)
   if layers[0].bias is not None:
     y_btsf = y_btsf + jnp.stack([layer.bias.value for layer in layers]).astype(dtype)
   return [y_btsf[:, :, i] for i in range(len(layers))]
