@@ -1,8 +1,9 @@
 """softmax-1 attention: one entry point that dispatches on ``implementation``.
 
-Paths: "xla" (``reference.py``, materialises ``[B, N, T, S]``; CPU default and the ground
-truth), "pallas_gpu" (``pallas_gpu.py``, Triton flash kernel, forward and backward; GPU default)
-and "pallas_tpu" (``pallas_tpu.py``, splash attention with zero sinks; TPU default). The
+Paths: "xla" (``xla.py``: the attention of ``reference.py``, which materialises ``[B, N, T, S]``
+and is the ground truth, without the blocks a causal mask hides; the CPU default),
+"pallas_gpu" (``pallas_gpu.py``, Triton flash kernel, forward and backward; GPU default) and
+"pallas_tpu" (``pallas_tpu.py``, splash attention with zero sinks; TPU default). The
 first-token statistics of the paper come from ``stats.py`` in O(seq) memory.
 
 Example:
@@ -29,6 +30,7 @@ from softmax_one_jax.attention.reference import (
 )
 from softmax_one_jax.attention._padding import KERNEL_DTYPES
 from softmax_one_jax.attention.stats import attention_stats, first_token_stats
+from softmax_one_jax.attention.xla import xla_attention
 
 IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
@@ -112,7 +114,7 @@ def dot_product_attention(
   impl = resolve_implementation(implementation, dtype=query.dtype, mask=mask,
                                 interpret=interpret)
   if impl == "xla":
-    return reference_attention(
+    return xla_attention(
         query,
         key,
         value,
@@ -150,4 +152,5 @@ __all__ = [
     "first_token_stats",
     "reference_attention",
     "resolve_implementation",
+    "xla_attention",
 ]

@@ -1,4 +1,4 @@
-"""The XLA attention path against float64 numpy and, for gradients, against jax.nn."""
+"""The XLA attention paths against float64 numpy and, for gradients, against jax.nn."""
 
 import jax
 import jax.test_util
@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from softmax_one_jax.attention import dot_product_attention, reference_attention
+from softmax_one_jax.attention import dot_product_attention, reference_attention, xla_attention
+from softmax_one_jax.attention.xla import MIN_BLOCKED_LEN, default_query_blocks
 from tests.attention.reference_np import np_attention
 
 
@@ -122,3 +123,37 @@ def test_clear_errors(np_rng):
     dot_product_attention(q, k, v, softmax="relu")
   with pytest.raises(ValueError, match=r"\[batch, seq, heads, head_dim\]"):
     dot_product_attention(q[0], k, v)
+
+
+@pytest.mark.parametrize("softmax", ["softmax1", "softmax"])
+@pytest.mark.parametrize("query_blocks", [2, 3, 4])
+def test_causal_query_blocks_match_numpy_and_reference_gradients(np_rng, softmax, query_blocks):
+  # The blocked causal path (each query block sees only its key prefix) against float64 numpy,
+  # with packed documents, grouped-query heads and a length the blocks divide.
+  t = 12
+  q, k, v = qkv(np_rng, t=t, n=4, k=2)
+  seg = np.sort(np_rng.integers(0, 3, size=(2, t)), axis=1)
+  got = xla_attention(q, k, v, softmax=softmax, is_causal=True, segment_ids=seg,
+                      query_blocks=query_blocks)
+  want, _ = np_attention(q, k, v, softmax=softmax, is_causal=True, segment_ids=seg)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  w = np_rng.standard_normal(q.shape).astype(np.float32)
+  blocked = lambda q, k, v: jnp.sum(w * xla_attention(
+      q, k, v, softmax=softmax, is_causal=True, segment_ids=seg, query_blocks=query_blocks))
+  full = lambda q, k, v: jnp.sum(w * reference_attention(
+      q, k, v, softmax=softmax, is_causal=True, segment_ids=seg))
+  for g_blocked, g_full in zip(jax.grad(blocked, (0, 1, 2))(q, k, v),
+                               jax.grad(full, (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_blocked, g_full, rtol=1e-5, atol=1e-5)
+
+
+def test_default_xla_path_blocks_long_causal_self_attention(np_rng):
+  # From MIN_BLOCKED_LEN tokens on, dot_product_attention's XLA path splits the queries in two;
+  # the result is still the numpy attention.
+  t = MIN_BLOCKED_LEN
+  assert default_query_blocks(t, t) == 2 and default_query_blocks(t - 1, t - 1) == 1
+  q, k, v = qkv(np_rng, b=1, t=t, n=2, k=2, h=8)
+  got = dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+  np.testing.assert_allclose(got, np_attention(q, k, v, is_causal=True)[0], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="query_blocks=5 must be a positive divisor"):
+    xla_attention(q, k, v, is_causal=True, query_blocks=5)
