@@ -8,6 +8,11 @@ second over this machine's measured matmul peak (a jitted float32 matmul), FLOPs
 ``6 * matmul parameters + 12 * layers * d_model * seq_len`` (PaLM's formula, attention included).
 It also times our default variant (softmax-1 + OrthoAdam) for reference.
 
+The implementations take turns, one step each, so that a noisy machine slows them alike, and the
+median step of each is reported. Like ``softmax-one train``, the script first makes glibc keep
+freed memory in the process (``runtime.configure_host_allocator``); PyTorch runs in the same
+process, under the same allocator.
+
 Usage::
 
   python bench/train.py                     # both shapes
@@ -23,12 +28,17 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from softmax_one_jax.runtime import configure_host_allocator  # noqa: E402
+
+HOST_ALLOCATOR_CONFIGURED = configure_host_allocator()  # before jax starts its CPU threads
 
 from experiments.configs.base import get_base_config, model_config  # noqa: E402
 from softmax_one_jax.data import build_train_iterator, get_tokenizer  # noqa: E402
@@ -89,8 +99,8 @@ def batches(c, tok, n: int) -> list[dict[str, np.ndarray]]:
   return [next(it) for _ in range(n)]
 
 
-def time_jax(c, tok, data, warmup: int) -> tuple[float, object]:
-  """Seconds per step of our train step (median of the timed steps) and the model config."""
+def jax_stepper(c, tok, data) -> tuple[Callable[[int], None], object]:
+  """One-step runner of our jitted train step on batch ``i`` (blocking), and the model config."""
   mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   model_cfg = model_config_from(c, tok.vocab_size)
   tx, schedule = build_optimizer(c.optimizer, c.num_train_steps)
@@ -99,18 +109,16 @@ def time_jax(c, tok, data, warmup: int) -> tuple[float, object]:
   step = jit_train_step(setup, 1, c.global_batch_size)
   sh = mesh_lib.batch_sharding(mesh, c.global_batch_size)
   glob = [mesh_lib.global_batch(b, sh) for b in data]
-  times = []
-  for i, b in enumerate(glob):
-    t = time.perf_counter()
-    state, m = step(state, b)
+
+  def run(i: int) -> None:
+    nonlocal state
+    state, m = step(state, glob[i % len(glob)])
     jax.block_until_ready(m["loss"])
-    if i >= warmup:
-      times.append(time.perf_counter() - t)
-  return float(np.median(times)), model_cfg
+  return run, model_cfg
 
 
-def time_torch(model_cfg, data, warmup: int) -> float | None:
-  """Seconds per step of HF GPT2LMHeadModel + torch AdamW on the same batches (None: no torch)."""
+def torch_stepper(model_cfg, data) -> Callable[[int], None] | None:
+  """One-step runner of HF GPT2LMHeadModel + torch AdamW on batch ``i`` (None: no torch)."""
   try:
     import torch
     import torch.nn.functional as F
@@ -128,23 +136,35 @@ def time_torch(model_cfg, data, warmup: int) -> float | None:
   model = GPT2LMHeadModel(cfg)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-  times = []
-  for i, b in enumerate(data):
-    x = torch.from_numpy(np.asarray(b["inputs"], np.int64))
-    y = torch.from_numpy(np.asarray(b["targets"], np.int64))
-    w = torch.from_numpy(np.asarray(b["weights"], np.float32))
-    pos = torch.from_numpy(np.asarray(b["positions"], np.int64))
-    t = time.perf_counter()
-    logits = model(input_ids=x, position_ids=pos).logits
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-    loss = (nll * w.reshape(-1)).sum() / w.sum().clamp(min=1.0)
+  batches = [{k: torch.from_numpy(np.asarray(b[k], np.float32 if k == "weights" else np.int64))
+              for k in ("inputs", "targets", "weights", "positions")} for b in data]
+
+  def run(i: int) -> None:
+    b = batches[i % len(batches)]
+    logits = model(input_ids=b["inputs"], position_ids=b["positions"]).logits
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["targets"].reshape(-1),
+                          reduction="none")
+    loss = (nll * b["weights"].reshape(-1)).sum() / b["weights"].sum().clamp(min=1.0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    if i >= warmup:
-      times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  return run
+
+
+def time_in_turns(runners: dict[str, Callable[[int], None]], steps: int, warmup: int
+                  ) -> dict[str, float]:
+  """Median seconds per step of each runner; they take turns, one step each, ``steps`` rounds."""
+  for run in runners.values():
+    for i in range(warmup):
+      run(i)
+  times: dict[str, list[float]] = {name: [] for name in runners}
+  for i in range(steps):
+    for name, run in runners.items():
+      t = time.perf_counter()
+      run(warmup + i)
+      times[name].append(time.perf_counter() - t)
+  return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def main(argv=None) -> list[dict]:
@@ -160,33 +180,40 @@ def main(argv=None) -> list[dict]:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}; measured fp32 matmul peak "
         f"{peak / 1e9:.1f} GFLOP/s")
+  print(f"# glibc malloc keeps freed memory (runtime.configure_host_allocator): "
+        f"{HOST_ALLOCATOR_CONFIGURED}")
   rows = []
   for shape in args.shapes.split(","):
-    for variant in (("softmax", "adamw"), ("softmax1", "orthoadam")):
-      c = _config(shape, *variant)
-      tok = get_tokenizer(c.data)
-      data = batches(c, tok, args.warmup + args.steps)
-      sec, model_cfg = time_jax(c, tok, data, args.warmup)
-      tokens = c.global_batch_size * c.seq_len
-      fpt = flops_per_token(model_cfg) + attention_flops_per_token(model_cfg, c.seq_len)
-      row = {"shape": shape, "impl": f"jax ({variant[0]}+{variant[1]})",
-             "batch": c.global_batch_size, "seq": c.seq_len, "tokens_per_s": tokens / sec,
-             "mfu": fpt * tokens / sec / peak}
+    baseline = ("softmax", "adamw")
+    c = _config(shape, *baseline)
+    tok = get_tokenizer(c.data)
+    data = batches(c, tok, args.warmup + args.steps)
+    runners, model_cfg = {}, None
+    for variant in (baseline, ("softmax1", "orthoadam")):
+      run, cfg = jax_stepper(_config(shape, *variant), tok, data)
+      runners[f"jax ({variant[0]}+{variant[1]})"] = run
+      model_cfg = model_cfg or cfg
+      if variant == baseline and not args.no_torch:
+        torch_run = torch_stepper(cfg, data)
+        if torch_run is not None:
+          runners["pytorch HF GPT2LMHeadModel (softmax+adamw)"] = torch_run
+    seconds = time_in_turns(runners, args.steps, args.warmup)
+    tokens = c.global_batch_size * c.seq_len
+    fpt = flops_per_token(model_cfg) + attention_flops_per_token(model_cfg, c.seq_len)
+    torch_sec = next((v for k, v in seconds.items() if k.startswith("pytorch")), None)
+    for impl, sec in seconds.items():
+      row = {"shape": shape, "impl": impl, "batch": c.global_batch_size, "seq": c.seq_len,
+             "tokens_per_s": tokens / sec, "mfu": fpt * tokens / sec / peak,
+             "vs_pytorch": torch_sec / sec if torch_sec else None}
       rows.append(row)
       print(json.dumps(row), flush=True)
-      if variant == ("softmax", "adamw") and not args.no_torch:
-        tsec = time_torch(model_cfg, data, args.warmup)
-        if tsec is not None:
-          trow = {"shape": shape, "impl": "pytorch HF GPT2LMHeadModel (softmax+adamw)",
-                  "batch": c.global_batch_size, "seq": c.seq_len, "tokens_per_s": tokens / tsec,
-                  "mfu": fpt * tokens / tsec / peak}
-          rows.append(trow)
-          print(json.dumps(trow), f"# jax/torch = {tsec / sec:.2f}x", flush=True)
-  print("\n| shape | implementation | batch x seq | tokens/s | MFU (of measured peak) |")
-  print("|---|---|---|---:|---:|")
+  print("\n| shape | implementation | batch x seq | tokens/s | MFU (of measured peak) "
+        "| / PyTorch |")
+  print("|---|---|---|---:|---:|---:|")
   for r in rows:
+    ratio = f"{r['vs_pytorch']:.2f}x" if r["vs_pytorch"] else ""
     print(f"| {r['shape']} | {r['impl']} | {r['batch']} x {r['seq']} | {r['tokens_per_s']:,.0f} | "
-          f"{100 * r['mfu']:.0f}% |")
+          f"{100 * r['mfu']:.0f}% | {ratio} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"peak_flops": peak, "rows": rows}, f, indent=2)
