@@ -132,10 +132,15 @@ def _linear_ce_sums_and_grads(x_btd, unembed_vd, targets_bt, weights_bt, chunk):
     loss_sum, g_unembed_dv = carry
     x_bcd, t_bc, w_bc = xs
     logits_bcv = _chunk_logits(x_bcd, unembed_vd)
-    nll_bc, lse_bc = _chunk_nll(logits_bcv, t_bc)
-    # d nll / d logits = softmax - onehot(target), times the token's weight.
+    # One exp per logit serves the loss and its gradient: with m the row maximum,
+    # lse = m + log(sum exp(l - m)) and d nll / d logits = exp(l - m) / sum - onehot(target).
+    m_bc = jax.lax.stop_gradient(jnp.max(logits_bcv, axis=-1))
+    exp_bcv = jnp.exp(logits_bcv - m_bc[..., None])
+    sum_bc = jnp.sum(exp_bcv, axis=-1)
+    target_bc = jnp.take_along_axis(logits_bcv, t_bc[..., None].astype(jnp.int32), -1)[..., 0]
+    nll_bc = m_bc + jnp.log(sum_bc) - target_bc
     onehot_bcv = jnp.arange(logits_bcv.shape[-1], dtype=jnp.int32) == t_bc[..., None]
-    g_logits_bcv = (jnp.exp(logits_bcv - lse_bc[..., None]) - onehot_bcv) * w_bc[..., None]
+    g_logits_bcv = (exp_bcv * (1.0 / sum_bc)[..., None] - onehot_bcv) * w_bc[..., None]
     g_logits_bcv = g_logits_bcv.astype(x_bcd.dtype)
     g_x_bcd = jnp.einsum("bcv,vd->bcd", g_logits_bcv, unembed_vd,
                          preferred_element_type=jnp.float32).astype(x_bcd.dtype)
