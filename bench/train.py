@@ -36,12 +36,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from softmax_one_jax.runtime import configure_host_allocator  # noqa: E402
-
-HOST_ALLOCATOR_CONFIGURED = configure_host_allocator()  # before jax starts its CPU threads
-
 from experiments.configs.base import get_base_config, model_config  # noqa: E402
 from softmax_one_jax.data import build_train_iterator, get_tokenizer  # noqa: E402
+from softmax_one_jax.runtime import configure_host_allocator  # noqa: E402
 from softmax_one_jax.training import mesh as mesh_lib  # noqa: E402
 from softmax_one_jax.training.config import model_config_from  # noqa: E402
 from softmax_one_jax.training.state import build_optimizer, init_train_state, make_setup  # noqa: E402
@@ -174,14 +171,17 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--json", default="", help="also write the rows to this file")
+  p.add_argument("--no_host_allocator", action="store_true",
+                 help="leave glibc's malloc at its defaults (for comparison)")
   args = p.parse_args(argv)
+  # Before the first computation starts jax's CPU threads.
+  allocator = not args.no_host_allocator and configure_host_allocator()
   peak = matmul_peak_flops()
   print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}; measured fp32 matmul peak "
         f"{peak / 1e9:.1f} GFLOP/s")
-  print(f"# glibc malloc keeps freed memory (runtime.configure_host_allocator): "
-        f"{HOST_ALLOCATOR_CONFIGURED}")
+  print(f"# glibc malloc keeps freed memory (runtime.configure_host_allocator): {allocator}")
   rows = []
   for shape in args.shapes.split(","):
     baseline = ("softmax", "adamw")
