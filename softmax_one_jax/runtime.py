@@ -75,7 +75,9 @@ def configure_host_allocator(environ: Mapping[str, str] = os.environ) -> bool:
   ``tiny`` train step, about a quarter of its time on this project's 2-core VM. With one arena,
   no ``mmap``'d blocks and no trimming, freed buffers are reused warm: 0-10 faults per step and
   the step ~25% faster (``bench/train.py``, which applies it to JAX and PyTorch alike). Memory
-  the process once used is kept until it exits; peak use is unchanged.
+  the process once used is kept until it exits. The price is one malloc lock for every thread:
+  a process that mostly compiles gets slower (the test suite, ~330 programs: 322 -> 384 s), so
+  use it where steps repeat: training, evaluation, benchmarks.
 
   Call it before jax initialises a backend (XLA's threads settle their malloc arenas then);
   later it does nothing useful. Skipped when an accelerator will be used (host memory there is

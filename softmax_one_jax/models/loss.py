@@ -134,7 +134,7 @@ def _linear_ce_sums_and_grads(x_btd, unembed_vd, targets_bt, weights_bt, chunk):
     logits_bcv = _chunk_logits(x_bcd, unembed_vd)
     # One exp per logit serves the loss and its gradient: with m the row maximum,
     # lse = m + log(sum exp(l - m)) and d nll / d logits = exp(l - m) / sum - onehot(target).
-    m_bc = jax.lax.stop_gradient(jnp.max(logits_bcv, axis=-1))
+    m_bc = jnp.max(logits_bcv, axis=-1)
     exp_bcv = jnp.exp(logits_bcv - m_bc[..., None])
     sum_bc = jnp.sum(exp_bcv, axis=-1)
     target_bc = jnp.take_along_axis(logits_bcv, t_bc[..., None].astype(jnp.int32), -1)[..., 0]
@@ -186,8 +186,9 @@ def linear_cross_entropy(x_btd: jax.Array, unembed_vd: jax.Array, targets_bt: ja
   """``weighted_cross_entropy(x @ unembed^T, targets, weights)`` without the ``[B, T, V]`` logits.
 
   The LM head and the loss, fused: logits are made a sequence chunk at a time (``[B, c, V]``,
-  at most 64 MiB per device by default) and, under differentiation, the gradients with respect to ``x`` and
-  the unembedding are computed in the same pass from the chunk while it is in cache (a custom
+  by default at most 64 MiB per accelerator, cache-sized or up to 256 MiB on CPU: see
+  ``sequence_chunk``) and, under differentiation, the gradients with respect to ``x`` and the
+  unembedding are computed in the same pass from the chunk while it is in cache (a custom
   VJP), so the full logits, their softmax and their gradient never exist. Matmuls run in the
   inputs' dtype with float32 accumulation; the batch axis is never split (it may be sharded).
 
