@@ -143,9 +143,11 @@ def test_state_bytes_of_the_default_scale_linearly():
   assert b < 0.02 * 8 * n  # Under 2% of AdamW's two float32 moments.
 
 
-@pytest.mark.parametrize("impl", [("butterfly", 2), ("matmul", 1), ("matmul", 3), ("matmul", 7)])
+@pytest.mark.parametrize("impl", [("butterfly", 2), ("matmul", 1), ("matmul", 3), ("matmul", 7),
+                                  ("mixed", 2), ("mixed", 5)])
 def test_hadamard_implementation_does_not_change_the_matrix(monkeypatch, impl):
-  # CPU uses radix-4 butterflies, GPU/TPU <= 128x128 matmuls: both are the same Sylvester matrix.
+  # CPU mixes radix-4 butterflies (leading axes) and small matmuls (last axis), GPU/TPU use
+  # <= 128x128 matmuls: all are the same Sylvester matrix.
   monkeypatch.setattr(R, "_HADAMARD_IMPL", {jax.default_backend(): impl})
   rot = init_rotation("hadamard", jax.random.key(4), (128, 6, 4))
   x = np.random.default_rng(1).standard_normal((128, 6, 4)).astype(np.float32)
