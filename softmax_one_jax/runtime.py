@@ -12,6 +12,7 @@ import ctypes
 import importlib.metadata
 import importlib.util
 import os
+import pkgutil
 import platform
 from collections.abc import Iterable, Mapping, MutableMapping
 
@@ -59,11 +60,19 @@ _ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax
 
 
 def _runs_on_cpu_only(environ: Mapping[str, str]) -> bool:
-  """Whether jax will pick the CPU backend: JAX_PLATFORMS says so, or no accelerator plugin."""
+  """Whether jax will pick the CPU backend: JAX_PLATFORMS says so, or no accelerator plugin.
+
+  Plugins are looked for without importing them: the known package names, and any module in
+  jax's ``jax_plugins`` namespace package.
+  """
   platforms = environ.get("JAX_PLATFORMS", "")
   if platforms:
     return all(p.strip() == "cpu" for p in platforms.split(","))
-  return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
+  if any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS):
+    return False
+  namespace = importlib.util.find_spec("jax_plugins")
+  locations = namespace.submodule_search_locations if namespace else None
+  return not (locations and any(pkgutil.iter_modules(locations)))
 
 
 def configure_host_allocator(environ: Mapping[str, str] = os.environ) -> bool:

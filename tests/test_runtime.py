@@ -1,5 +1,6 @@
 """Process-level settings: the glibc allocator policy for CPU runs."""
 
+import importlib
 import platform
 import subprocess
 import sys
@@ -52,3 +53,13 @@ def test_only_for_processes_that_compute_on_the_cpu():
   assert not _runs_on_cpu_only({"JAX_PLATFORMS": "tpu,cpu"})
   assert not _runs_on_cpu_only({"JAX_PLATFORMS": "cuda"})
   assert not configure_host_allocator({"JAX_PLATFORMS": "cuda"})
+
+
+def test_an_accelerator_plugin_on_the_path_counts_as_an_accelerator(tmp_path, monkeypatch):
+  # jax discovers PJRT plugins as modules of the jax_plugins namespace package.
+  (tmp_path / "jax_plugins").mkdir()
+  (tmp_path / "jax_plugins" / "xla_some_accelerator.py").write_text("")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  importlib.invalidate_caches()
+  assert not _runs_on_cpu_only({})
+  assert _runs_on_cpu_only({"JAX_PLATFORMS": "cpu"})  # an explicit choice wins
