@@ -17,6 +17,7 @@ Usage::
 
   python bench/train.py                     # both shapes
   python bench/train.py --shapes=tiny --steps=10
+  python bench/train.py --no_host_allocator   # glibc's default malloc, for comparison
 """
 
 from __future__ import annotations
