@@ -42,10 +42,11 @@ def _faults(mode: str) -> int:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="configures glibc's malloc")
 def test_configured_allocator_reuses_freed_pages():
   # A freed 64 MiB block goes back to the kernel by default, so allocating it again faults in
-  # 16,384 fresh pages each time; configured, the process keeps and reuses them.
-  pages = 5 * (64 << 20) // 4096
-  assert _faults("default") > pages // 2
-  assert _faults("configured") < pages // 20
+  # fresh pages each time (16,384 of 4 KiB here; fewer where transparent huge pages are always
+  # on); configured, the process keeps and reuses them.
+  default, configured = _faults("default"), _faults("configured")
+  assert default >= 5, default             # at least one fault per reallocation
+  assert configured <= default // 10, (configured, default)
 
 
 def test_only_for_processes_that_compute_on_the_cpu():
