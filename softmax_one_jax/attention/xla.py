@@ -62,9 +62,9 @@ def xla_attention(
   """
   t, s = query.shape[1], key.shape[1]
   blocks = default_query_blocks(t, s) if query_blocks is None else query_blocks
-  common = dict(softmax=softmax, segment_ids=segment_ids, scale=scale)
   if not is_causal or mask is not None or t != s or blocks == 1:
-    return reference_attention(query, key, value, is_causal=is_causal, mask=mask, **common)
+    return reference_attention(query, key, value, softmax=softmax, is_causal=is_causal,
+                               mask=mask, segment_ids=segment_ids, scale=scale)
   if blocks < 1 or t % blocks:
     raise ValueError(f"query_blocks={blocks} must be a positive divisor of the query length {t}.")
   c = t // blocks

@@ -9,6 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _target_logit(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+  """``logits[..., target]``: each token's logit of its target, ``[B, T]``."""
+  return jnp.take_along_axis(logits_btv, targets_bt[..., None].astype(jnp.int32), -1)[..., 0]
+
+
 def weighted_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array
                            ) -> tuple[jax.Array, jax.Array]:
   """Sum of per-token negative log-likelihoods times weights, and the sum of weights (float32).
@@ -29,9 +34,7 @@ def weighted_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights
     1.386...
   """
   logits_btv = logits_btv.astype(jnp.float32)
-  target_logit_bt = jnp.take_along_axis(
-      logits_btv, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
+  nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - _target_logit(logits_btv, targets_bt)
   w_bt = weights_bt.astype(jnp.float32)
   return jnp.sum(nll_bt * w_bt), jnp.sum(w_bt)
 
@@ -69,8 +72,8 @@ def sequence_chunk(batch: int, seq: int, vocab: int, max_logits: int | None = No
     >>> sequence_chunk(16, 128, 4096, width=128, backend="cpu")   # 128 rows of 4096 logits
     8
   """
-  devices = jax.device_count()
   if max_logits is None:
+    devices = jax.device_count()
     max_logits = _CHUNK_LOGITS_PER_DEVICE * devices
     if (backend or jax.default_backend()) == "cpu":
       if width and 4 * vocab * width <= _CPU_CACHE_BYTES:
@@ -101,11 +104,9 @@ def _chunk_logits(x_bcd: jax.Array, unembed_vd: jax.Array) -> jax.Array:
   return jnp.einsum("bcd,vd->bcv", x_bcd, unembed_vd, preferred_element_type=jnp.float32)
 
 
-def _chunk_nll(logits_bcv: jax.Array, targets_bc: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-token ``(nll, lse)``, float32 ``[B, c]`` each."""
-  lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
-  target_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None].astype(jnp.int32), -1)[..., 0]
-  return lse_bc - target_bc, lse_bc
+def _chunk_nll(logits_bcv: jax.Array, targets_bc: jax.Array) -> jax.Array:
+  """Per-token negative log-likelihoods, float32 ``[B, c]``."""
+  return jax.nn.logsumexp(logits_bcv, axis=-1) - _target_logit(logits_bcv, targets_bc)
 
 
 def _chunked_inputs(x_btd, targets_bt, weights_bt, chunk):
@@ -118,7 +119,7 @@ def _linear_ce_sums(x_btd, unembed_vd, targets_bt, weights_bt, chunk):
   """Forward only: the loss sums, one chunk of logits at a time."""
   def body(loss_sum, xs):
     x_bcd, t_bc, w_bc = xs
-    nll_bc, _ = _chunk_nll(_chunk_logits(x_bcd, unembed_vd), t_bc)
+    nll_bc = _chunk_nll(_chunk_logits(x_bcd, unembed_vd), t_bc)
     return loss_sum + jnp.sum(nll_bc * w_bc), None
 
   xs, weight_sum = _chunked_inputs(x_btd, targets_bt, weights_bt, chunk)
@@ -137,8 +138,7 @@ def _linear_ce_sums_and_grads(x_btd, unembed_vd, targets_bt, weights_bt, chunk):
     m_bc = jnp.max(logits_bcv, axis=-1)
     exp_bcv = jnp.exp(logits_bcv - m_bc[..., None])
     sum_bc = jnp.sum(exp_bcv, axis=-1)
-    target_bc = jnp.take_along_axis(logits_bcv, t_bc[..., None].astype(jnp.int32), -1)[..., 0]
-    nll_bc = m_bc + jnp.log(sum_bc) - target_bc
+    nll_bc = m_bc + jnp.log(sum_bc) - _target_logit(logits_bcv, t_bc)
     onehot_bcv = jnp.arange(logits_bcv.shape[-1], dtype=jnp.int32) == t_bc[..., None]
     g_logits_bcv = (exp_bcv * (1.0 / sum_bc)[..., None] - onehot_bcv) * w_bc[..., None]
     g_logits_bcv = g_logits_bcv.astype(x_bcd.dtype)
