@@ -8,6 +8,15 @@ second over this machine's measured matmul peak (a jitted float32 matmul), FLOPs
 ``6 * matmul parameters + 12 * layers * d_model * seq_len`` (PaLM's formula, attention included).
 It also times our default variant (softmax-1 + OrthoAdam) for reference.
 
+The **matmul floor** of a shape: every ``dot_general`` of the traced AdamW train step (found by
+walking its jaxpr, a scan's body counted ``length`` times), each jitted alone with the same shapes,
+dtypes and dimension numbers and run as many times as the step runs it, less the time of as many
+trivial jitted calls (dispatch, which the compiled step does not pay per matmul). A step made of
+XLA's matmuls cannot run much faster than that; ``step / floor`` says how close it comes, and a
+PyTorch ratio whose required step time is under the floor needs faster matmuls, not a better step.
+For small shapes (tiny) the floor is approximate: a matmul of ~0.1 ms alone is not what it is
+inside the step (caches, thread start-up).
+
 The implementations take turns, one step each, so that a noisy machine slows them alike, and the
 median step of each is reported. Like ``softmax-one train``, the script first makes glibc keep
 freed memory in the process (``runtime.configure_host_allocator``); PyTorch runs in the same
@@ -18,6 +27,7 @@ Usage::
   python bench/train.py                     # both shapes
   python bench/train.py --shapes=tiny --steps=10
   python bench/train.py --no_host_allocator   # glibc's default malloc, for comparison
+  python bench/train.py --no_floor          # skip timing the step's matmuls alone
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import jax
@@ -43,7 +54,7 @@ from softmax_one_jax.runtime import configure_host_allocator  # noqa: E402
 from softmax_one_jax.training import mesh as mesh_lib  # noqa: E402
 from softmax_one_jax.training.config import model_config_from  # noqa: E402
 from softmax_one_jax.training.state import build_optimizer, init_train_state, make_setup  # noqa: E402
-from softmax_one_jax.training.step import jit_train_step  # noqa: E402
+from softmax_one_jax.training.step import jit_train_step, make_train_step  # noqa: E402
 
 # name -> (preset, tokenizer, bpe vocab, batch, seq)
 SHAPES = {
@@ -52,18 +63,92 @@ SHAPES = {
 }
 
 
+def _best_seconds(f: Callable, *args, repeats: int) -> float:
+  """Best wall time of ``f(*args)`` over ``repeats`` calls after one warm-up call."""
+  jax.block_until_ready(f(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
   """Best float32 matmul FLOP/s of a jitted ``[n, n] @ [n, n]`` on the default device."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
+  return 2 * n**3 / _best_seconds(jax.jit(lambda x, y: x @ y), a, b, repeats=repeats)
+
+
+# (lhs shape, lhs dtype, rhs shape, rhs dtype, ((lhs contracting, rhs contracting), (lhs batch,
+# rhs batch)), preferred element type)
+DotSpec = tuple
+
+
+_MATMULS, _DISPATCH = "matmuls alone", "their dispatch alone"
+
+
+def jaxpr_matmuls(jaxpr, repeat: int = 1, found: Counter | None = None) -> Counter:
+  """How many times each distinct ``dot_general`` of ``jaxpr`` runs (sub-jaxprs included).
+
+  A scan's body counts ``length`` times; other sub-jaxprs (jit, remat, cond branches, while
+  bodies) once each.
+
+  Example:
+    >>> j = jax.make_jaxpr(lambda a, b: a @ b)(jnp.ones((2, 3)), jnp.ones((3, 4)))
+    >>> [(spec[0], spec[2], n) for spec, n in jaxpr_matmuls(j.jaxpr).items()]
+    [((2, 3), (3, 4), 1)]
+  """
+  found = Counter() if found is None else found
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+      dims = jax.tree.map(int, eqn.params["dimension_numbers"])
+      found[(lhs.shape, str(lhs.dtype), rhs.shape, str(rhs.dtype), dims,
+             eqn.params.get("preferred_element_type"))] += repeat
+    times = repeat * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          jaxpr_matmuls(sub.jaxpr, times, found)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          jaxpr_matmuls(sub, times, found)
+  return found
+
+
+def dot_flops(spec: DotSpec) -> int:
+  """``2 * M * N * K * batch`` of one ``dot_general``."""
+  lhs_shape, _, rhs_shape, _, ((_, rhs_contract), (_, rhs_batch)), _ = spec
+  rhs_free = [d for i, d in enumerate(rhs_shape) if i not in rhs_contract and i not in rhs_batch]
+  return 2 * int(np.prod(lhs_shape)) * int(np.prod(rhs_free))
+
+
+def matmuls_alone(counts: Counter) -> tuple[Callable[[int], None], Callable[[int], None]]:
+  """Two runners for ``time_in_turns``: every matmul of ``counts``, each jitted alone and run
+  (blocking) as many times as it is counted; and as many trivial jitted calls on the same
+  operands, whose time (dispatch and synchronisation) the first runner's time includes but a
+  compiled step does not pay per matmul. The matmul floor is the difference of their times.
+  """
+  calls = []
+  for spec, n in counts.items():
+    lhs_shape, lhs_dtype, rhs_shape, rhs_dtype, dims, preferred = spec
+    a = jax.random.normal(jax.random.key(0), lhs_shape, lhs_dtype)
+    b = jax.random.normal(jax.random.key(1), rhs_shape, rhs_dtype)
+    dot = jax.jit(lambda x, y, dims=dims, preferred=preferred: jax.lax.dot_general(
+        x, y, dims, preferred_element_type=preferred))
+    calls.append((dot, a, b, n))
+
+  def run(fns: list[tuple[Callable, jax.Array, jax.Array, int]]) -> Callable[[int], None]:
+    def runner(i: int) -> None:
+      del i
+      for f, x, y, n in fns:
+        for _ in range(n):
+          jax.block_until_ready(f(x, y))
+    return runner
+
+  trivial = jax.jit(lambda x, y: x.ravel()[0] + y.ravel()[0])
+  return run(calls), run([(trivial, a, b, n) for _, a, b, n in calls])
 
 
 def flops_per_token(cfg) -> float:
@@ -97,8 +182,9 @@ def batches(c, tok, n: int) -> list[dict[str, np.ndarray]]:
   return [next(it) for _ in range(n)]
 
 
-def jax_stepper(c, tok, data) -> tuple[Callable[[int], None], object]:
-  """One-step runner of our jitted train step on batch ``i`` (blocking), and the model config."""
+def jax_stepper(c, tok, data) -> tuple[Callable[[int], None], object, Counter]:
+  """One-step runner of our jitted train step on batch ``i`` (blocking), the model config, and
+  the step's matmuls (``jaxpr_matmuls``)."""
   mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   model_cfg = model_config_from(c, tok.vocab_size)
   tx, schedule = build_optimizer(c.optimizer, c.num_train_steps)
@@ -107,12 +193,13 @@ def jax_stepper(c, tok, data) -> tuple[Callable[[int], None], object]:
   step = jit_train_step(setup, 1, c.global_batch_size)
   sh = mesh_lib.batch_sharding(mesh, c.global_batch_size)
   glob = [mesh_lib.global_batch(b, sh) for b in data]
+  matmuls = jaxpr_matmuls(jax.make_jaxpr(make_train_step(setup, 1))(state, glob[0]).jaxpr)
 
   def run(i: int) -> None:
     nonlocal state
     state, m = step(state, glob[i % len(glob)])
     jax.block_until_ready(m["loss"])
-  return run, model_cfg
+  return run, model_cfg, matmuls
 
 
 def torch_stepper(model_cfg, data) -> Callable[[int], None] | None:
@@ -172,6 +259,7 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--json", default="", help="also write the rows to this file")
+  p.add_argument("--no_floor", action="store_true", help="skip the matmul-floor runners")
   p.add_argument("--no_host_allocator", action="store_true",
                  help="leave glibc's malloc at its defaults (for comparison)")
   args = p.parse_args(argv)
@@ -189,32 +277,44 @@ def main(argv=None) -> list[dict]:
     c = _config(shape, *baseline)
     tok = get_tokenizer(c.data)
     data = batches(c, tok, args.warmup + args.steps)
-    runners, model_cfg = {}, None
+    runners, model_cfg, matmuls = {}, None, None
     for variant in (baseline, ("softmax1", "orthoadam")):
-      run, cfg = jax_stepper(_config(shape, *variant), tok, data)
+      run, cfg, found = jax_stepper(_config(shape, *variant), tok, data)
       runners[f"jax ({variant[0]}+{variant[1]})"] = run
-      model_cfg = model_cfg or cfg
-      if variant == baseline and not args.no_torch:
-        torch_run = torch_stepper(cfg, data)
-        if torch_run is not None:
-          runners["pytorch HF GPT2LMHeadModel (softmax+adamw)"] = torch_run
+      if variant == baseline:
+        model_cfg, matmuls = cfg, found
+        if not args.no_torch:
+          torch_run = torch_stepper(cfg, data)
+          if torch_run is not None:
+            runners["pytorch HF GPT2LMHeadModel (softmax+adamw)"] = torch_run
+    if not args.no_floor:
+      runners[_MATMULS], runners[_DISPATCH] = matmuls_alone(matmuls)
     seconds = time_in_turns(runners, args.steps, args.warmup)
+    floor = seconds.pop(_MATMULS) - seconds.pop(_DISPATCH) if not args.no_floor else None
     tokens = c.global_batch_size * c.seq_len
     fpt = flops_per_token(model_cfg) + attention_flops_per_token(model_cfg, c.seq_len)
     torch_sec = next((v for k, v in seconds.items() if k.startswith("pytorch")), None)
     for impl, sec in seconds.items():
       row = {"shape": shape, "impl": impl, "batch": c.global_batch_size, "seq": c.seq_len,
-             "tokens_per_s": tokens / sec, "mfu": fpt * tokens / sec / peak,
-             "vs_pytorch": torch_sec / sec if torch_sec else None}
+             "step_s": sec, "tokens_per_s": tokens / sec, "mfu": fpt * tokens / sec / peak,
+             "vs_pytorch": torch_sec / sec if torch_sec else None,
+             "matmul_floor_s": floor if impl.startswith("jax (softmax+") else None}
       rows.append(row)
       print(json.dumps(row), flush=True)
+    if floor:
+      matmul_flops = sum(n * dot_flops(spec) for spec, n in matmuls.items())
+      print(f"# {shape}: the AdamW step's {sum(matmuls.values())} matmuls "
+            f"({matmul_flops / 1e9:.1f} GFLOP) take {floor:.3f} s when run alone"
+            + (f"; 1.2x PyTorch needs <= {torch_sec / 1.2:.3f} s/step" if torch_sec else ""))
   print("\n| shape | implementation | batch x seq | tokens/s | MFU (of measured peak) "
-        "| / PyTorch |")
-  print("|---|---|---|---:|---:|---:|")
+        "| / PyTorch | s/step | matmul floor (s/step) | step / floor |")
+  print("|---|---|---|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     ratio = f"{r['vs_pytorch']:.2f}x" if r["vs_pytorch"] else ""
+    floor = r["matmul_floor_s"]
+    floor_cols = f"{floor:.3f} | {r['step_s'] / floor:.2f}" if floor else " | "
     print(f"| {r['shape']} | {r['impl']} | {r['batch']} x {r['seq']} | {r['tokens_per_s']:,.0f} | "
-          f"{100 * r['mfu']:.0f}% | {ratio} |")
+          f"{100 * r['mfu']:.0f}% | {ratio} | {r['step_s']:.3f} | {floor_cols} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"peak_flops": peak, "rows": rows}, f, indent=2)
