@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from softmax_one_jax.optim import hadamard as H
 from softmax_one_jax.optim import rotations as R
 
 SHAPES = [(), (5,), (4, 6), (3, 11, 7)]
@@ -148,7 +149,7 @@ def test_state_bytes_of_the_default_scale_linearly():
 def test_hadamard_implementation_does_not_change_the_matrix(monkeypatch, impl):
   # CPU mixes radix-4 butterflies (leading axes) and small matmuls (last axis), GPU/TPU use
   # <= 128x128 matmuls: all are the same Sylvester matrix.
-  monkeypatch.setattr(R, "_HADAMARD_IMPL", {jax.default_backend(): impl})
+  monkeypatch.setattr(H, "_HADAMARD_IMPL", {jax.default_backend(): impl})
   rot = init_rotation("hadamard", jax.random.key(4), (128, 6, 4))
   x = np.random.default_rng(1).standard_normal((128, 6, 4)).astype(np.float32)
   y = np.asarray(jax.jit(lambda r, x: r.rotate(x))(rot, jnp.asarray(x)))
