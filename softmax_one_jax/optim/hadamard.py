@@ -3,9 +3,9 @@
 An axis of any length ``d`` gets a block-diagonal normalised Hadamard matrix whose block sizes are
 the binary digits of ``d`` (``11008 = 8192 + 2048 + 512 + 256``), each block a Sylvester matrix
 ``H_{2^k} / sqrt(2^k)``: square and exactly orthogonal, no padding. A power-of-two block is
-computed in ``O(n log n)`` as radix-4 butterflies (additions only) or as a product of small
-Hadamard matmuls (``H_{2^a} (x) H_{2^b} = H_{2^(a+b)}``); which one depends on the backend and the
-axis (``_HADAMARD_IMPL``), never the matrix.
+computed in ``O(n log n)`` as a product of small Hadamard matmuls (``H_{2^a} (x) H_{2^b} =
+H_{2^(a+b)}``), multiplied from the right or the left, or as radix-4 butterflies (additions only);
+which one depends on the backend and the axis (``_HADAMARD_IMPL``), never the matrix.
 
 Example:
   >>> x = jnp.eye(4)
@@ -65,6 +65,24 @@ def _hadamard_by_matmuls(x: jax.Array, axis: int, max_log2: int) -> jax.Array:
   return y.reshape(shape)
 
 
+def _hadamard_by_left_matmuls(x: jax.Array, axis: int, max_log2: int) -> jax.Array:
+  """Unnormalised ``H_{2^k}`` along ``axis`` as small Hadamard matrices multiplied from the left.
+
+  With the axis split into factors ``[f_0, f_1, ...]``, factor ``i`` views the array as
+  ``[pre, f_i, post]`` and computes ``H_{f_i} @ x[p]`` for every ``p``: a batched matmul in the
+  array's own layout, no transposes (unlike ``_hadamard_by_matmuls`` off the last axis).
+  """
+  shape = x.shape
+  outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+  y, pre = x, outer
+  for c in _pow2_chunks(shape[axis].bit_length() - 1, max_log2):
+    h = jnp.asarray(sylvester_signs(c), dtype=y.dtype)
+    y = y.reshape(pre, 1 << c, -1)
+    y = jnp.matmul(jnp.broadcast_to(h, (pre,) + h.shape), y, precision=_HIGHEST)
+    pre <<= c
+  return y.reshape(shape)
+
+
 def _hadamard_by_butterflies(x: jax.Array, axis: int) -> jax.Array:
   """Unnormalised ``H_{2^k}`` along ``axis`` as radix-4 (and one radix-2) butterfly passes.
 
@@ -89,15 +107,21 @@ def _hadamard_by_butterflies(x: jax.Array, axis: int) -> jax.Array:
   return y.reshape(shape)
 
 
-# How a power-of-two Hadamard is computed, per backend (the matrix is the same). On GPU/TPU,
-# matmuls with <= 128x128 factors feed the matrix units ("matmul", log2 of the factor). On CPU
-# ("mixed"): along a leading axis, where a matmul would need a transpose around it, radix-4
-# butterflies (only additions; 1.5-2x faster than 16x16 matmuls there, bench/optimizer.py); along
-# the last, contiguous axis, <= 32x32 matmul factors, which take fewer passes over memory:
-# 2.8x faster than butterflies on a [32768, 512] block, the gpt2-60m OrthoAdam update 719 ->
-# 564 ms, the tiny one unchanged (9.3-9.7 ms both).
-_HADAMARD_IMPL: dict[str, tuple[str, int]] = {"cpu": ("mixed", 5)}
-_DEFAULT_HADAMARD_IMPL = ("matmul", 7)
+# How a power-of-two Hadamard is computed, per backend: ``(along the last axis, along the other
+# axes)``, each ``(method, log2 of the largest factor)``; the matrix is the same. On GPU/TPU,
+# matmuls with <= 128x128 factors feed the matrix units. On CPU, along the last (contiguous) axis,
+# <= 32x32 matmul factors (2.8x faster than butterflies on a [32768, 512] block); along the
+# other axes, 8x8 factors multiplied from the left, which need no transposes: 2.3x faster than
+# radix-4 butterflies on the [32768, 512] block's leading axis (73 -> 31 ms), equal or faster on
+# every layer shape of gpt2-60m. Measured on a 2-core EPYC VM; see bench/RESULTS.md.
+_IMPLS = {
+    "butterfly": lambda x, axis, max_log2: _hadamard_by_butterflies(x, axis),
+    "matmul": _hadamard_by_matmuls,
+    "left_matmul": _hadamard_by_left_matmuls,
+}
+_Impl = tuple[str, int]
+_HADAMARD_IMPL: dict[str, tuple[_Impl, _Impl]] = {"cpu": (("matmul", 5), ("left_matmul", 3))}
+_DEFAULT_HADAMARD_IMPL = (("matmul", 7), ("matmul", 7))
 
 
 def _pow2_hadamard(x: jax.Array, axis: int) -> jax.Array:
@@ -105,13 +129,9 @@ def _pow2_hadamard(x: jax.Array, axis: int) -> jax.Array:
   dim = x.shape[axis]
   if dim == 1:
     return x
-  impl, max_log2 = _HADAMARD_IMPL.get(jax.default_backend(), _DEFAULT_HADAMARD_IMPL)
-  if impl == "mixed":
-    impl = "matmul" if axis == x.ndim - 1 else "butterfly"
-  if impl == "butterfly":
-    y = _hadamard_by_butterflies(x, axis)
-  else:
-    y = _hadamard_by_matmuls(x, axis, max_log2)
+  last, other = _HADAMARD_IMPL.get(jax.default_backend(), _DEFAULT_HADAMARD_IMPL)
+  method, max_log2 = last if axis == x.ndim - 1 else other
+  y = _IMPLS[method](x, axis, max_log2)
   return y * jnp.asarray(1.0 / math.sqrt(dim), y.dtype)
 
 

@@ -144,11 +144,15 @@ def test_state_bytes_of_the_default_scale_linearly():
   assert b < 0.02 * 8 * n  # Under 2% of AdamW's two float32 moments.
 
 
-@pytest.mark.parametrize("impl", [("butterfly", 2), ("matmul", 1), ("matmul", 3), ("matmul", 7),
-                                  ("mixed", 2), ("mixed", 5)])
+@pytest.mark.parametrize("impl", [
+    (("butterfly", 2), ("butterfly", 2)), (("matmul", 1), ("matmul", 1)),
+    (("matmul", 3), ("matmul", 3)), (("matmul", 7), ("matmul", 7)),
+    (("left_matmul", 2), ("left_matmul", 2)), (("matmul", 2), ("left_matmul", 1)),
+    (("matmul", 5), ("left_matmul", 3)), (("matmul", 5), ("butterfly", 2))])
 def test_hadamard_implementation_does_not_change_the_matrix(monkeypatch, impl):
-  # CPU mixes radix-4 butterflies (leading axes) and small matmuls (last axis), GPU/TPU use
-  # <= 128x128 matmuls: all are the same Sylvester matrix.
+  # (last axis, other axes): CPU multiplies small Hadamard factors from the right on the last
+  # axis and from the left elsewhere, GPU/TPU use <= 128x128 matmuls, butterflies only add: all
+  # are the same Sylvester matrix.
   monkeypatch.setattr(H, "_HADAMARD_IMPL", {jax.default_backend(): impl})
   rot = init_rotation("hadamard", jax.random.key(4), (128, 6, 4))
   x = np.random.default_rng(1).standard_normal((128, 6, 4)).astype(np.float32)
