@@ -83,6 +83,22 @@ def _hadamard_by_left_matmuls(x: jax.Array, axis: int, max_log2: int) -> jax.Arr
   return y.reshape(shape)
 
 
+def _hadamard_by_right_and_left_matmuls(x: jax.Array, axis: int, max_log2: int) -> jax.Array:
+  """Unnormalised ``H_{2^k}`` along ``axis``: ``H_{2^c}`` on its minor ``2^c`` sub-axis from the
+  right (``c = min(k, max_log2)``), then ``H_{2^(k-c)}`` on the rest from the left.
+
+  Meant for the last axis, where the right factor reads memory in place and the left factors
+  need no transposes; ``_hadamard_by_matmuls`` would transpose for all but its minor factor.
+  """
+  shape, log2_dim = x.shape, x.shape[axis].bit_length() - 1
+  c = min(log2_dim, max_log2)
+  y = x.reshape(shape[:axis] + (shape[axis] >> c, 1 << c) + shape[axis + 1:])
+  y = _hadamard_by_matmuls(y, axis + 1, max_log2)
+  if log2_dim > c:
+    y = _hadamard_by_left_matmuls(y, axis, max_log2)
+  return y.reshape(shape)
+
+
 def _hadamard_by_butterflies(x: jax.Array, axis: int) -> jax.Array:
   """Unnormalised ``H_{2^k}`` along ``axis`` as radix-4 (and one radix-2) butterfly passes.
 
@@ -109,18 +125,22 @@ def _hadamard_by_butterflies(x: jax.Array, axis: int) -> jax.Array:
 
 # How a power-of-two Hadamard is computed, per backend: ``(along the last axis, along the other
 # axes)``, each ``(method, log2 of the largest factor)``; the matrix is the same. On GPU/TPU,
-# matmuls with <= 128x128 factors feed the matrix units. On CPU, along the last (contiguous) axis,
-# <= 32x32 matmul factors (2.8x faster than butterflies on a [32768, 512] block); along the
-# other axes, 8x8 factors multiplied from the left, which need no transposes: 2.3x faster than
-# radix-4 butterflies on the [32768, 512] block's leading axis (73 -> 31 ms), equal or faster on
-# every layer shape of gpt2-60m. Measured on a 2-core EPYC VM; see bench/RESULTS.md.
+# matmuls with <= 128x128 factors feed the matrix units. On CPU no factor needs a transpose: along
+# the last (contiguous) axis one <= 32x32 factor from the right, then the rest from the left;
+# along the other axes 8x8 factors from the left. Measured on a 2-core EPYC VM against the former
+# choice (32x32 factors on the last axis, with transposes; radix-4 butterflies elsewhere): the
+# [32768, 512] embedding block's leading axis 73 -> 31 ms, its last axis 38 -> 23 ms; OrthoAdam's
+# update at gpt2-60m 546 -> 371 ms, at tiny 13.0 -> 10.5 ms.
 _IMPLS = {
     "butterfly": lambda x, axis, max_log2: _hadamard_by_butterflies(x, axis),
     "matmul": _hadamard_by_matmuls,
     "left_matmul": _hadamard_by_left_matmuls,
+    "right_left": _hadamard_by_right_and_left_matmuls,
 }
 _Impl = tuple[str, int]
-_HADAMARD_IMPL: dict[str, tuple[_Impl, _Impl]] = {"cpu": (("matmul", 5), ("left_matmul", 3))}
+_HADAMARD_IMPL: dict[str, tuple[_Impl, _Impl]] = {
+    "cpu": (("right_left", 5), ("left_matmul", 3)),
+}
 _DEFAULT_HADAMARD_IMPL = (("matmul", 7), ("matmul", 7))
 
 

@@ -148,7 +148,8 @@ def test_state_bytes_of_the_default_scale_linearly():
     (("butterfly", 2), ("butterfly", 2)), (("matmul", 1), ("matmul", 1)),
     (("matmul", 3), ("matmul", 3)), (("matmul", 7), ("matmul", 7)),
     (("left_matmul", 2), ("left_matmul", 2)), (("matmul", 2), ("left_matmul", 1)),
-    (("matmul", 5), ("left_matmul", 3)), (("matmul", 5), ("butterfly", 2))])
+    (("matmul", 5), ("left_matmul", 3)), (("matmul", 5), ("butterfly", 2)),
+    (("right_left", 5), ("left_matmul", 3)), (("right_left", 1), ("right_left", 2))])
 def test_hadamard_implementation_does_not_change_the_matrix(monkeypatch, impl):
   # (last axis, other axes): CPU multiplies small Hadamard factors from the right on the last
   # axis and from the left elsewhere, GPU/TPU use <= 128x128 matmuls, butterflies only add: all
