@@ -88,7 +88,12 @@ def test_gradients_match_jax_nn_with_a_zero_key(np_rng, is_causal):
   w = np_rng.standard_normal(q.shape).astype(np.float32)
   ours = lambda q, k, v: jnp.sum(w * dot_product_attention(q, k, v, is_causal=is_causal))
   theirs = lambda q, k, v: jnp.sum(w * _softmax1_via_zero_key(q, k, v, is_causal, 0.25))
-  np.testing.assert_allclose(ours(q, k, v), theirs(q, k, v), rtol=1e-5)
+  # Outputs entry by entry: the weighted sum `ours` cancels (seed 1872005539: -0.101 from terms
+  # whose sizes add to 375), so its relative error says nothing about attention's. An output is a
+  # convex combination of values, so its float32 error scales with the largest one.
+  out_theirs = np.asarray(_softmax1_via_zero_key(q, k, v, is_causal, 0.25))
+  np.testing.assert_allclose(dot_product_attention(q, k, v, is_causal=is_causal), out_theirs,
+                             rtol=1e-5, atol=1e-6 * float(np.abs(out_theirs).max()))
   for g_ours, g_theirs in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(theirs, (0, 1, 2))(q, k, v)):
     # Two float32 algorithms: an entry near zero is a difference of O(|g|) terms, so its error
     # scales with the gradient's size, not its own (a fixed 1e-5 failed once in ~1000 draws).
