@@ -11,11 +11,12 @@ It also times our default variant (softmax-1 + OrthoAdam) for reference.
 The **matmul floor** of a shape: every ``dot_general`` of the traced AdamW train step (found by
 walking its jaxpr, a scan's body counted ``length`` times), each jitted alone with the same shapes,
 dtypes and dimension numbers and run as many times as the step runs it, less the time of as many
-trivial jitted calls (dispatch, which the compiled step does not pay per matmul). A step made of
-XLA's matmuls cannot run much faster than that; ``step / floor`` says how close it comes, and a
-PyTorch ratio whose required step time is under the floor needs faster matmuls, not a better step.
-For small shapes (tiny) the floor is approximate: a matmul of ~0.1 ms alone is not what it is
-inside the step (caches, thread start-up).
+trivial jitted calls (dispatch, which the compiled step does not pay per matmul). It is reported in
+two parts. The 2-D matmuls (projections, LM head) use every core alone as in the step, so their
+time is a floor for the step: a PyTorch ratio that needs a step shorter than it needs faster
+matmuls, not a better step. XLA:CPU runs a *batched* matmul (attention) on one core, and the step
+may overlap independent ones, so their time alone only bounds them from above. For small shapes
+(tiny) the figures are approximate: a matmul of ~0.1 ms alone is not what it is in the step.
 
 The implementations take turns, one step each, so that a noisy machine slows them alike, and the
 median step of each is reported. Like ``softmax-one train``, the script first makes glibc keep
@@ -86,7 +87,9 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 DotSpec = tuple
 
 
-_MATMULS, _DISPATCH = "matmuls alone", "their dispatch alone"
+# time_in_turns runner names: (matmuls alone, their dispatch alone) of each kind of matmul.
+_FLOOR_RUNNERS = {kind: (f"{kind} matmuls alone", f"{kind} dispatch alone")
+                  for kind in ("2-D", "batched")}
 
 
 def jaxpr_matmuls(jaxpr, repeat: int = 1, found: Counter | None = None) -> Counter:
@@ -117,6 +120,12 @@ def jaxpr_matmuls(jaxpr, repeat: int = 1, found: Counter | None = None) -> Count
   return found
 
 
+def _matmuls_of_kind(counts: Counter, kind: str) -> Counter:
+  """The "2-D" (no batch dimensions) or "batched" matmuls of ``counts``."""
+  batched = kind == "batched"
+  return Counter({spec: n for spec, n in counts.items() if bool(spec[4][1][0]) == batched})
+
+
 def dot_flops(spec: DotSpec) -> int:
   """``2 * M * N * K * batch`` of one ``dot_general``."""
   lhs_shape, _, rhs_shape, _, ((_, rhs_contract), (_, rhs_batch)), _ = spec
@@ -128,7 +137,7 @@ def matmuls_alone(counts: Counter) -> tuple[Callable[[int], None], Callable[[int
   """Two runners for ``time_in_turns``: every matmul of ``counts``, each jitted alone and run
   (blocking) as many times as it is counted; and as many trivial jitted calls on the same
   operands, whose time (dispatch and synchronisation) the first runner's time includes but a
-  compiled step does not pay per matmul. The matmul floor is the difference of their times.
+  compiled step does not pay per matmul. The difference of their times: the matmuls' own time.
   """
   calls = []
   for spec, n in counts.items():
@@ -287,34 +296,42 @@ def main(argv=None) -> list[dict]:
           torch_run = torch_stepper(cfg, data)
           if torch_run is not None:
             runners["pytorch HF GPT2LMHeadModel (softmax+adamw)"] = torch_run
+    floors = {}  # kind -> seconds of the step's matmuls of that kind, alone
     if not args.no_floor:
-      runners[_MATMULS], runners[_DISPATCH] = matmuls_alone(matmuls)
+      for kind, (mm_name, dispatch_name) in _FLOOR_RUNNERS.items():
+        runners[mm_name], runners[dispatch_name] = matmuls_alone(_matmuls_of_kind(matmuls, kind))
     seconds = time_in_turns(runners, args.steps, args.warmup)
-    floor = seconds.pop(_MATMULS) - seconds.pop(_DISPATCH) if not args.no_floor else None
+    for kind, (mm_name, dispatch_name) in _FLOOR_RUNNERS.items():
+      if mm_name in seconds:
+        floors[kind] = seconds.pop(mm_name) - seconds.pop(dispatch_name)
     tokens = c.global_batch_size * c.seq_len
     fpt = flops_per_token(model_cfg) + attention_flops_per_token(model_cfg, c.seq_len)
     torch_sec = next((v for k, v in seconds.items() if k.startswith("pytorch")), None)
     for impl, sec in seconds.items():
+      baseline_row = impl.startswith("jax (softmax+")
       row = {"shape": shape, "impl": impl, "batch": c.global_batch_size, "seq": c.seq_len,
              "step_s": sec, "tokens_per_s": tokens / sec, "mfu": fpt * tokens / sec / peak,
              "vs_pytorch": torch_sec / sec if torch_sec else None,
-             "matmul_floor_s": floor if impl.startswith("jax (softmax+") else None}
+             "matmuls_2d_s": floors.get("2-D") if baseline_row else None,
+             "matmuls_batched_s": floors.get("batched") if baseline_row else None}
       rows.append(row)
       print(json.dumps(row), flush=True)
-    if floor:
-      matmul_flops = sum(n * dot_flops(spec) for spec, n in matmuls.items())
-      print(f"# {shape}: the AdamW step's {sum(matmuls.values())} matmuls "
-            f"({matmul_flops / 1e9:.1f} GFLOP) take {floor:.3f} s when run alone"
-            + (f"; 1.2x PyTorch needs <= {torch_sec / 1.2:.3f} s/step" if torch_sec else ""))
+    for kind, sec in floors.items():
+      part = _matmuls_of_kind(matmuls, kind)
+      gflop = sum(n * dot_flops(spec) for spec, n in part.items()) / 1e9
+      print(f"# {shape}: the AdamW step's {sum(part.values())} {kind} matmuls ({gflop:.1f} "
+            f"GFLOP) take {sec:.3f} s alone ({gflop / sec:.0f} GFLOP/s)")
+    if torch_sec:
+      print(f"# {shape}: 1.2x PyTorch needs <= {torch_sec / 1.2:.3f} s/step")
   print("\n| shape | implementation | batch x seq | tokens/s | MFU (of measured peak) "
-        "| / PyTorch | s/step | matmul floor (s/step) | step / floor |")
+        "| / PyTorch | s/step | its 2-D matmuls alone | its batched matmuls alone |")
   print("|---|---|---|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     ratio = f"{r['vs_pytorch']:.2f}x" if r["vs_pytorch"] else ""
-    floor = r["matmul_floor_s"]
-    floor_cols = f"{floor:.3f} | {r['step_s'] / floor:.2f}" if floor else " | "
+    alone = [f"{r[k]:.3f} s" if r[k] is not None else ""
+             for k in ("matmuls_2d_s", "matmuls_batched_s")]
     print(f"| {r['shape']} | {r['impl']} | {r['batch']} x {r['seq']} | {r['tokens_per_s']:,.0f} | "
-          f"{100 * r['mfu']:.0f}% | {ratio} | {r['step_s']:.3f} | {floor_cols} |")
+          f"{100 * r['mfu']:.0f}% | {ratio} | {r['step_s']:.3f} | {alone[0]} | {alone[1]} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"peak_flops": peak, "rows": rows}, f, indent=2)

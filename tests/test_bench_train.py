@@ -42,6 +42,9 @@ def test_matmul_census_counts_scans_nested_jits_and_gradients(np_rng):
   assert _census_flops(bench, loss, x, w) == (steps, steps * flops)
   grads = jax.grad(loss, argnums=(0, 1))
   assert _census_flops(bench, grads, x, w) == (3 * steps, 3 * steps * flops)
+  counts = bench.jaxpr_matmuls(jax.make_jaxpr(grads)(x, w).jaxpr)
+  assert bench._matmuls_of_kind(counts, "2-D") == counts
+  assert not bench._matmuls_of_kind(counts, "batched")
 
 
 def test_dot_flops_of_batched_contractions(np_rng):
@@ -53,6 +56,8 @@ def test_dot_flops_of_batched_contractions(np_rng):
       lambda q, k: jnp.einsum("bthd,bhsd->bhts", q, k))(q, k).jaxpr)
   (spec, count), = counts.items()
   assert count == 1
+  assert bench._matmuls_of_kind(counts, "batched") == counts
+  assert not bench._matmuls_of_kind(counts, "2-D")
   assert bench.dot_flops(spec) == 2 * b * h * t * s * d
   expected = np.einsum("bthd,bhsd->bhts", np.ones((b, t, h, d)), np.ones((b, h, s, d)))
   assert expected.size * d * 2 == bench.dot_flops(spec)
