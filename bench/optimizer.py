@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from experiments.configs import tiny as tiny_config  # noqa: E402
 from softmax_one_jax.models import PRESET_NAMES, Transformer, preset  # noqa: E402
 from softmax_one_jax.optim import DEFAULT_ROTATION, Block, Dense, Kronecker, orthoadam  # noqa: E402
-from softmax_one_jax.runtime import apply_cpu_workarounds  # noqa: E402
+from softmax_one_jax.runtime import apply_cpu_workarounds, configure_host_allocator  # noqa: E402
 
 FAMILIES = ("hadamard", "kronecker", "block", "dense", "identity")
 MAX_STATE_BYTES_TO_TIME = 4 * 2**30  # Skip timing a family whose state would not fit comfortably.
@@ -169,17 +169,22 @@ def main() -> None:
   ap.add_argument("--seq", type=int, default=tiny.seq_len)
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--inner", type=int, default=3)
+  ap.add_argument("--no_host_allocator", action="store_true",
+                  help="leave glibc's malloc at its defaults (for comparison)")
   args = ap.parse_args()
   families = tuple(f for f in args.families.split(",") if f)
   # Haar families' inits can deadlock jax 0.10's CPU runtime; the workaround slows the step, so
   # time "hadamard" against AdamW in a run without Haar families (--families hadamard,identity).
   workaround = apply_cpu_workarounds(families)
+  # Before jax starts its CPU threads; as `softmax-one train` and bench/train.py do (without it
+  # every update's fresh buffers page-fault).
+  allocator = not args.no_host_allocator and configure_host_allocator()
   print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
   print(f"machine: {machine()}")
   print(f"default rotation: {DEFAULT_ROTATION}; batch {args.batch} x seq {args.seq}; "
         f"medians of {args.reps} interleaved reps x {args.inner} calls"
         + ("; XLA_FLAGS has the jax 0.10 CPU deadlock workaround (slower steps)" if workaround
-           else "") + "\n")
+           else "") + f"; glibc malloc keeps freed memory: {allocator}\n")
 
   for name in filter(None, args.time_presets.split(",")):
     upd, stp, skipped = time_preset(name, families, args.batch, args.seq, args.reps, args.inner)
