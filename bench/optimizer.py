@@ -8,6 +8,7 @@ State bytes: jax.eval_shape(tx.init, abstract params) for every preset (no weigh
 Usage:
   python bench/optimizer.py                       # tiny + gpt2-60m timings, all presets' bytes
   python bench/optimizer.py --time_presets tiny --reps 7 --batch 8 --seq 128
+  python bench/optimizer.py --no_host_allocator   # glibc's default malloc, for comparison
 
 The train step's batch defaults to the tiny experiment's (experiments/configs/tiny.py: 16 x 128),
 the step the issue's "<= 1.05x AdamW at tiny" is about.
