@@ -122,8 +122,11 @@ def jaxpr_matmuls(jaxpr, repeat: int = 1, found: Counter | None = None) -> Count
 
 def _matmuls_of_kind(counts: Counter, kind: str) -> Counter:
   """The "2-D" (no batch dimensions) or "batched" matmuls of ``counts``."""
-  batched = kind == "batched"
-  return Counter({spec: n for spec, n in counts.items() if bool(spec[4][1][0]) == batched})
+  def has_batch_dims(spec: DotSpec) -> bool:
+    _, _, _, _, (_, (lhs_batch, _)), _ = spec
+    return bool(lhs_batch)
+  want = kind == "batched"
+  return Counter({spec: n for spec, n in counts.items() if has_batch_dims(spec) == want})
 
 
 def dot_flops(spec: DotSpec) -> int:
@@ -191,9 +194,10 @@ def batches(c, tok, n: int) -> list[dict[str, np.ndarray]]:
   return [next(it) for _ in range(n)]
 
 
-def jax_stepper(c, tok, data) -> tuple[Callable[[int], None], object, Counter]:
-  """One-step runner of our jitted train step on batch ``i`` (blocking), the model config, and
-  the step's matmuls (``jaxpr_matmuls``)."""
+def jax_stepper(c, tok, data, census: bool = False
+                ) -> tuple[Callable[[int], None], object, Counter | None]:
+  """One-step runner of our jitted train step on batch ``i`` (blocking), the model config, and,
+  if ``census``, the step's matmuls (``jaxpr_matmuls``; else None)."""
   mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   model_cfg = model_config_from(c, tok.vocab_size)
   tx, schedule = build_optimizer(c.optimizer, c.num_train_steps)
@@ -202,7 +206,8 @@ def jax_stepper(c, tok, data) -> tuple[Callable[[int], None], object, Counter]:
   step = jit_train_step(setup, 1, c.global_batch_size)
   sh = mesh_lib.batch_sharding(mesh, c.global_batch_size)
   glob = [mesh_lib.global_batch(b, sh) for b in data]
-  matmuls = jaxpr_matmuls(jax.make_jaxpr(make_train_step(setup, 1))(state, glob[0]).jaxpr)
+  matmuls = (jaxpr_matmuls(jax.make_jaxpr(make_train_step(setup, 1))(state, glob[0]).jaxpr)
+             if census else None)
 
   def run(i: int) -> None:
     nonlocal state
@@ -288,7 +293,8 @@ def main(argv=None) -> list[dict]:
     data = batches(c, tok, args.warmup + args.steps)
     runners, model_cfg, matmuls = {}, None, None
     for variant in (baseline, ("softmax1", "orthoadam")):
-      run, cfg, found = jax_stepper(_config(shape, *variant), tok, data)
+      run, cfg, found = jax_stepper(_config(shape, *variant), tok, data,
+                                    census=variant == baseline and not args.no_floor)
       runners[f"jax ({variant[0]}+{variant[1]})"] = run
       if variant == baseline:
         model_cfg, matmuls = cfg, found
@@ -296,14 +302,15 @@ def main(argv=None) -> list[dict]:
           torch_run = torch_stepper(cfg, data)
           if torch_run is not None:
             runners["pytorch HF GPT2LMHeadModel (softmax+adamw)"] = torch_run
-    floors = {}  # kind -> seconds of the step's matmuls of that kind, alone
-    if not args.no_floor:
-      for kind, (mm_name, dispatch_name) in _FLOOR_RUNNERS.items():
-        runners[mm_name], runners[dispatch_name] = matmuls_alone(_matmuls_of_kind(matmuls, kind))
+    parts = {} if args.no_floor else {kind: _matmuls_of_kind(matmuls, kind)
+                                      for kind in _FLOOR_RUNNERS}
+    for kind, part in parts.items():
+      mm_name, dispatch_name = _FLOOR_RUNNERS[kind]
+      runners[mm_name], runners[dispatch_name] = matmuls_alone(part)
     seconds = time_in_turns(runners, args.steps, args.warmup)
-    for kind, (mm_name, dispatch_name) in _FLOOR_RUNNERS.items():
-      if mm_name in seconds:
-        floors[kind] = seconds.pop(mm_name) - seconds.pop(dispatch_name)
+    # kind -> seconds of the step's matmuls of that kind, alone
+    floors = {kind: seconds.pop(_FLOOR_RUNNERS[kind][0]) - seconds.pop(_FLOOR_RUNNERS[kind][1])
+              for kind in parts}
     tokens = c.global_batch_size * c.seq_len
     fpt = flops_per_token(model_cfg) + attention_flops_per_token(model_cfg, c.seq_len)
     torch_sec = next((v for k, v in seconds.items() if k.startswith("pytorch")), None)
@@ -317,7 +324,7 @@ def main(argv=None) -> list[dict]:
       rows.append(row)
       print(json.dumps(row), flush=True)
     for kind, sec in floors.items():
-      part = _matmuls_of_kind(matmuls, kind)
+      part = parts[kind]
       gflop = sum(n * dot_flops(spec) for spec, n in part.items()) / 1e9
       print(f"# {shape}: the AdamW step's {sum(part.values())} {kind} matmuls ({gflop:.1f} "
             f"GFLOP) take {sec:.3f} s alone ({gflop / sec:.0f} GFLOP/s)")

@@ -14,6 +14,11 @@ def _target_logit(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logits_btv, targets_bt[..., None].astype(jnp.int32), -1)[..., 0]
 
 
+def _token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+  """Per-token negative log-likelihoods ``logsumexp(logits) - logits[target]``, ``[B, T]``."""
+  return jax.nn.logsumexp(logits_btv, axis=-1) - _target_logit(logits_btv, targets_bt)
+
+
 def weighted_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array
                            ) -> tuple[jax.Array, jax.Array]:
   """Sum of per-token negative log-likelihoods times weights, and the sum of weights (float32).
@@ -33,8 +38,7 @@ def weighted_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights
     >>> float(s / w)   # log(4)
     1.386...
   """
-  logits_btv = logits_btv.astype(jnp.float32)
-  nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - _target_logit(logits_btv, targets_bt)
+  nll_bt = _token_nll(logits_btv.astype(jnp.float32), targets_bt)
   w_bt = weights_bt.astype(jnp.float32)
   return jnp.sum(nll_bt * w_bt), jnp.sum(w_bt)
 
@@ -104,11 +108,6 @@ def _chunk_logits(x_bcd: jax.Array, unembed_vd: jax.Array) -> jax.Array:
   return jnp.einsum("bcd,vd->bcv", x_bcd, unembed_vd, preferred_element_type=jnp.float32)
 
 
-def _chunk_nll(logits_bcv: jax.Array, targets_bc: jax.Array) -> jax.Array:
-  """Per-token negative log-likelihoods, float32 ``[B, c]``."""
-  return jax.nn.logsumexp(logits_bcv, axis=-1) - _target_logit(logits_bcv, targets_bc)
-
-
 def _chunked_inputs(x_btd, targets_bt, weights_bt, chunk):
   """The scan's ``(x, targets, float32 weights)`` sequence chunks, and the sum of weights."""
   w_bt = weights_bt.astype(jnp.float32)
@@ -119,7 +118,7 @@ def _linear_ce_sums(x_btd, unembed_vd, targets_bt, weights_bt, chunk):
   """Forward only: the loss sums, one chunk of logits at a time."""
   def body(loss_sum, xs):
     x_bcd, t_bc, w_bc = xs
-    nll_bc = _chunk_nll(_chunk_logits(x_bcd, unembed_vd), t_bc)
+    nll_bc = _token_nll(_chunk_logits(x_bcd, unembed_vd), t_bc)
     return loss_sum + jnp.sum(nll_bc * w_bc), None
 
   xs, weight_sum = _chunked_inputs(x_btd, targets_bt, weights_bt, chunk)

@@ -73,8 +73,7 @@ def _hadamard_by_left_matmuls(x: jax.Array, axis: int, max_log2: int) -> jax.Arr
   array's own layout, no transposes (unlike ``_hadamard_by_matmuls`` off the last axis).
   """
   shape = x.shape
-  outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
-  y, pre = x, outer
+  y, pre = x, math.prod(shape[:axis])
   for c in _pow2_chunks(shape[axis].bit_length() - 1, max_log2):
     h = jnp.asarray(sylvester_signs(c), dtype=y.dtype)
     y = y.reshape(pre, 1 << c, -1)
