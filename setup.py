@@ -39,6 +39,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         "notebooks": ["jupyter", "jupytext>=1.16"],
+        # libtpu for `softmax-one compile` (TPU programs built on a CPU host): jax's own tpu
+        # extra pins the libtpu that matches the installed jax.
+        "tpu-aot": ["jax[tpu]>=0.10"],
         # CI pins torch==2.13.0 before installing this extra (a CPU build; see .ci/run).
         "hf": ["torch>=2.4", "transformers>=4.45", "safetensors>=0.4"],
     },

@@ -1,4 +1,4 @@
-"""``softmax-one``: train | eval | prepare | analyze | compare.
+"""``softmax-one``: train | eval | prepare | analyze | compare | compile.
 
 Examples::
 
@@ -9,9 +9,13 @@ Examples::
   softmax-one prepare --source c4 --output_dir data/c4
   softmax-one analyze --workdir=runs/tiny
   softmax-one compare runs/tiny-*
+  softmax-one compile --config=experiments/configs/gpt2.py:60m,softmax1,orthoadam \\
+      --topology=v5e:4x4
 
 ``--config`` takes a config file (``path.py`` or ``path.py:arg``); a bare name such as
 ``tiny`` or ``gpt2:60m,softmax1,adamw`` is looked up in the repository's experiments/configs.
+``compile`` builds the train and eval steps for an accelerator slice on this (CPU) host and prints
+what they cost per chip (needs ``pip install -e ".[tpu-aot]"`` for TPU slices).
 Multi-host: pass ``--multihost`` (TPU pods, SLURM and other auto-detected clusters) or
 ``--coordinator_address=host:port --num_processes=N --process_id=i`` on every process.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging as py_logging
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -29,7 +34,7 @@ from ml_collections import config_flags
 
 from softmax_one_jax.runtime import apply_cpu_workarounds, configure_host_allocator
 
-COMMANDS = ("train", "eval", "prepare", "analyze", "compare")
+COMMANDS = ("train", "eval", "prepare", "analyze", "compare", "compile")
 USAGE = __doc__
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -54,6 +59,10 @@ _HEADS = flags.DEFINE_string("heads", None, "analyze: attention maps 'layer:head
 _ATTENTION = flags.DEFINE_string("attention", None, "analyze: 'probs' or 'stats'.")
 _NAME = flags.DEFINE_string("name", None, "analyze: row label.")
 _NAMES = flags.DEFINE_list("names", None, "compare: row labels, one per run.")
+# compile
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "compile: the slice, e.g. v5e:4x4 or v5p:2x2x2 (default: config.topology).")
+_JSON = flags.DEFINE_string("json", None, "compile: also write the report as JSON to this file.")
 
 
 def _repo_root() -> pathlib.Path:
@@ -188,14 +197,44 @@ def _compare(runs: Sequence[str]) -> int:
   return 0
 
 
+def _compile() -> int:
+  import json  # pylint: disable=import-outside-toplevel
+  from softmax_one_jax.training import aot  # pylint: disable=import-outside-toplevel
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("`softmax-one compile` needs --config=experiments/configs/<name>.py[:args].")
+  topology = _TOPOLOGY.value or config.get("topology")
+  if not topology:
+    raise app.UsageError("`softmax-one compile` needs --topology=SLICE (e.g. v5e:4x4), or a config "
+                         "with config.topology set.")
+  try:
+    report = aot.compile_run(config, topology)
+  except (ValueError, RuntimeError) as e:
+    print(f"softmax-one compile: {e}", file=sys.stderr)
+    return 2
+  print(aot.format_report(report), flush=True)
+  if _JSON.value:
+    path = pathlib.Path(_JSON.value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(aot.report_record(report), indent=1, default=str))
+    print(f"\n(written to {path})")
+  return 0
+
+
 def _dispatch(cmd: str, argv: Sequence[str]) -> None:
   _quiet_logging()
-  if cmd != "compare":
+  if cmd == "compile":
+    # Compiling for a slice never needs this host's own accelerator (it may be busy training),
+    # and the CUDA plugin compiles for absent GPUs only when it does not look for local ones.
+    import jax  # pylint: disable=import-outside-toplevel
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
+  elif cmd != "compare":
     configure_host_allocator()  # before jax starts its CPU threads; a no-op on accelerators
   rest = list(argv[1:])
   if rest and cmd != "compare":
     raise app.UsageError(f"Unexpected arguments for `softmax-one {cmd}`: {rest}")
-  code = {"train": _train, "eval": _eval, "analyze": _analyze,
+  code = {"train": _train, "eval": _eval, "analyze": _analyze, "compile": _compile,
           "compare": lambda: _compare(rest)}[cmd]()
   sys.exit(code)
 

@@ -76,11 +76,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
   c.optimizer.rotation = config_dict.placeholder(str)  # OrthoAdam rotation family; None = default
   c.optimizer.seed = 0            # OrthoAdam rotation seed
+  # OrthoAdam rotations act within each shard of a sharded parameter (no extra communication);
+  # False mixes whole axes across shards (the update then gathers whole parameters).
+  c.optimizer.shard_local = True
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
   c.mesh.fsdp = -1                # -1 = all remaining devices
   c.mesh.tensor = 1
+  # The accelerator slice the run is sized for (`softmax-one compile` builds its program there),
+  # e.g. "v5e:4x4"; None: give --topology.
+  c.topology = config_dict.placeholder(str)
 
   c.data = default_data_config()
   # Data shards of the global batch (0 = one per process). Fix it to make runs reproducible across

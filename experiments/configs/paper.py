@@ -9,6 +9,8 @@ AdamW / OrthoAdam. Numbers the paper does not give are GUESSES, marked as such b
   * AdamW-style b1=0.9, b2=0.95, eps=1e-8, weight decay 0.1 on matrices, clipping at 1.0 (GUESS);
   * tokenizer: GPT-2 BPE for both families (shipped with the package; for Llama-2's own set
     --config.data.tokenizer=sentencepiece --config.data.tokenizer_path=tokenizer.model) (GUESS).
+Slices (``config.topology``, what ``softmax-one compile`` builds for; see experiments/README.md):
+v5e:4x4 (16 x TPU v5e) up to 350M, v5p:2x2x2 (8 x TPU v5p) for 1B, v5p:4x4x4 (64 x TPU v5p) for 7B.
 Data: run ``softmax-one prepare --source c4 --output_dir data/c4`` first, or point
 --config.data.paths at a prepared folder.
 """
@@ -32,6 +34,11 @@ LLAMA2_SIZES = {
     "1b": (512, 100_000, 3e-4),
     "7b": (512, 200_000, 1.5e-4),
 }
+
+
+# size -> the TPU slice the cell is sized for (fits with headroom: experiments/results/compile_grid).
+SLICES = {"60m": "v5e:4x4", "130m": "v5e:4x4", "350m": "v5e:4x4", "1b": "v5p:2x2x2",
+          "7b": "v5p:4x4x4"}
 
 
 def parse_grid_arg(arg: str, sizes: dict, family: str) -> tuple[str, str, str, str]:
@@ -60,6 +67,7 @@ def grid_config(family: str, arg: str) -> ml_collections.ConfigDict:
   big = size in ("1b", "7b")
   c.model = model_config(f"{family}-{size}", softmax=softmax, norm=norm, dtype="bfloat16",
                          remat=big)
+  c.topology = SLICES[size]
   c.data.source = "c4"
   c.data.paths = "data/c4"
   c.data.tokenizer = "gpt2"

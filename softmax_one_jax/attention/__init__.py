@@ -29,8 +29,11 @@ from softmax_one_jax.attention.reference import (
     reference_attention,
 )
 from softmax_one_jax.attention._padding import KERNEL_DTYPES
+from softmax_one_jax.attention.per_shard import (AttentionSharding, run_per_shard,
+                                                 split_segment_arrays)
 from softmax_one_jax.attention.stats import attention_stats, first_token_stats
 from softmax_one_jax.attention.xla import xla_attention
+from softmax_one_jax.sharding import target_platform
 
 IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
@@ -47,7 +50,8 @@ def resolve_implementation(
 
   None picks the Pallas kernel of the platform (GPU: Triton flash kernel, TPU: splash attention
   with zero sinks) and "xla" on CPU, or when a dense ``mask`` or a dtype the kernels lack is
-  given. "pallas" picks the platform's kernel; on CPU it needs ``interpret=True`` (tests) and
+  given. The platform is ``backend`` if given, else that of the mesh in context, else JAX's
+  default backend (``softmax_one_jax.sharding.target_platform``). "pallas" picks the platform's kernel; on CPU it needs ``interpret=True`` (tests) and
   then runs the GPU kernel in the interpreter.
 
   Example:
@@ -58,7 +62,7 @@ def resolve_implementation(
     raise ValueError(
         f"implementation={implementation!r} is not known; expected one of {IMPLEMENTATIONS}."
     )
-  backend = backend or jax.default_backend()
+  backend = backend or target_platform()
   if implementation is None:
     if mask is not None or jnp.dtype(dtype) not in KERNEL_DTYPES:
       return "xla"
@@ -88,6 +92,7 @@ def dot_product_attention(
     implementation: str | None = None,
     block_sizes: Any = None,
     interpret: bool = False,
+    sharding: AttentionSharding | None = None,
 ) -> jax.Array:
   """Scaled dot-product attention with softmax-1 (default) or softmax.
 
@@ -107,6 +112,9 @@ def dot_product_attention(
       ``pallas_tpu.BlockSizes``); None = defaults.
     interpret: run the Pallas kernel in the interpreter on CPU (tests); for "pallas_tpu" True
       means ``pltpu.InterpretParams()``.
+    sharding: the mesh axes of the batch and head dimensions; under a mesh (``jax.set_mesh``
+      or inside a step traced with ``jax.sharding.use_abstract_mesh``) a Pallas kernel then runs
+      once per shard (``jax.shard_map``), which XLA cannot do for it. The XLA path ignores it.
 
   Returns:
     ``[B, T, N, H]`` in the query's dtype.
@@ -129,20 +137,28 @@ def dot_product_attention(
         f"implementation={impl!r} takes is_causal and segment_ids, not a dense mask; pass "
         "implementation='xla' (or None) to use mask."
     )
-  kwargs = dict(softmax=softmax, is_causal=is_causal, segment_ids=segment_ids, scale=scale,
-                block_sizes=block_sizes)
+  ids, ids_kinds, rebuild_ids = split_segment_arrays(segment_ids)
+  kwargs = dict(softmax=softmax, is_causal=is_causal, scale=scale, block_sizes=block_sizes)
   if impl == "pallas_gpu":
     from softmax_one_jax.attention import pallas_gpu  # pylint: disable=g-import-not-at-top
-    return pallas_gpu.flash_attention(query, key, value, interpret=interpret, **kwargs)
-  from softmax_one_jax.attention import pallas_tpu  # pylint: disable=g-import-not-at-top
-  if interpret is True:
-    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-    interpret = pltpu.InterpretParams()
-  return pallas_tpu.flash_attention(query, key, value, interpret=interpret, **kwargs)
+    kernel, kwargs["interpret"] = pallas_gpu.flash_attention, interpret
+  else:
+    from softmax_one_jax.attention import pallas_tpu  # pylint: disable=g-import-not-at-top
+    if interpret is True:
+      from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+      interpret = pltpu.InterpretParams()
+    kernel, kwargs["interpret"] = pallas_tpu.flash_attention, interpret
+
+  def local(q, k, v, *local_ids):
+    return kernel(q, k, v, segment_ids=rebuild_ids(local_ids), **kwargs)
+
+  return run_per_shard(local, sharding, (query, key, value, *ids),
+                       ("btnh", "btnh", "btnh", *ids_kinds), "btnh")
 
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "AttentionSharding",
     "SegmentIds",
     "attention_logits",
     "attention_stats",

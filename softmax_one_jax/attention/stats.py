@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from softmax_one_jax.attention import _padding
+from softmax_one_jax.attention.per_shard import (AttentionSharding, run_per_shard,
+                                                 split_segment_arrays)
 from softmax_one_jax.attention.reference import (
     SegmentIds,
     attention_logits,
@@ -32,6 +34,7 @@ from softmax_one_jax.attention.reference import (
     combine_masks,
     split_segment_ids,
 )
+from softmax_one_jax.sharding import target_platform
 from softmax_one_jax.softmax import check_softmax_kind, logsumexp1
 
 STATS_IMPLEMENTATIONS = (None, "xla", "chunked", "pallas")
@@ -110,7 +113,7 @@ def _pick(implementation: str | None, mask) -> str:
     return implementation
   if mask is not None:
     return "xla"
-  return {"gpu": "pallas", "tpu": "chunked"}.get(jax.default_backend(), "xla")
+  return {"gpu": "pallas", "tpu": "chunked"}.get(target_platform(), "xla")
 
 
 def attention_stats(
@@ -124,6 +127,7 @@ def attention_stats(
     scale: float | None = None,
     implementation: str | None = None,
     interpret: bool = False,
+    sharding: AttentionSharding | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-query ``(lse, row_max, first_logit)``, each ``[B, N, T]`` float32.
 
@@ -134,8 +138,10 @@ def attention_stats(
     is_causal, segment_ids, mask, scale: as in ``dot_product_attention``.
     implementation: "xla" (dense logits; supports ``mask``), "chunked" (scan over 512-key
       chunks, linear memory, any platform), "pallas" (the GPU flash kernel's forward without the
-      value product); None picks pallas on GPU, chunked on TPU, xla elsewhere or with ``mask``.
+      value product); None picks pallas on GPU, chunked on TPU, xla elsewhere or with ``mask``
+      (the platform of the mesh in context, else JAX's default backend).
     interpret: run the Pallas kernel in the interpreter (CPU tests).
+    sharding: batch and head mesh axes: under a mesh the Pallas kernel runs once per shard.
 
   Returns:
     ``lse``: log-normaliser (``-inf`` for a softmax row that sees no key); ``row_max``: largest
@@ -161,9 +167,15 @@ def attention_stats(
     lse, row_max = _chunked_stats(query, key, softmax1, is_causal, segment_ids, scale)
   else:
     from softmax_one_jax.attention import pallas_gpu  # pylint: disable=g-import-not-at-top
-    lse, row_max = pallas_gpu.flash_stats(query, key, softmax=softmax, is_causal=is_causal,
-                                          segment_ids=segment_ids, scale=scale,
-                                          interpret=interpret)
+    ids, ids_kinds, rebuild_ids = split_segment_arrays(segment_ids)
+
+    def local(q, k, *local_ids):
+      return pallas_gpu.flash_stats(q, k, softmax=softmax, is_causal=is_causal,
+                                    segment_ids=rebuild_ids(local_ids), scale=scale,
+                                    interpret=interpret)
+
+    lse, row_max = run_per_shard(local, sharding, (query, key, *ids),
+                                 ("btnh", "btnh", *ids_kinds), ("bnt", "bnt"))
   return lse, row_max, _first_logit(query, key, is_causal, segment_ids, mask, scale)
 
 
@@ -181,7 +193,7 @@ def first_token_stats(
     key: ``[B, S, K, H]``.
     softmax: "softmax1" or "softmax".
     **kwargs: ``is_causal``, ``segment_ids``, ``mask``, ``scale``, ``implementation``,
-      ``interpret`` as in :func:`attention_stats`.
+      ``interpret``, ``sharding`` as in :func:`attention_stats`.
 
   Returns:
     ``prob_first`` (float32, probability on key 0), ``argmax_first`` (bool, key 0 holds the

@@ -16,7 +16,7 @@ NORMS = ("layernorm", "rmsnorm", "scalar_rmsnorm")
 MLPS = ("gelu", "swiglu")
 SOFTMAXES = ("softmax1", "softmax")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = (None, "xla", "pallas")
+ATTENTION_IMPLS = (None, "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,9 @@ class TransformerConfig:
     dtype: compute dtype; parameters are kept in ``param_dtype``.
     param_dtype: parameter dtype.
     remat: rematerialise each block in the backward pass (saves activation memory).
-    attention_impl: implementation passed to ``dot_product_attention`` (None = platform's best).
+    attention_impl: implementation passed to ``dot_product_attention`` (None = the best for the
+      platform of the mesh in context, else of the default backend).
+    attention_interpret: run a Pallas attention kernel in the Pallas interpreter (CPU tests).
     init_std: standard deviation of the normal initialiser (residual outputs get
       ``init_std / sqrt(2 * num_layers)``, as GPT-2).
   """
@@ -69,6 +71,7 @@ class TransformerConfig:
   param_dtype: str = "float32"
   remat: bool = False
   attention_impl: str | None = None
+  attention_interpret: bool = False
   init_std: float = 0.02
 
   def __post_init__(self) -> None:

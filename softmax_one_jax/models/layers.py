@@ -15,9 +15,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from softmax_one_jax.attention import dot_product_attention, first_token_stats, reference_attention
+from softmax_one_jax.attention import (AttentionSharding, dot_product_attention,
+                                       first_token_stats, reference_attention)
 from softmax_one_jax.models.config import TransformerConfig
 from softmax_one_jax.models.matmul import dense_dot_general, matmul
+from softmax_one_jax.sharding import constrain, spec_in_context
+
+# Logical names of activations (see softmax_one_jax.sharding): the batch is split over the data
+# and fsdp mesh axes, heads and the MLP width over tensor, the model width never.
+ACT_BTD = ("batch", "seq", "act_embed")
+ACT_BTNH = ("batch", "seq", "heads", None)
+ACT_BTKH = ("batch", "seq", "kv_heads", None)
+ACT_BTF = ("batch", "seq", "mlp")
 
 LogicalNames = tuple[str | None, ...]
 
@@ -164,10 +173,11 @@ class MLP(nnx.Module):
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
     if self.kind == "swiglu":
-      h_btf = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+      h_btf = jax.nn.silu(constrain(self.gate_proj(x_btd), ACT_BTF)) * constrain(
+          self.up_proj(x_btd), ACT_BTF)
     else:
-      h_btf = jax.nn.gelu(self.up_proj(x_btd), approximate=True)
-    return self.down_proj(h_btf)
+      h_btf = jax.nn.gelu(constrain(self.up_proj(x_btd), ACT_BTF), approximate=True)
+    return constrain(self.down_proj(h_btf), ACT_BTD)
 
 
 def _residual_std(config: TransformerConfig) -> float:
@@ -192,6 +202,25 @@ def _stacked_linear(layers: list[nnx.Linear], x_btd: jax.Array, config: Transfor
   if layers[0].bias is not None:
     y_btsf = y_btsf + jnp.stack([layer.bias.value for layer in layers]).astype(dtype)
   return [y_btsf[:, :, i] for i in range(len(layers))]
+
+
+def attention_sharding(q_shape: tuple[int, ...], k_shape: tuple[int, ...]
+                       ) -> AttentionSharding | None:
+  """The batch and head mesh axes of attention under the mesh in context (None outside one).
+
+  Heads are split only when the query and the key/value heads split over the same mesh axes
+  (grouped-query groups must stay on one device); otherwise every device holds every head.
+
+  Example:
+    >>> attention_sharding((8, 128, 12, 64), (8, 128, 12, 64))   # under a (1, 4, 2) mesh
+    AttentionSharding(batch='fsdp', heads='tensor')
+  """
+  q_spec = spec_in_context(ACT_BTNH, q_shape)
+  k_spec = spec_in_context(ACT_BTKH, k_shape)
+  if q_spec is None or k_spec is None:
+    return None
+  q_axes, k_axes = tuple(q_spec) + (None,) * 4, tuple(k_spec) + (None,) * 4
+  return AttentionSharding(batch=q_axes[0], heads=q_axes[2] if q_axes[2] == k_axes[2] else None)
 
 
 class Attention(nnx.Module):
@@ -222,11 +251,12 @@ class Attention(nnx.Module):
     if c.position == "rope":
       cos, sin = rope_cos_sin(positions_bt, c.head_dim, c.rope_theta)
       q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
-    return q_btnh, k_btkh, v_btkh
+    return constrain(q_btnh, ACT_BTNH), constrain(k_btkh, ACT_BTKH), constrain(v_btkh, ACT_BTKH)
 
   def _output(self, out_btnh: jax.Array) -> jax.Array:
     b, t = out_btnh.shape[:2]
-    return self.o_proj(out_btnh.reshape(b, t, -1))
+    out_btnh = constrain(out_btnh, ACT_BTNH)
+    return constrain(self.o_proj(out_btnh.reshape(b, t, -1)), ACT_BTD)
 
   def __call__(
       self,
@@ -242,14 +272,17 @@ class Attention(nnx.Module):
     statistics ``[B, N, T]`` from ``first_token_stats``, O(T) memory).
     """
     q, k, v = self._qkv(x_btd, positions_bt)
-    kwargs = dict(softmax=self.config.softmax, is_causal=True, segment_ids=segment_ids_bt)
+    kwargs = dict(softmax=self.config.softmax, is_causal=True, segment_ids=segment_ids_bt,
+                  sharding=attention_sharding(q.shape, k.shape))
     extras = {}
     if "attention_stats" in analysis:
       extras["attention_stats"] = first_token_stats(q, k, **kwargs)
     if "attention_probs" in analysis:
+      kwargs.pop("sharding")
       out, extras["attention_probs"] = reference_attention(q, k, v, return_probs=True, **kwargs)
     else:
-      out = dot_product_attention(q, k, v, implementation=self.config.attention_impl, **kwargs)
+      out = dot_product_attention(q, k, v, implementation=self.config.attention_impl,
+                                  interpret=self.config.attention_interpret, **kwargs)
     return self._output(out), extras
 
   def extend(
@@ -291,9 +324,10 @@ class Block(nnx.Module):
       segment_ids_bt: jax.Array | None = None,
       analysis: frozenset[str] = frozenset(),
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    x_btd = constrain(x_btd, ACT_BTD)
     y_btd, extras = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt, analysis)
     x_btd = x_btd + y_btd
-    return x_btd + self.mlp(self.mlp_norm(x_btd)), extras
+    return constrain(x_btd + self.mlp(self.mlp_norm(x_btd)), ACT_BTD), extras
 
   def extend(self, x_btd, positions_bt, keys_bskh, values_bskh, end):
     """Like ``__call__`` for new tokens against a KV cache; returns ``(x, keys, values)``."""

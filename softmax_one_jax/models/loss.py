@@ -8,6 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec
+
+from softmax_one_jax.sharding import current_mesh, spec_in_context, target_platform
+
 
 def _target_logit(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
   """``logits[..., target]``: each token's logit of its target, ``[B, T]``."""
@@ -65,8 +69,8 @@ def sequence_chunk(batch: int, seq: int, vocab: int, max_logits: int | None = No
                    width: int | None = None, backend: str | None = None) -> int:
   """The largest divisor ``c`` of ``seq`` with ``batch * c * vocab <= max_logits`` (at least 1).
 
-  ``max_logits`` defaults to 2^24 elements per device (``jax.device_count()`` of them: the
-  batch axis is sharded over the devices). On the CPU backend the default depends on the
+  ``max_logits`` defaults to 2^24 elements per device (the devices of the mesh in context, else
+  ``jax.device_count()``: the batch axis is sharded over the devices). On the CPU backend the default depends on the
   ``[vocab, width]`` float32 unembedding: when it fits in 8 MiB of cache, ~2^19 logits per
   device and at least 128 rows (``batch * c`` per device); otherwise 2^26 per device.
 
@@ -77,9 +81,10 @@ def sequence_chunk(batch: int, seq: int, vocab: int, max_logits: int | None = No
     8
   """
   if max_logits is None:
-    devices = jax.device_count()
+    mesh = current_mesh()
+    devices = jax.device_count() if mesh is None else mesh.size
     max_logits = _CHUNK_LOGITS_PER_DEVICE * devices
-    if (backend or jax.default_backend()) == "cpu":
+    if (backend or target_platform()) == "cpu":
       if width and 4 * vocab * width <= _CPU_CACHE_BYTES:
         rows = max(_CPU_CHUNK_LOGITS // vocab, _CPU_MIN_CHUNK_ROWS)
         max_logits = rows * vocab * devices
@@ -217,4 +222,27 @@ def linear_cross_entropy(x_btd: jax.Array, unembed_vd: jax.Array, targets_bt: ja
   chunk = chunk or sequence_chunk(b, t, unembed_vd.shape[0], width=d)
   if t % chunk:
     raise ValueError(f"chunk={chunk} must divide the sequence length {t}.")
-  return _linear_ce(x_btd, unembed_vd, targets_bt, weights_bt, chunk)
+  return _per_batch_shard(functools.partial(_linear_ce, chunk=chunk), x_btd, unembed_vd,
+                          targets_bt, weights_bt)
+
+
+def _per_batch_shard(loss_fn, x_btd, unembed_vd, targets_bt, weights_bt):
+  """``loss_fn`` run once per batch shard under the mesh in context, its sums added across shards.
+
+  Each device then reads the whole unembedding once and accumulates its gradient locally over
+  the sequence chunks; one reduction follows. Left to XLA's partitioner, the scan over chunks
+  would gather the FSDP-sharded unembedding and all-reduce its gradient at every chunk.
+  """
+  spec = spec_in_context(("batch",), x_btd.shape[:1])
+  batch_axes = None if spec is None or not tuple(spec) else tuple(spec)[0]
+  if batch_axes is None:
+    return loss_fn(x_btd, unembed_vd, targets_bt, weights_bt)
+
+  def local(x_btd, unembed_vd, targets_bt, weights_bt):
+    loss_sum, weight_sum = loss_fn(x_btd, unembed_vd, targets_bt, weights_bt)
+    return jax.lax.psum(loss_sum, batch_axes), jax.lax.psum(weight_sum, batch_axes)
+
+  rows = PartitionSpec(batch_axes)
+  return jax.shard_map(local, mesh=current_mesh(), in_specs=(rows, PartitionSpec(), rows, rows),
+                       out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)(
+                           x_btd, unembed_vd, targets_bt, weights_bt)

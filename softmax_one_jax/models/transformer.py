@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from softmax_one_jax.models.config import TransformerConfig
-from softmax_one_jax.models.layers import Block, dense, logical, make_norm
+from softmax_one_jax.models.layers import ACT_BTD, Block, dense, logical, make_norm
+from softmax_one_jax.sharding import constrain
 
 INTERMEDIATES = ("hidden", "attention_probs", "attention_stats")
 
@@ -101,7 +102,7 @@ class Transformer(nnx.Module):
     x_btd = self.embed(tokens_bt)
     if self.pos_embed is not None:
       x_btd = x_btd + self.pos_embed(positions_bt)
-    return x_btd.astype(jnp.dtype(self.config.dtype))
+    return constrain(x_btd.astype(jnp.dtype(self.config.dtype)), ACT_BTD)
 
   def _logits(self, x_btd: jax.Array) -> jax.Array:
     x_btd = self.final_norm(x_btd)
@@ -132,7 +133,8 @@ class Transformer(nnx.Module):
       >>> x_btd = model.features(tokens_bt)
       >>> loss_sum, n = linear_cross_entropy(x_btd, model.unembedding(), targets_bt, weights_bt)
     """
-    return self.final_norm(self._body(tokens_bt, segment_ids, positions, frozenset())[0])
+    return constrain(self.final_norm(self._body(tokens_bt, segment_ids, positions, frozenset())[0]),
+                     ACT_BTD)
 
   def _body(self, tokens_bt, segment_ids, positions, analysis):
     """Embeddings and blocks: ``(x_btd, hidden, extras)`` before the final norm."""

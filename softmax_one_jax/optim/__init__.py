@@ -6,6 +6,9 @@ Example:
   >>> import optax
   >>> from softmax_one_jax.optim import orthoadam
   >>> tx = optax.chain(optax.clip_by_global_norm(1.0), orthoadam(3e-4, weight_decay=0.1))
+
+On sharded parameters, ``shard_local_rotation`` keeps each rotation within a shard:
+  >>> tx = orthoadam(3e-4, rotation=shard_local_rotation("hadamard", abstract, shardings))
 """
 
 from softmax_one_jax.optim.orthoadam import (
@@ -31,7 +34,11 @@ from softmax_one_jax.optim.rotations import (
     haar_orthogonal,
     rotation_state_bytes,
 )
-from softmax_one_jax.optim.sharding import optimizer_state_shardings, rotation_shardings
+from softmax_one_jax.optim.sharding import (
+    optimizer_state_shardings,
+    rotation_shardings,
+    shard_local_rotation,
+)
 
 __all__ = [
     "DEFAULT_ROTATION",
@@ -55,4 +62,5 @@ __all__ = [
     "rotation_shardings",
     "rotation_state_bytes",
     "scale_by_orthoadam",
+    "shard_local_rotation",
 ]

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softmax_one_jax.sharding import target_platform
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -148,7 +150,7 @@ def _pow2_hadamard(x: jax.Array, axis: int) -> jax.Array:
   dim = x.shape[axis]
   if dim == 1:
     return x
-  last, other = _HADAMARD_IMPL.get(jax.default_backend(), _DEFAULT_HADAMARD_IMPL)
+  last, other = _HADAMARD_IMPL.get(target_platform(), _DEFAULT_HADAMARD_IMPL)
   method, max_log2 = last if axis == x.ndim - 1 else other
   y = _IMPLS[method](x, axis, max_log2)
   return y * jnp.asarray(1.0 / math.sqrt(dim), y.dtype)

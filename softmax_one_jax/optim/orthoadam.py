@@ -71,8 +71,21 @@ def _is_family(x: Any) -> bool:
                         rot_lib.Hadamard))
 
 
-def _policy_fn(rotation: Any) -> Callable[[str, rot_lib.Shape], rot_lib.RotationFamily]:
-  """Turns a name, family, callable or pytree of names into ``(path, shape) -> family``."""
+def rotation_policy(rotation: Any) -> Callable[[str, rot_lib.Shape], rot_lib.RotationFamily]:
+  """Turns ``scale_by_orthoadam``'s ``rotation`` argument into ``(path, shape) -> family``.
+
+  Args:
+    rotation: a family name, a family instance, a ``(path, shape) -> name | family`` callable, or
+      a pytree of names / instances with the params' structure (or a prefix of it).
+
+  Returns:
+    A function of a parameter's path (``"blocks.0.attn.q_proj.kernel"``) and shape that returns
+    its family instance; it raises ``ValueError`` for an unknown name or a path not in the pytree.
+
+  Example:
+    >>> rotation_policy({"w": "kronecker", "b": "identity"})("w", (4, 6))
+    Kronecker(max_dim=8192, blocks=())
+  """
   if _is_family(rotation):
     return lambda path, shape: rot_lib.get_family(rotation, path)
   if callable(rotation):
@@ -105,7 +118,7 @@ def param_key(seed: int | jax.Array, path: str) -> jax.Array:
 def _init_rotations(params: Params, rotation: Any, seed: int | jax.Array) -> Any:
   """One rotation per parameter; parameters with the same (family, shape) are drawn in one vmap
   (far fewer ops to compile than one draw per parameter; the same values either way)."""
-  policy = _policy_fn(rotation)
+  policy = rotation_policy(rotation)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)
   groups: dict[tuple[Any, rot_lib.Shape], list[int]] = {}
   names = []

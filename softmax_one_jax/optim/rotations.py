@@ -22,12 +22,21 @@ the columns of ``Q`` are multiplied by ``sign(diag(R))``.
 
 Hadamard on any axis length: block-diagonal Sylvester blocks whose sizes are the binary digits of
 the axis length, computed in ``O(n log n)`` (``softmax_one_jax.optim.hadamard``). The random
-permutation before it decides which coordinates share a block.
+permutation before it decides which coordinates share a block. The family and its state live in
+``hadamard_rotation.py``.
 
 "hadamard" is a Kronecker product of per-axis randomized Hadamard matrices: like "kronecker", every
 entry of ``Q`` is nonzero (``+-1/sqrt(n)`` on power-of-two shapes), so no rotated coordinate lines
 up with a coordinate of the parameter, but its state is ``sum d_i`` small integers instead of
 ``sum d_i^2`` floats, and the Hadamard costs ``log2 n`` additions per element.
+
+"kronecker" and "hadamard" take per-axis block counts, ``Hadamard(blocks=(4, 1))``: axis ``i`` is
+cut into ``blocks[i]`` equal contiguous blocks and ``Q_i`` is block-diagonal, an independent
+rotation per block (``axis_blocks.py``). On a parameter sharded over those blocks, ``Q`` is
+shard-local and the update moves no parameter-sized data between devices;
+``sharding.shard_local_rotation`` derives the counts from the parameters' shardings. The counts
+are part of the state's shapes (a blocked axis's arrays lead with the block axis), so restoring
+a checkpoint onto another blocking fails on shapes.
 
 Each family is a frozen dataclass with ``init(key, shape) -> state``; each state is a NamedTuple
 of arrays with ``rotate(x)`` (``Q vec(x)``) and ``unrotate(y)`` (``Q^T vec(y)``), both
@@ -49,9 +58,10 @@ from typing import Callable, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 
-from softmax_one_jax.optim.hadamard import block_hadamard, is_power_of_two
+from softmax_one_jax.optim import axis_blocks
+from softmax_one_jax.optim.axis_blocks import Shape
+from softmax_one_jax.optim.hadamard_rotation import Hadamard, HadamardRotation
 
-Shape = tuple[int, ...]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -98,22 +108,37 @@ class DenseRotation(NamedTuple):
 
 
 class KroneckerRotation(NamedTuple):
-  """``Q = Q_0 (x) Q_1 (x) ...``; ``factors[i]`` float32 ``[d_i, d_i]`` rotates axis ``i``.
+  """``Q = Q_0 (x) Q_1 (x) ...``; ``factors[i]`` rotates axis ``i``.
 
-  For a matrix ``G``: ``rotate(G) = Q_0 @ G @ Q_1^T``.
+  ``factors[i]``: float32 ``[d_i, d_i]``, or ``[k_i, b_i, b_i]`` when axis ``i`` is cut into
+  ``k_i > 1`` blocks of length ``b_i`` (``Q_i`` block-diagonal, one Haar matrix per block; see
+  ``axis_blocks.py``). For a matrix ``G`` and one block per axis: ``rotate(G) = Q_0 @ G @ Q_1^T``.
   """
 
   factors: tuple[jax.Array, ...]
 
-  def rotate(self, x: jax.Array) -> jax.Array:
+  def block_counts(self) -> tuple[int, ...]:
+    """Blocks per axis: ``k_i``, 1 for an unblocked axis."""
+    return tuple(f.shape[0] if f.ndim == 3 else 1 for f in self.factors)
+
+  def leaf_axes(self) -> "KroneckerRotation":
+    """The parameter axis of each state array."""
+    return KroneckerRotation(tuple(range(len(self.factors))))
+
+  def _apply_one_block(self, x: jax.Array, transpose: bool) -> jax.Array:
+    contract = 0 if transpose else 1
     for axis, q_dd in enumerate(self.factors):
-      x = jnp.moveaxis(jnp.tensordot(q_dd, x, axes=([1], [axis]), precision=_HIGHEST), 0, axis)
+      x = jnp.moveaxis(
+          jnp.tensordot(q_dd, x, axes=([contract], [axis]), precision=_HIGHEST), 0, axis)
     return x
 
+  def rotate(self, x: jax.Array) -> jax.Array:
+    fn = lambda rot, x: rot._apply_one_block(x, transpose=False)
+    return axis_blocks.apply_in_blocks(fn, self, self.leaf_axes(), self.block_counts(), x)
+
   def unrotate(self, y: jax.Array) -> jax.Array:
-    for axis, q_dd in enumerate(self.factors):
-      y = jnp.moveaxis(jnp.tensordot(q_dd, y, axes=([0], [axis]), precision=_HIGHEST), 0, axis)
-    return y
+    fn = lambda rot, y: rot._apply_one_block(y, transpose=True)
+    return axis_blocks.apply_in_blocks(fn, self, self.leaf_axes(), self.block_counts(), y)
 
 
 class BlockRotation(NamedTuple):
@@ -152,45 +177,6 @@ class BlockRotation(NamedTuple):
     return self._apply(y, transpose=True)
 
 
-class HadamardRotation(NamedTuple):
-  """``Q = (H_0 P_0 D_0) (x) (H_1 P_1 D_1) (x) ...``: a randomized Hadamard matrix per axis.
-
-  ``signs[i]``: int8 ``[d_i]`` of +-1, the diagonal of ``D_i``. ``perms`` / ``inv_perms``: int32
-  ``[d_i]``, ``(P_i x)[j] = x[perm[j]]``, one per axis whose length is *not* a power of two, in
-  axis order (on a power-of-two axis ``H_i`` mixes every coordinate with every other, so ``P_i``
-  is the identity and costs nothing). ``H_i``: block-diagonal normalised Sylvester Hadamard
-  (binary digits of ``d_i``). Scalars have no axes: ``Q = 1``.
-  """
-
-  signs: tuple[jax.Array, ...]
-  perms: tuple[jax.Array, ...]
-  inv_perms: tuple[jax.Array, ...]
-
-  def rotate(self, x: jax.Array) -> jax.Array:
-    x = _scale_by_axis_signs(x, self.signs)
-    perms = iter(self.perms)
-    for axis in range(x.ndim):
-      if not is_power_of_two(x.shape[axis]):
-        x = jnp.take(x, next(perms), axis=axis)
-      x = block_hadamard(x, axis)
-    return x
-
-  def unrotate(self, y: jax.Array) -> jax.Array:
-    inv_perms = iter(self.inv_perms)
-    for axis in range(y.ndim):
-      y = block_hadamard(y, axis)
-      if not is_power_of_two(y.shape[axis]):
-        y = jnp.take(y, next(inv_perms), axis=axis)
-    return _scale_by_axis_signs(y, self.signs)
-
-
-def _scale_by_axis_signs(x: jax.Array, signs: tuple[jax.Array, ...]) -> jax.Array:
-  """``x * (D_0 (x) D_1 (x) ...)``: multiplies by the outer product of per-axis sign vectors."""
-  for axis, s_d in enumerate(signs):
-    x = x * s_d.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
-  return x
-
-
 RotationState = Union[IdentityRotation, DenseRotation, KroneckerRotation, BlockRotation,
                       HadamardRotation]
 ROTATION_STATE_TYPES = (IdentityRotation, DenseRotation, KroneckerRotation, BlockRotation,
@@ -198,14 +184,6 @@ ROTATION_STATE_TYPES = (IdentityRotation, DenseRotation, KroneckerRotation, Bloc
 
 
 # ----------------------------------------------------------------------------- families
-
-
-def _random_permutation(key: jax.Array, dim: int) -> jax.Array:
-  """int32 ``[dim]`` permutation: argsort of random 32-bit keys (one sort, cheap to compile).
-
-  Ties (probability ~``dim^2 / 2^33``) are broken by index, so it is always a permutation.
-  """
-  return jnp.argsort(jax.random.bits(key, (dim,), jnp.uint32), stable=True).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,21 +226,39 @@ class Kronecker:
   """One Haar matrix per axis, ``Q = Q_0 (x) Q_1 (x) ...``; refused if an axis > ``max_dim``.
 
   Attributes:
-    max_dim: the longest axis accepted (``None``: no limit); each factor is ``d_i^2`` numbers.
+    max_dim: the longest axis (block, when ``blocks`` cuts it) accepted (``None``: no limit);
+      each factor is ``d_i^2`` numbers (``d_i b_i`` when cut into blocks of length ``b_i``).
+    blocks: block count per axis (``()``: one per axis; shorter: padded with 1s). Axis ``i`` is
+      cut into ``blocks[i]`` equal contiguous blocks, each with its own Haar matrix (a
+      block-diagonal ``Q_i``, factor ``[blocks[i], b_i, b_i]``). Each must divide its axis.
   """
 
   max_dim: int | None = 8192
+  blocks: tuple[int, ...] = ()
   name = "kronecker"
 
+  def __post_init__(self):
+    object.__setattr__(self, "blocks", axis_blocks.check_blocks(self.blocks, self.name))
+
   def init(self, key: jax.Array, shape: Shape, path: str = "") -> KroneckerRotation:
-    if self.max_dim is not None and any(d > self.max_dim for d in shape):
+    counts = axis_blocks.resolve_blocks(self.blocks, shape, self.name, path)
+    longest = max((d // k for d, k in zip(shape, counts)), default=0)
+    if self.max_dim is not None and longest > self.max_dim:
       raise ValueError(
           f"rotation 'kronecker' for parameter {path or '<param>'} of shape {shape} has an axis "
-          f"longer than Kronecker(max_dim={self.max_dim}); a {max(shape)}^2 factor is "
-          f"{4 * max(shape)**2 / 2**20:.0f} MiB. Use 'hadamard' for it or raise max_dim."
+          f"(or block) longer than Kronecker(max_dim={self.max_dim}); a {longest}^2 factor is "
+          f"{4 * longest**2 / 2**20:.0f} MiB. Use 'hadamard' for it, raise max_dim, or cut the "
+          "axis into shorter blocks with Kronecker(blocks=...)."
       )
     keys = jax.random.split(key, max(len(shape), 1))
-    return KroneckerRotation(tuple(haar_orthogonal(k, d) for k, d in zip(keys, shape)))
+    return KroneckerRotation(tuple(_haar_blocks(k, d, c) for k, d, c in zip(keys, shape, counts)))
+
+
+def _haar_blocks(key: jax.Array, dim: int, count: int) -> jax.Array:
+  """``[dim, dim]`` Haar matrix, or ``[count, dim / count, dim / count]`` independent ones."""
+  if count == 1:
+    return haar_orthogonal(key, dim)
+  return jax.vmap(lambda k: haar_orthogonal(k, dim // count))(jax.random.split(key, count))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,29 +286,6 @@ class Block:
       full = (jax.vmap(lambda kk: haar_orthogonal(kk, self.size))(jax.random.split(key_full, k)),)
     tail = (haar_orthogonal(key_tail, r),) if r else ()
     return BlockRotation(full, tail)
-
-
-@dataclasses.dataclass(frozen=True)
-class Hadamard:
-  """Randomized Hadamard per axis: random signs, a Hadamard transform and, on axes whose length
-  is not a power of two, a random permutation (which coordinates share a Hadamard block)."""
-
-  name = "hadamard"
-
-  def init(self, key: jax.Array, shape: Shape, path: str = "") -> HadamardRotation:
-    del path
-    keys = jax.random.split(key, 2 * max(len(shape), 1))
-    signs = tuple(
-        jnp.where(jax.random.bernoulli(k, 0.5, (d,)), -1, 1).astype(jnp.int8)
-        for k, d in zip(keys[0::2], shape)
-    )
-    perms = tuple(
-        _random_permutation(k, d) for k, d in zip(keys[1::2], shape) if not is_power_of_two(d)
-    )
-    inv_perms = tuple(
-        jnp.zeros_like(p).at[p].set(jnp.arange(p.shape[0], dtype=p.dtype)) for p in perms
-    )
-    return HadamardRotation(signs, perms, inv_perms)
 
 
 RotationFamily = Union[Identity, Dense, Kronecker, Block, Hadamard]

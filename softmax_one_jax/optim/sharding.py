@@ -1,4 +1,5 @@
-"""Shardings for optimizer states of any optax chain, OrthoAdam's rotation arrays included.
+"""Shardings for optimizer states of any optax chain (OrthoAdam's rotations included), and
+shard-local rotations chosen from the parameters' shardings.
 
 ``flax.nnx.Optimizer`` stamps the parameter's sharding onto every state leaf, which is wrong for
 arrays that are not parameter-shaped (rotation matrices). Here:
@@ -9,17 +10,23 @@ arrays that are not parameter-shaped (rotation matrices). Here:
 
   ==================  ======================================================================
   ``DenseRotation``    replicated (``Dense`` is capped to small parameters)
-  ``KroneckerRotation`` factor ``i`` ``[d_i, d_i]``: rows sharded like param axis ``i``
+  ``KroneckerRotation`` factor ``i`` (``[d_i, d_i]`` or blocked ``[k_i, b_i, b_i]``): leading
+                       axis sharded like param axis ``i`` (each device holds its blocks)
   ``BlockRotation``    the block axis sharded over all the param's mesh axes when divisible
-  ``HadamardRotation`` replicated: per-axis ``[d_i]`` signs and permutations (tiny)
+  ``HadamardRotation`` one-block ``[d_i]`` signs and permutations replicated (tiny); blocked
+                       ``[k_i, b_i]`` ones: leading axis sharded like param axis ``i``
   ==================  ======================================================================
 
   and a mesh axis is dropped from a dimension it does not divide;
 - everything else (counts, injected hyper-parameters, scalars) is replicated.
+
+``shard_local_rotation`` gives each parameter's "hadamard" / "kronecker" rotation one block per
+shard on every sharded axis, so the rotation, and the whole OrthoAdam update, stays on-device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -28,7 +35,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from softmax_one_jax.optim import rotations as rot_lib
-from softmax_one_jax.optim.orthoadam import ScaleByOrthoAdamState
+from softmax_one_jax.optim.orthoadam import ScaleByOrthoAdamState, path_name, rotation_policy
 
 _EMPTY = (optax.MaskedNode, type(None))
 
@@ -59,7 +66,13 @@ def rotation_shardings(rotation: Any, param_sharding: jax.sharding.Sharding) -> 
   replicated = named(PartitionSpec())
   if isinstance(rotation, rot_lib.KroneckerRotation):
     return rot_lib.KroneckerRotation(
-        tuple(named(_fit(mesh, (spec[i], None), f.shape)) for i, f in enumerate(rotation.factors))
+        tuple(named(_fit(mesh, (spec[i],), f.shape)) for i, f in enumerate(rotation.factors))
+    )
+  if isinstance(rotation, rot_lib.HadamardRotation):
+    # A blocked axis's [k_i, b_i] arrays: block j on the device holding block j of the param.
+    return jax.tree.map(
+        lambda x, axis: named(_fit(mesh, (spec[axis],), x.shape)) if x.ndim == 2 else replicated,
+        rotation, rotation.leaf_axes(),
     )
   if isinstance(rotation, rot_lib.BlockRotation):
     mesh_axes = tuple(
@@ -70,6 +83,75 @@ def rotation_shardings(rotation: Any, param_sharding: jax.sharding.Sharding) -> 
     )
     return rot_lib.BlockRotation(full, tuple(replicated for _ in rotation.tail))
   return jax.tree.map(lambda _: replicated, rotation)
+
+
+def _shard_counts(param_sharding: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shards per axis of a parameter: the product of the mesh axis sizes in its spec entry, or 1
+  where the axis is unsharded, the product does not divide it, or the sharding is not named."""
+  if not isinstance(param_sharding, NamedSharding):
+    return (1,) * len(shape)
+  spec = tuple(param_sharding.spec) + (None,) * len(shape)
+  counts = []
+  for d, entry in zip(shape, spec):
+    names = entry if isinstance(entry, tuple) else (entry,)
+    k = math.prod(param_sharding.mesh.shape[n] for n in names if isinstance(n, str))
+    counts.append(k if d % k == 0 else 1)
+  return tuple(counts)
+
+
+def shard_local_rotation(rotation: Any, abstract_params: Any, param_shardings: Any) -> Any:
+  """A rotation policy whose "hadamard" / "kronecker" rotations act within each shard.
+
+  Each parameter's family is resolved from ``rotation`` as ``scale_by_orthoadam`` does; a
+  ``Hadamard`` or ``Kronecker`` family gets ``blocks[i]`` = the number of shards of the
+  parameter's axis ``i`` (the product of the sizes of the mesh axes in its ``PartitionSpec``
+  entry; 1 where the axis is unsharded, that product does not divide the axis, or the sharding
+  is not a ``NamedSharding``), replacing any ``blocks`` it had. Its ``Q`` is then block-diagonal
+  with one block per shard, so OrthoAdam's update needs no all-gather of the parameter. Other
+  families are passed through unchanged: "identity" needs no rotation, "dense" (capped to tiny
+  parameters) and "block" (blocks of the flattened parameter) have no per-axis blocks.
+
+  The block counts are part of the rotation state's shapes: a checkpoint written under one
+  sharding restores only onto a policy with the same counts (e.g. the same sharding), and fails
+  on shapes otherwise. Different counts are a different ``Q``, not the same optimizer.
+
+  Args:
+    rotation: a family name, a family instance, or a ``(path, shape) -> name | family`` callable,
+      as ``scale_by_orthoadam(rotation=...)`` accepts (or a pytree of those with the params'
+      structure).
+    abstract_params: the params, or their ``jax.ShapeDtypeStruct``s.
+    param_shardings: a ``jax.sharding.Sharding`` per parameter (the params' structure).
+
+  Returns:
+    The params' structure with a family instance per parameter (``None`` for a ``None``
+    parameter), to pass as ``orthoadam(..., rotation=...)`` / ``scale_by_orthoadam``.
+
+  Example:
+    >>> mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    >>> p = {"w": jax.ShapeDtypeStruct((768, 3072), jnp.float32),
+    ...      "b": jax.ShapeDtypeStruct((3072,), jnp.float32)}
+    >>> s = {"w": NamedSharding(mesh, PartitionSpec("fsdp", None)),
+    ...      "b": NamedSharding(mesh, PartitionSpec(("data", "fsdp")))}
+    >>> policy = shard_local_rotation("hadamard", p, s)
+    >>> policy["w"].blocks, policy["b"].blocks
+    ((4, 1), (8,))
+    >>> tx = orthoadam(3e-4, rotation=policy)
+  """
+  policy = rotation_policy(rotation)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params,
+                                                         is_leaf=lambda x: x is None)
+  shardings = treedef.flatten_up_to(param_shardings)
+  out = []
+  for (path, p), sharding in zip(leaves, shardings):
+    if p is None:
+      out.append(None)
+      continue
+    shape = tuple(p.shape)
+    family = policy(path_name(path), shape)
+    if isinstance(family, (rot_lib.Hadamard, rot_lib.Kronecker)):
+      family = dataclasses.replace(family, blocks=_shard_counts(sharding, shape))
+    out.append(family)
+  return treedef.unflatten(out)
 
 
 def optimizer_state_shardings(

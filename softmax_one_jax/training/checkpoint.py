@@ -190,12 +190,14 @@ def load_model(workdir: str | pathlib.Path, step: int | None = None) -> tuple[An
   """
   from softmax_one_jax.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from softmax_one_jax.training.config import model_config_from  # pylint: disable=import-outside-toplevel
-  from softmax_one_jax.training.state import build_optimizer, make_setup, merge_model  # pylint: disable=import-outside-toplevel
+  from softmax_one_jax.training.state import merge_model, setup_for_run  # pylint: disable=import-outside-toplevel
   config = read_config(workdir)
   model_cfg = model_config_from(config, config.model.vocab_size)
-  tx, schedule = build_optimizer(config.optimizer, config.num_train_steps)
   mesh = mesh_lib.make_mesh(1, -1, 1)
-  setup = make_setup(model_cfg, tx, schedule, mesh, config.seed)
+  # OrthoAdam's state shapes follow the training mesh's shards (config.json records its shape),
+  # which this host need not have: the rotations are built for an abstract mesh of that shape.
+  setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, config.seed,
+                        rotation_mesh=mesh_lib.recorded_mesh(config))
   manager = make_manager(workdir, read_only=True, async_save=False)
   try:
     restored = restore_latest(manager, setup.abstract_state, None, step)

@@ -45,7 +45,8 @@ _NON_NEGATIVE_INTS = ("optimizer.warmup_steps", "optimizer.decay_steps", "eval_e
 
 # Fields newer than some saved runs' config.json, and their defaults.
 _OPTIONAL_FIELDS: dict[str, Any] = {"optimizer.seed": 0, "optimizer.rotation": None,
-                                    "data_shards": 0}
+                                    "optimizer.shard_local": True, "data_shards": 0,
+                                    "topology": None}
 
 
 def _get(config: ml_collections.ConfigDict, path: str) -> Any:
@@ -102,6 +103,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     value = _get(config, path)
     if not isinstance(value, (int, float)) or value < 0:
       raise ValueError(f"config.{path}={value!r} must be a number >= 0 (0 disables it).")
+  if not isinstance(_get(config, "optimizer.shard_local"), bool):
+    raise ValueError(f"config.optimizer.shard_local={_get(config, 'optimizer.shard_local')!r} "
+                     "must be True or False.")
   if config.model.d_model % config.model.num_heads:
     raise ValueError(f"config.model.d_model={config.model.d_model} is not a multiple of "
                      f"config.model.num_heads={config.model.num_heads}.")

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import jax
 import ml_collections
@@ -33,8 +33,8 @@ from softmax_one_jax.training.config import (config_to_json, model_config_from, 
                                              validate_config)
 from softmax_one_jax.training.data_iter import ShardedIterator
 from softmax_one_jax.training.metrics import MetricsWriter
-from softmax_one_jax.training.state import (TrainSetup, build_optimizer, init_train_state,
-                                            make_setup, merge_model)
+from softmax_one_jax.training.state import (TrainSetup, init_train_state, merge_model,
+                                            setup_for_run)
 from softmax_one_jax.training.step import BATCH_KEYS, jit_eval_step, jit_train_step
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,14 @@ def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
   if not (workdir / ckpt_lib.CONFIG_FILE).exists():
     return
   old = ckpt_lib.read_config(workdir)
-  a = {**old.model.to_dict(), "optimizer.name": old.optimizer.name,
-       "optimizer.rotation": old.optimizer.get("rotation")}
-  b = {**config.model.to_dict(), "optimizer.name": config.optimizer.name,
-       "optimizer.rotation": config.optimizer.get("rotation")}
+  def identity(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    out = {**c.model.to_dict(), "optimizer.name": c.optimizer.name,
+           "optimizer.rotation": c.optimizer.get("rotation")}
+    if c.optimizer.name == "orthoadam" and c.optimizer.get("shard_local", True):
+      # Shard-local rotations follow the mesh: another mesh is another optimizer state.
+      out.update({f"mesh.{a}": c.mesh.get(a) for a in mesh_lib.MESH_AXES})
+    return out
+  a, b = identity(old), identity(config)
   diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   if diff:
     raise ValueError(
@@ -156,9 +160,11 @@ def outlier_metrics_for(setup: TrainSetup, params: Any, batch: dict[str, np.ndar
         "Outlier metrics need softmax_one_jax.analysis.outliers.outlier_metrics, which is not "
         f"importable ({e}); set --config.outlier_every_steps=0 to train without them.") from e
   model = merge_model(setup, params)
-  return {k: float(v) for k, v in outlier_metrics(
-      model, batch["inputs"], segment_ids=batch["segment_ids"],
-      positions=batch["positions"]).items()}
+  # Under the run's mesh the model runs its Pallas kernels per shard, as in the train step.
+  with jax.set_mesh(setup.mesh):
+    return {k: float(v) for k, v in outlier_metrics(
+        model, batch["inputs"], segment_ids=batch["segment_ids"],
+        positions=batch["positions"]).items()}
 
 
 def print_metrics_table(name: str, metrics: dict[str, float]) -> str:
@@ -177,15 +183,23 @@ def print_metrics_table(name: str, metrics: dict[str, float]) -> str:
   return table
 
 
-def _build(config: ml_collections.ConfigDict):
-  """Tokenizer, resolved config, model config, mesh and setup of a run."""
+def _build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None):
+  """Tokenizer, resolved config, model config, mesh and setup of a run.
+
+  Args:
+    config: the run config.
+    devices: the mesh's devices (default: all of this process's global devices); a compile-only
+      topology's devices build the same setup for a slice this host does not have.
+  """
   from softmax_one_jax.data import get_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = get_tokenizer(config.data)
   config = _resolve(config, tokenizer.vocab_size)
   model_cfg = model_config_from(config, tokenizer.vocab_size)
-  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  tx, schedule = build_optimizer(config.optimizer, config.num_train_steps)
-  setup = make_setup(model_cfg, tx, schedule, mesh, config.seed)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                            devices=devices)
+  for axis in mesh_lib.MESH_AXES:   # config.json records the mesh the run really used
+    config.mesh[axis] = int(mesh.shape[axis])
+  setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, config.seed)
   return tokenizer, config, model_cfg, setup
 
 

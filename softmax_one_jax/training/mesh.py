@@ -1,10 +1,7 @@
-"""Device mesh and the one table that maps logical axis names to mesh axes.
+"""The device mesh of a run and the shardings of its parameters, state and batches.
 
-The models name every parameter dimension with a logical axis ("vocab", "embed", "heads",
-"kv_heads", "mlp"); the batch dimension is "batch". ``LOGICAL_AXIS_RULES`` maps those names to
-the mesh axes ``("data", "fsdp", "tensor")``. A rule whose mesh axes have size 1, or that does not
-divide the dimension, or that reuses a mesh axis already taken by an earlier dimension of the same
-array, falls back to replication for that dimension, so every model runs on every mesh.
+Logical axis names map to mesh axes through the one rules table of ``softmax_one_jax.sharding``
+(``LOGICAL_AXIS_RULES``, re-exported here); a rule that cannot apply to a dimension replicates it.
 
 Example:
   >>> mesh = make_mesh(data=1, fsdp=-1, tensor=1)            # all devices on fsdp
@@ -20,20 +17,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
+from softmax_one_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_mesh_spec
 
-# logical axis name -> mesh axis, tuple of mesh axes, or None (replicated). The ONE rules table.
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("seq", None),
-)
+__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "batch_sharding", "global_batch", "logical_sharding",
+           "logical_to_mesh_spec", "make_mesh", "recorded_mesh", "replicated", "resolve_mesh_shape",
+           "tree_shardings"]
 
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
@@ -93,60 +83,20 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def _rule_for(name: str | None, rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
-  if name is None:
-    return ()
-  for logical, mesh_axes in rules:
-    if logical == name:
-      if mesh_axes is None:
-        return ()
-      return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-  raise ValueError(
-      f"Logical axis {name!r} has no entry in LOGICAL_AXIS_RULES "
-      f"(known: {[r[0] for r in rules]}); add it to softmax_one_jax/training/mesh.py.")
+def recorded_mesh(config: Any) -> AbstractMesh | None:
+  """An abstract mesh of the shape a run's ``config.mesh`` records (None if it holds a -1).
 
-
-def logical_to_mesh_spec(
-    logical: Sequence[str | None] | PartitionSpec,
-    shape: Sequence[int],
-    mesh: Mesh,
-    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
-) -> PartitionSpec:
-  """Maps logical axis names of an array to a mesh ``PartitionSpec``.
-
-  Per dimension, the mesh axes of its rule are kept only if their size is > 1, not yet used by
-  an earlier dimension, and their product divides the dimension; otherwise that dimension is
-  replicated. Trailing replicated dimensions are dropped.
-
-  Args:
-    logical: one logical name (or None) per dimension; may be shorter than ``shape``.
-    shape: the array's shape.
-    mesh: the device mesh.
-    rules: the logical -> mesh table (default ``LOGICAL_AXIS_RULES``).
-
-  Returns:
-    A ``PartitionSpec`` over ``mesh``'s axis names.
+  ``softmax-one train`` records the resolved shape in ``config.json``; shard-local OrthoAdam
+  state follows it, so reading that state needs the shape, not the devices.
 
   Example:
-    >>> logical_to_mesh_spec(("vocab", "embed"), (4096, 128), make_mesh(1, 4, 2))
-    PartitionSpec('tensor', 'fsdp')
+    >>> recorded_mesh(read_config("runs/tiny")).shape
+    OrderedDict([('data', 1), ('fsdp', 8), ('tensor', 1)])
   """
-  used: set[str] = set()
-  out: list[Any] = []
-  for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(tuple(logical)))):
-    axes = []
-    size = 1
-    for axis in _rule_for(name, rules):
-      n = mesh.shape[axis]
-      if n == 1 or axis in used or dim % (size * n):
-        continue
-      axes.append(axis)
-      size *= n
-    used.update(axes)
-    out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-  while out and out[-1] is None:
-    out.pop()
-  return PartitionSpec(*out)
+  sizes = tuple(int(config.mesh[a]) for a in MESH_AXES)
+  if any(s < 1 for s in sizes):
+    return None
+  return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_sharding(logical: Sequence[str | None] | PartitionSpec, shape: Sequence[int],
@@ -183,8 +133,7 @@ def batch_sharding(mesh: Mesh, global_batch_size: int | None = None) -> NamedSha
     mesh: the device mesh.
     global_batch_size: B, to check divisibility; None assumes it divides.
   """
-  shape = (global_batch_size if global_batch_size is not None else
-           math.prod(mesh.shape[a] for a in _rule_for("batch", LOGICAL_AXIS_RULES)), 1)
+  shape = (mesh.size if global_batch_size is None else global_batch_size, 1)
   return logical_sharding(("batch", None), shape, mesh)
 
 

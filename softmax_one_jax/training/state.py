@@ -82,14 +82,22 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int
+def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
+                    param_shardings: Any = None, abstract_params: Any = None,
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The run's optimizer: global-norm clipping, then AdamW or OrthoAdam with the schedule.
 
+  OrthoAdam's rotations act within each shard of a parameter when ``param_shardings`` are given
+  and ``opt.shard_local`` is on (the default): block-diagonal over the parameter's shards, so
+  the update moves no more data between devices than AdamW's. On one device (or with
+  ``opt.shard_local=False``) every rotation mixes whole axes.
+
   Args:
     opt: ``config.optimizer`` (name, learning_rate, warmup_steps, decay_steps, end_lr_fraction,
-      b1, b2, eps, weight_decay, grad_clip_norm, rotation).
+      b1, b2, eps, weight_decay, grad_clip_norm, rotation, seed, shard_local).
     num_train_steps: the run's length (cosine decay horizon when ``decay_steps`` is 0).
+    param_shardings: the parameters' shardings (``param_shardings``), for shard-local rotations.
+    abstract_params: the parameters' shapes (``abstract_model``), with ``param_shardings``.
 
   Returns:
     ``(tx, schedule)``: an optax transformation on the parameters and its learning-rate schedule.
@@ -99,8 +107,12 @@ def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int
     core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                        weight_decay=opt.weight_decay, mask=weight_decay_mask)
   elif opt.name == "orthoadam":
-    from softmax_one_jax.optim import orthoadam  # pylint: disable=import-outside-toplevel
-    kwargs = {} if opt.get("rotation") is None else {"rotation": opt.rotation}
+    from softmax_one_jax.optim import (  # pylint: disable=import-outside-toplevel
+        DEFAULT_ROTATION, orthoadam, shard_local_rotation)
+    rotation = opt.get("rotation") or DEFAULT_ROTATION
+    if param_shardings is not None and opt.get("shard_local", True):
+      rotation = shard_local_rotation(rotation, abstract_params, param_shardings)
+    kwargs = {"rotation": rotation}
     core = orthoadam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                      weight_decay=opt.weight_decay, mask=weight_decay_mask,
                      seed=int(opt.get("seed", 0) or 0), **kwargs)
@@ -192,6 +204,27 @@ def make_setup(model_cfg: Any, tx: optax.GradientTransformation, schedule: optax
     rest = jax.jit(lambda: init()[1], out_shardings=jax.tree.map(lambda _: rep, abs_rest))()
   return TrainSetup(graphdef=graphdef, rest=rest, tx=tx, schedule=schedule, mesh=mesh,
                     state_shardings=shardings, abstract_state=abstract)
+
+
+def setup_for_run(model_cfg: Any, opt: ml_collections.ConfigDict, num_train_steps: int,
+                  mesh: Mesh, seed: int, rotation_mesh: Any = None) -> TrainSetup:
+  """``make_setup`` with the run's optimizer built for its mesh (``build_optimizer`` given the
+  parameter shardings, so OrthoAdam's rotations act within each shard).
+
+  Args:
+    model_cfg, mesh, seed: as ``make_setup``.
+    opt, num_train_steps: as ``build_optimizer``.
+    rotation_mesh: the mesh whose shards OrthoAdam's rotations follow (default ``mesh``); e.g.
+      ``jax.sharding.AbstractMesh`` of a run's training mesh, to read its checkpoint elsewhere.
+
+  Example:
+    >>> setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, seed=0)
+  """
+  _, abstract_params, _ = abstract_model(model_cfg)
+  tx, schedule = build_optimizer(opt, num_train_steps,
+                                 param_shardings(abstract_params, rotation_mesh or mesh),
+                                 abstract_params)
+  return make_setup(model_cfg, tx, schedule, mesh, seed)
 
 
 def init_train_state(setup: TrainSetup, model_cfg: Any, seed: int) -> TrainState:

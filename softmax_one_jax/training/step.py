@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.nnx as nnx
@@ -108,6 +109,20 @@ def make_train_step(setup: TrainSetup, grad_accum_steps: int = 1,
   return step
 
 
+def in_mesh(fn: Callable[..., Any], mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+  """``fn`` traced under ``mesh`` (``jax.sharding.use_abstract_mesh``).
+
+  The model then sees the mesh: it constrains activations to their logical shardings, runs
+  Pallas kernels once per shard, and picks the kernels of the mesh's platform (a TPU program
+  compiled ahead of time on a CPU host takes the TPU paths).
+  """
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return wrapped
+
+
 def jit_train_step(setup: TrainSetup, grad_accum_steps: int, global_batch_size: int
                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """``make_train_step`` under ``jax.jit`` with explicit shardings and the state donated.
@@ -123,7 +138,7 @@ def jit_train_step(setup: TrainSetup, grad_accum_steps: int, global_batch_size: 
   step = make_train_step(setup, grad_accum_steps, mb_sh)
   rep = mesh_lib.replicated(mesh)
   batch_shardings = {k: b_sh for k in BATCH_KEYS}
-  return jax.jit(step, in_shardings=(setup.state_shardings, batch_shardings),
+  return jax.jit(in_mesh(step, mesh), in_shardings=(setup.state_shardings, batch_shardings),
                  out_shardings=(setup.state_shardings, rep), donate_argnums=(0,))
 
 
@@ -142,6 +157,6 @@ def jit_eval_step(setup: TrainSetup, batch_size: int
   def eval_step(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return _loss_sums(params, {k: batch[k] for k in BATCH_KEYS}, graphdef, rest)
 
-  return jax.jit(eval_step, in_shardings=(setup.state_shardings.params,
+  return jax.jit(in_mesh(eval_step, setup.mesh), in_shardings=(setup.state_shardings.params,
                                           {k: b_sh for k in BATCH_KEYS}),
                  out_shardings=(rep, rep))

@@ -30,7 +30,10 @@ def explicit_matrix(rot, shape) -> np.ndarray:
   if isinstance(rot, R.DenseRotation):
     return np.asarray(rot.q_nn, np.float64)
   if isinstance(rot, R.KroneckerRotation):
-    return functools.reduce(np.kron, [np.asarray(f, np.float64) for f in rot.factors], np.eye(1))
+    # A blocked factor [k, b, b] is the block-diagonal diag(f[0], ..., f[k-1]).
+    mats = [scipy.linalg.block_diag(*np.asarray(f, np.float64)) if f.ndim == 3
+            else np.asarray(f, np.float64) for f in rot.factors]
+    return functools.reduce(np.kron, mats, np.eye(1))
   if isinstance(rot, R.BlockRotation):
     blocks = [np.asarray(b, np.float64) for b in (list(rot.full[0]) if rot.full else [])]
     blocks += [np.asarray(t, np.float64) for t in rot.tail]
@@ -38,12 +41,19 @@ def explicit_matrix(rot, shape) -> np.ndarray:
   if isinstance(rot, R.HadamardRotation):
     mats = []
     perms = iter(rot.perms)
-    for d, signs in zip(shape, rot.signs):
-      p_dd = np.eye(d)
-      if d & (d - 1):  # Only axes whose length is not a power of two carry a permutation.
-        p_dd = np.zeros((d, d))
-        p_dd[np.arange(d), np.asarray(next(perms))] = 1.0  # (P x)[j] = x[perm[j]]
-      mats.append(_np_hadamard_axis(d) @ p_dd @ np.diag(np.asarray(signs, np.float64)))
+    for signs in rot.signs:
+      # Signs [b] (one block) or [k, b] (k blocks of length b, each its own H P D).
+      signs = np.asarray(signs, np.float64).reshape(-1, np.shape(signs)[-1])
+      b = signs.shape[1]
+      perm = np.asarray(next(perms)).reshape(signs.shape) if b & (b - 1) else None
+      blocks = []
+      for j in range(signs.shape[0]):
+        p_bb = np.eye(b)
+        if perm is not None:  # Only blocks whose length is not a power of two are permuted.
+          p_bb = np.zeros((b, b))
+          p_bb[np.arange(b), perm[j]] = 1.0  # (P x)[i] = x[perm[i]]
+        blocks.append(_np_hadamard_axis(b) @ p_bb @ np.diag(signs[j]))
+      mats.append(scipy.linalg.block_diag(*blocks))
     return functools.reduce(np.kron, mats, np.eye(1))
   raise TypeError(rot)
 

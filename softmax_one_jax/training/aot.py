@@ -1,0 +1,309 @@
+"""Ahead-of-time compilation of a run's train and eval steps for a slice this host does not have.
+
+``compile_run(config, "v5e:4x4")`` builds the devices of a TPU slice from libtpu's topology
+description (no TPU needed), lays the run's mesh over them, and lowers and compiles the very train
+and eval steps ``softmax-one train`` would run there: the model traced under a mesh of TPU devices
+takes the TPU paths (splash attention per shard, the platform's OrthoAdam transforms) although this
+process's own backend is the CPU. From the compiled programs it reads, per chip: parameter and
+optimizer-state bytes, XLA's memory analysis against the chip's HBM, the collectives and their
+bytes, the Pallas kernels present, XLA's cost analysis, and a roofline estimate of step time.
+
+Example:
+  >>> report = compile_run(config, "v5e:2x2")          # config: experiments/configs/gpt2.py:60m,...
+  >>> print(format_report(report))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from softmax_one_jax.training import chips as chips_lib
+from softmax_one_jax.training import gpu_targets
+from softmax_one_jax.training import hlo
+from softmax_one_jax.training import mesh as mesh_lib
+from softmax_one_jax.training.config import validate_config
+from softmax_one_jax.training.step import BATCH_KEYS, jit_eval_step, jit_train_step
+
+TPU_AOT_HINT = ('Compiling for a TPU slice needs libtpu: pip install -e ".[tpu-aot]" (it installs '
+                'the libtpu that matches the installed jax).')
+GPU_AOT_HINT = ("Compiling for NVIDIA GPUs needs the CUDA PJRT plugin of the installed jax: "
+                'pip install "jax-cuda12-pjrt==$(python -c \'import jax; print(jax.__version__)\')"'
+                " (no GPU or CUDA libraries needed).")
+
+# libtpu's accelerator-type names, from the slice's chip count (v4 and v5p count TensorCores).
+_ACCELERATOR_TYPE = {"v4": "v4-{cores}", "v5e": "v5litepod-{chips}", "v5p": "v5p-{cores}",
+                     "v6e": "v6e-{chips}"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+  """What one compiled program costs per chip.
+
+  Attributes:
+    compile_s: seconds to lower and compile.
+    memory: ``hlo.memory_report`` (bytes: argument, output, alias, temp, generated code, peak).
+    collectives: kind -> ``hlo.CollectiveStats`` (count, result bytes per chip).
+    kernels: Pallas kernels in the program ({"mosaic": n, "triton": n}).
+    flops: XLA's cost analysis, FLOPs per chip (Pallas kernels are not costed by XLA).
+    bytes_accessed: XLA's cost analysis, HBM bytes per chip.
+  """
+
+  compile_s: float
+  memory: dict[str, int]
+  collectives: dict[str, Any]
+  kernels: dict[str, int]
+  flops: float
+  bytes_accessed: float
+
+  @property
+  def collective_bytes(self) -> int:
+    return int(sum(c.bytes for c in self.collectives.values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+  """A run's train and eval steps compiled for one slice (every byte figure is per chip)."""
+
+  name: str
+  topology: str
+  chip: chips_lib.Chip
+  num_chips: int
+  mesh: dict[str, int]
+  attention: str
+  num_params: int
+  param_bytes: int               # this chip's shard of the parameters
+  model_param_bytes: int         # all the parameters, unsharded (collectives are compared to it)
+  opt_state_bytes: int           # this chip's shard of the optimizer state
+  tokens_per_step: int
+  model_flops: float             # per chip per step: 6 N D + attention (PaLM's formula)
+  train: StepReport
+  eval: StepReport
+  roofline: Any                  # hlo.Roofline of the train step
+
+  @property
+  def fits(self) -> bool:
+    return self.peak_bytes <= self.chip.hbm_bytes
+
+  @property
+  def peak_bytes(self) -> int:
+    return max(self.train.memory["peak_bytes"], self.eval.memory["peak_bytes"])
+
+  @property
+  def collective_ratio(self) -> float:
+    """The train step's collective bytes per chip over the whole model's parameter bytes."""
+    return self.train.collective_bytes / self.model_param_bytes
+
+  @property
+  def mfu(self) -> float:
+    """Model FLOPs utilisation at the roofline's (no-overlap) step time."""
+    return self.model_flops / (self.roofline.step_s * self.chip.peak_flops)
+
+
+def _set_libtpu_environment(generation: str, chips: int) -> None:
+  """Lets libtpu start on a host that is not a TPU VM, quietly, in several processes at once (it
+  takes a host-wide lock by default); sets only what is unset."""
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE",
+                        _ACCELERATOR_TYPE[generation].format(chips=chips, cores=2 * chips))
+
+
+def slice_devices(topology: str) -> list[Any]:
+  """The devices of a TPU slice, e.g. ``"v5e:4x4"`` (16 chips), from libtpu without a TPU, or of
+  GPU nodes, e.g. ``"h100:8"`` (``gpu_targets``), from the CUDA plugin without a GPU.
+
+  Raises:
+    ValueError: an unknown topology name (says the form).
+    RuntimeError: libtpu is not installed (says how to install it).
+
+  Example:
+    >>> len(slice_devices("v5e:2x2")), slice_devices("v5e:2x2")[0].device_kind
+    (4, 'TPU v5 lite')
+  """
+  if gpu_targets.is_gpu_topology(topology):
+    return _gpu_devices(gpu_targets.parse_gpu_topology(topology))
+  slice_ = chips_lib.parse_topology(topology)
+  if importlib.util.find_spec("libtpu") is None:
+    raise RuntimeError(TPU_AOT_HINT)
+  _set_libtpu_environment(topology.split(":")[0], slice_.num_chips)
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  return list(topologies.get_topology_desc(platform="tpu", topology_name=slice_.name,
+                                           **slice_.desc_kwargs).devices)
+
+
+def _gpu_devices(node: gpu_targets.GpuTopology) -> list[Any]:
+  if not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)):
+    raise RuntimeError(GPU_AOT_HINT)
+  if jax.config.jax_platforms != "cpu":
+    raise RuntimeError("Compiling for absent GPUs needs JAX_PLATFORMS=cpu (the CUDA plugin "
+                       "otherwise looks for a local GPU); `softmax-one compile` sets it.")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  return list(topologies.get_topology_desc(
+      platform="cuda", topology=node.topology,
+      target_config=gpu_targets.gpu_target_config(node.chip)).devices)
+
+
+def _per_chip_bytes(abstract_tree: Any) -> int:
+  """Bytes of one device's shard of every leaf (``ShapeDtypeStruct`` with a sharding)."""
+  total = 0
+  for x in jax.tree.leaves(abstract_tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+  return int(total)
+
+
+def _compile_step(jitted: Any, *abstract_args: Any) -> StepReport:
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*abstract_args).compile()
+  compile_s = time.perf_counter() - t0
+  text = compiled.as_text()
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, (list, tuple)):   # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return StepReport(compile_s=compile_s, memory=hlo.memory_report(compiled),
+                    collectives=hlo.collective_stats(text), kernels=hlo.custom_kernels(text),
+                    flops=float(cost.get("flops", 0.0)),
+                    bytes_accessed=float(cost.get("bytes accessed", 0.0)))
+
+
+def _abstract_batch(batch: int, seq: int, mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  sharding = mesh_lib.batch_sharding(mesh, batch)
+  return {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "weights" else jnp.int32,
+                                  sharding=sharding) for k in BATCH_KEYS}
+
+
+def model_flops_per_token(model_cfg: Any, num_params: int, seq_len: int) -> float:
+  """Training FLOPs per token: ``6 N`` plus causal attention's ``6 L T H_total`` (PaLM, App. B,
+  halved for the causal mask), N without the position table.
+
+  Example:
+    >>> model_flops_per_token(preset("tiny"), 1_000_000, 128) / 1e6
+    6.1...
+  """
+  c = model_cfg
+  attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
+  positions = c.max_seq_len * c.d_model if c.position == "learned" else 0
+  return 6.0 * (num_params - positions) + attention
+
+
+def compile_run(config: ml_collections.ConfigDict, topology: str) -> CompileReport:
+  """Compiles the run's train and eval steps for a TPU slice and measures them (see module doc).
+
+  Args:
+    config: a run config (experiments/configs/*.py), validated against the slice's chip count.
+    topology: the slice, e.g. "v5e:4x4".
+
+  Returns:
+    A ``CompileReport``.
+  """
+  from softmax_one_jax.training.loop import _build  # pylint: disable=import-outside-toplevel
+  devices = slice_devices(topology)
+  validate_config(config, num_devices=len(devices), process_count=1)
+  _, config, model_cfg, setup = _build(config, devices=devices)
+  chip = chips_lib.chip_for(devices[0].device_kind)
+  b, t = config.global_batch_size, config.seq_len
+  train = _compile_step(jit_train_step(setup, config.grad_accum_steps, b),
+                        setup.abstract_state, _abstract_batch(b, t, setup.mesh))
+  eval_ = _compile_step(jit_eval_step(setup, config.eval_batch_size),
+                        setup.abstract_state.params,
+                        _abstract_batch(config.eval_batch_size, t, setup.mesh))
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
+  model_flops = model_flops_per_token(model_cfg, num_params, t) * b * t / len(devices)
+  # Pallas kernels are custom calls that XLA does not cost: their attention FLOPs are added.
+  attention_flops = 0.0
+  if train.kernels.get("mosaic") or train.kernels.get("triton"):
+    attention_flops = (6 * model_cfg.num_layers * t * model_cfg.num_heads * model_cfg.head_dim
+                       * b * t / len(devices))
+  # XLA has no cost analysis for GPU programs compiled without a GPU: the model's FLOPs stand in.
+  flops = train.flops + attention_flops if train.flops else model_flops
+  roofline = hlo.roofline(flops, train.bytes_accessed, train.collective_bytes, chip)
+  from softmax_one_jax.attention import resolve_implementation  # pylint: disable=import-outside-toplevel
+  return CompileReport(
+      name=config.name, topology=topology, chip=chip, num_chips=len(devices),
+      mesh=dict(setup.mesh.shape),
+      attention=resolve_implementation(model_cfg.attention_impl, dtype=model_cfg.dtype,
+                                       backend=devices[0].platform),
+      num_params=int(num_params),
+      param_bytes=_per_chip_bytes(setup.abstract_state.params),
+      model_param_bytes=int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                                for x in jax.tree.leaves(setup.abstract_state.params))),
+      opt_state_bytes=_per_chip_bytes(setup.abstract_state.opt_state),
+      tokens_per_step=b * t, model_flops=model_flops, train=train, eval=eval_,
+      roofline=roofline)
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
+def _collectives_line(step: StepReport) -> str:
+  parts = [f"{kind} {c.count} x, {_gib(c.bytes)}" for kind, c in sorted(step.collectives.items())
+           if c.count]
+  return "; ".join(parts) or "none"
+
+
+def format_report(r: CompileReport) -> str:
+  """The report as the Markdown that ``softmax-one compile`` prints."""
+  headroom = 1.0 - r.peak_bytes / r.chip.hbm_bytes
+  fit = (f"fits, {headroom:.0%} headroom" if r.fits else
+         f"DOES NOT FIT: {_gib(r.peak_bytes - r.chip.hbm_bytes)} over")
+  rl = r.roofline
+  rows = [
+      ("slice", f"{r.topology}: {r.num_chips} x {r.chip.name}, mesh "
+                + " x ".join(f"{k}={v}" for k, v in r.mesh.items())),
+      ("attention path", r.attention),
+      ("parameters", f"{r.num_params / 1e6:,.1f} M; {_gib(r.param_bytes)} per chip"),
+      ("optimizer state", f"{_gib(r.opt_state_bytes)} per chip"),
+      ("train step memory", f"peak {_gib(r.train.memory['peak_bytes'])} (temporaries "
+                            f"{_gib(r.train.memory['temp_bytes'])}) of {_gib(r.chip.hbm_bytes)}"),
+      ("eval step memory", f"peak {_gib(r.eval.memory['peak_bytes'])}"),
+      ("fits", fit),
+      ("train collectives", f"{_collectives_line(r.train)} (total {_gib(r.train.collective_bytes)}"
+                            f" = {r.collective_ratio:.2f}x the model's parameter bytes)"),
+      ("eval collectives", _collectives_line(r.eval)),
+      ("Pallas kernels", f"train {dict(r.train.kernels)}, eval {dict(r.eval.kernels)}"),
+      ("compile time", f"train {r.train.compile_s:.0f} s, eval {r.eval.compile_s:.0f} s"),
+      ("XLA cost (train)", f"{r.train.flops / 1e12:.2f} TFLOP, "
+                           f"{r.train.bytes_accessed / 1e9:.1f} GB accessed" if r.train.flops else
+                           "none for this platform: compute time from the model's FLOPs, no "
+                           "memory time"),
+      ("roofline (train)", f"compute {rl.compute_s * 1e3:.1f} ms, memory {rl.memory_s * 1e3:.1f} ms,"
+                           f" communication {rl.comm_s * 1e3:.1f} ms: {rl.bound}-bound; step "
+                           f"{rl.step_s * 1e3:.1f} ms without overlap ({rl.step_overlap_s * 1e3:.1f}"
+                           " ms with perfect overlap)"),
+      ("throughput", f"{r.tokens_per_step / rl.step_s:,.0f} tokens/s; MFU {r.mfu:.0%} "
+                     f"({r.model_flops / 1e12:.2f} model TFLOP per chip per step)"),
+  ]
+  width = max(len(k) for k, _ in rows)
+  lines = [f"## {r.name} on {r.topology} (per chip)", "", "| | |", "|---|---|"]
+  lines += [f"| {k:<{width}} | {v} |" for k, v in rows]
+  return "\n".join(lines)
+
+
+def report_record(r: CompileReport) -> dict[str, Any]:
+  """A JSON-ready summary of the report (one row of the paper-grid table)."""
+  def step(s: StepReport) -> dict[str, Any]:
+    return {"compile_s": s.compile_s, "memory": s.memory, "kernels": dict(s.kernels),
+            "collectives": {k: {"count": c.count, "bytes": c.bytes}
+                            for k, c in s.collectives.items()},
+            "collective_bytes": s.collective_bytes, "flops": s.flops,
+            "bytes_accessed": s.bytes_accessed}
+  return {"name": r.name, "topology": r.topology, "chip": r.chip.name, "num_chips": r.num_chips,
+          "mesh": r.mesh, "attention": r.attention, "num_params": r.num_params,
+          "param_bytes": r.param_bytes, "model_param_bytes": r.model_param_bytes,
+          "collective_ratio": r.collective_ratio, "opt_state_bytes": r.opt_state_bytes,
+          "hbm_bytes": r.chip.hbm_bytes, "peak_bytes": r.peak_bytes, "fits": r.fits,
+          "tokens_per_step": r.tokens_per_step, "model_flops": r.model_flops,
+          "roofline": dataclasses.asdict(r.roofline) if dataclasses.is_dataclass(r.roofline)
+          else r.roofline._asdict(),
+          "mfu": r.mfu, "train": step(r.train), "eval": step(r.eval)}

@@ -1,0 +1,97 @@
+"""Pallas attention kernels run once per shard (``jax.shard_map``) under an 8-device CPU mesh.
+
+The kernels run in the Pallas interpreters. Outputs and q/k/v gradients of the sharded call are
+compared with float64 numpy; the program must hold a ``shard_map`` around the kernel and move no
+data between devices (attention is independent across examples and heads).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+
+from softmax_one_jax.attention import AttentionSharding, attention_stats, dot_product_attention
+from tests.attention.reference_np import np_attention
+from tests.attention.test_pallas_gpu import np_attention_grads, random_case
+
+SHARDING = AttentionSharding(batch=("data", "fsdp"), heads="tensor")
+COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                        r"(-start)?\(")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+
+
+def mesh_for(impl: str):
+  """8 devices; 4 for the TPU interpreter, which holds every simulated device at a barrier in each
+  kernel call: XLA:CPU on a 2-core host does not run 8 device programs at once, so 8 deadlock."""
+  devices = jax.devices()[:4] if impl == "pallas_tpu" else jax.devices()
+  shape = (1, 2, 2) if impl == "pallas_tpu" else (2, 2, 2)
+  return jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def _sharded(mesh, fn, args, kinds):
+  """``jax.jit(fn)`` with each argument laid out by its kind ("btnh" / "bt"), under the mesh."""
+  shardings = tuple(NamedSharding(mesh, getattr(SHARDING, kind)()) for kind in kinds)
+  args = tuple(jax.device_put(a, s) for a, s in zip(args, shardings))
+  with jax.set_mesh(mesh):
+    jitted = jax.jit(fn, in_shardings=shardings)
+    text = jitted.lower(*args).compile().as_text()
+    jaxpr = str(jax.make_jaxpr(fn)(*args))
+    return jitted(*args), text, jaxpr
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("softmax", ["softmax1", "softmax"])
+def test_kernel_per_shard_matches_numpy(np_rng, impl, softmax):
+  # B=4 over data x fsdp, N=4 query and K=2 key/value heads over tensor (GQA groups stay whole).
+  q, k, v, w, ids = random_case(np_rng, 4, 40, 40, 4, 2, 32, jnp.float32, segments="self")
+  opts = dict(softmax=softmax, is_causal=True, implementation=impl, interpret=True,
+              sharding=SHARDING)
+
+  def loss_and_grads(q, k, v, ids):
+    def loss(q, k, v):
+      out = dot_product_attention(q, k, v, segment_ids=ids, **opts)
+      return jnp.sum(out * w), out
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return out, *grads
+
+  got, text, jaxpr = _sharded(mesh_for(impl), loss_and_grads, (q, k, v, ids), ("btnh",) * 3 + ("bt",))
+  assert "shard_map" in jaxpr
+  assert not COLLECTIVE.search(text), "per-shard attention moved data between devices"
+  want = np_attention_grads(q, k, v, w, softmax=softmax, is_causal=True,
+                            segment_ids=np.asarray(ids))
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=2e-4, atol=2e-5)
+
+
+def test_statistics_kernel_per_shard_matches_numpy(mesh, np_rng):
+  q, k, _, _, ids = random_case(np_rng, 4, 24, 24, 4, 2, 32, jnp.float32, segments="self")
+
+  def stats(q, k, ids):
+    return attention_stats(q, k, softmax="softmax1", is_causal=True, segment_ids=ids,
+                           implementation="pallas", interpret=True, sharding=SHARDING)
+
+  (lse, row_max, first), text, jaxpr = _sharded(mesh, stats, (q, k, ids), ("btnh", "btnh", "bt"))
+  assert "shard_map" in jaxpr and not COLLECTIVE.search(text)
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  _, probs = np_attention(q, k, k, softmax="softmax1", is_causal=True,
+                          segment_ids=np.asarray(ids), scale=scale)
+  # p_first = exp(s_0 - lse) wherever key 0 is visible: the kernel's lse against numpy's p.
+  np.testing.assert_allclose(np.exp(np.asarray(first, np.float64) - np.asarray(lse, np.float64)),
+                             probs[..., 0], rtol=1e-4, atol=1e-6)
+  assert lse.shape == row_max.shape == (4, 4, 24)
+
+
+def test_without_a_mesh_the_kernel_is_called_directly(np_rng):
+  q, k, v, _, _ = random_case(np_rng, 2, 16, 16, 2, 2, 32, jnp.float32)
+  fn = lambda q, k, v: dot_product_attention(q, k, v, implementation="pallas_gpu",  # noqa: E731
+                                             interpret=True, sharding=SHARDING)
+  assert "shard_map" not in str(jax.make_jaxpr(fn)(q, k, v))
+  np.testing.assert_allclose(fn(q, k, v), np_attention(q, k, v)[0], rtol=2e-5, atol=2e-5)

@@ -1,0 +1,108 @@
+"""``softmax-one compile``: the real TPU programs of our configs, built on this CPU host.
+
+The command runs as a user runs it (a subprocess, the repository's configs, a v5e slice). It needs
+libtpu (``pip install -e ".[tpu-aot]"``, which CI installs); without it only the error test runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from softmax_one_jax.models import preset
+from softmax_one_jax.training import aot
+from tests.training._micro import REPO, cpu_env
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason='libtpu is not installed (pip install -e ".[tpu-aot]"); CI installs it')
+
+
+def _compile(tmp_path, config: str, topology: str = "v5e:2x2") -> tuple[dict, str]:
+  out = tmp_path / f"{config.replace(':', '_').replace(',', '_')}.json"
+  cmd = [sys.executable, "-m", "softmax_one_jax.cli", "compile",
+         f"--config={REPO}/experiments/configs/{config}", f"--topology={topology}",
+         f"--json={out}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(1), cwd=REPO,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(out.read_text()), proc.stdout
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_tiny_compiles_for_a_v5e_slice_with_the_splash_kernel(tmp_path):
+  report, printed = _compile(tmp_path, "tiny.py")
+  assert report["attention"] == "pallas_tpu" and report["num_chips"] == 4
+  assert report["train"]["kernels"]["mosaic"] >= 3       # forward, dq, dkv in the train step
+  assert report["eval"]["kernels"]["mosaic"] >= 1
+  assert report["fits"] and report["peak_bytes"] < report["hbm_bytes"]
+  assert "| fits" in printed and "pallas_tpu" in printed
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_gpt2_60m_orthoadam_moves_what_adamw_moves_on_a_v5e_slice(tmp_path):
+  adamw, _ = _compile(tmp_path, "gpt2.py:60m,softmax1,adamw")
+  ortho, _ = _compile(tmp_path, "gpt2.py:60m,softmax1,orthoadam")
+  for r in (adamw, ortho):
+    assert r["train"]["kernels"]["mosaic"] >= 3 and r["fits"]
+    # FSDP moves weights: a few times the model's parameter bytes per chip per step.
+    assert r["collective_ratio"] <= 4.0, r["train"]["collectives"]
+  assert ortho["train"]["collective_bytes"] <= 1.1 * adamw["train"]["collective_bytes"], (
+      ortho["train"]["collectives"], adamw["train"]["collectives"])
+
+
+def test_missing_libtpu_is_reported_with_the_install_command(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "libtpu" else real(name, *a))
+  with pytest.raises(RuntimeError, match=r'pip install -e "\.\[tpu-aot\]"'):
+    aot.slice_devices("v5e:2x2")
+
+
+def test_unknown_topology_names_the_form():
+  with pytest.raises(ValueError, match="v5e:4x4"):
+    aot.slice_devices("v9:2x2")
+
+
+def test_model_flops_per_token_is_six_n_plus_causal_attention():
+  cfg = preset("llama2-60m")           # RoPE: no position table
+  n, t = 58_000_000, 256
+  want = 6 * n + 6 * cfg.num_layers * t * cfg.num_heads * cfg.head_dim
+  assert aot.model_flops_per_token(cfg, n, t) == want
+  gpt = preset("gpt2-60m")             # learned positions are a lookup, not a matmul
+  assert aot.model_flops_per_token(gpt, n, t) == (
+      6 * (n - gpt.max_seq_len * gpt.d_model) + 6 * gpt.num_layers * t * gpt.d_model)
+
+
+needs_cuda_plugin = pytest.mark.skipif(
+    not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)),
+    reason="the CUDA PJRT plugin is not installed (.ci/run installs jax-cuda12-pjrt)")
+
+
+@needs_cuda_plugin
+@pytest.mark.slow
+def test_tiny_compiles_for_an_h100_node_with_the_triton_kernels(tmp_path):
+  report, printed = _compile(tmp_path, "tiny.py", topology="h100:8")
+  assert report["attention"] == "pallas_gpu" and report["num_chips"] == 8
+  assert report["chip"] == "NVIDIA H100 SXM"
+  assert report["train"]["kernels"]["triton"] >= 3       # forward, dq, dkv in the train step
+  assert report["train"]["kernels"]["mosaic"] == 0
+  assert report["fits"] and "pallas_gpu" in printed
+
+
+def test_gpu_target_description_carries_the_chip():
+  from softmax_one_jax.training import chips, gpu_targets  # pylint: disable=import-outside-toplevel
+  h200 = chips.CHIPS["NVIDIA H200"]
+  text = gpu_targets.gpu_target_config(h200)
+  assert f"device_memory_size: {141 * 2**30}" in text and "memory_bandwidth: 4800000000000" in text
+  assert 'device_description_str: "NVIDIA H200"' in text and "major: 9" in text
+  node = gpu_targets.parse_gpu_topology("h200:4x8")
+  assert (node.num_chips, node.topology, node.chip) == (32, "1x4x8", h200)
+  with pytest.raises(ValueError, match="h100:8"):
+    gpu_targets.parse_gpu_topology("h100:eight")
