@@ -183,13 +183,15 @@ def print_metrics_table(name: str, metrics: dict[str, float]) -> str:
   return table
 
 
-def _build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None):
+def _build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
+           rotation_mesh: Any = None):
   """Tokenizer, resolved config, model config, mesh and setup of a run.
 
   Args:
     config: the run config.
     devices: the mesh's devices (default: all of this process's global devices); a compile-only
       topology's devices build the same setup for a slice this host does not have.
+    rotation_mesh: the mesh OrthoAdam's shard-local rotations follow (default: the run's own).
   """
   from softmax_one_jax.data import get_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = get_tokenizer(config.data)
@@ -199,7 +201,8 @@ def _build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | No
                             devices=devices)
   for axis in mesh_lib.MESH_AXES:   # config.json records the mesh the run really used
     config.mesh[axis] = int(mesh.shape[axis])
-  setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, config.seed)
+  setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, config.seed,
+                        rotation_mesh=rotation_mesh)
   return tokenizer, config, model_cfg, setup
 
 
@@ -358,9 +361,11 @@ def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches:
   workdir = pathlib.Path(workdir)
   config = ckpt_lib.read_config(workdir)
   validate_config(config)
-  # Evaluation runs on whatever devices are here: all of them on fsdp.
+  # Evaluation runs on whatever devices are here, all of them on fsdp; OrthoAdam's state keeps
+  # the shapes of the training mesh, which config.json records.
+  training_mesh = mesh_lib.recorded_mesh(config)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-  tokenizer, config, _, setup = _build(config)
+  tokenizer, config, _, setup = _build(config, rotation_mesh=training_mesh)
   manager = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
   try:
     restored = ckpt_lib.restore_latest(manager, setup.abstract_state, None, step)

@@ -58,11 +58,14 @@ def _total(stats) -> int:
   return sum(s.bytes for s in stats.values())
 
 
-@pytest.mark.parametrize("layout", [(1, 8, 1), (2, 4, 1)], ids=["fsdp8", "data2-fsdp4"])
+@pytest.mark.parametrize("layout", [(8, 1, 1), (1, 8, 1), (2, 4, 1)],
+                         ids=["data8", "fsdp8", "data2-fsdp4"])
 def test_fsdp_step_moves_weights_not_activations(layout):
   stats, param_bytes, text = _step_collectives(_config("adamw"), layout)
-  # FSDP: gather each weight for the forward and backward, reduce-scatter its gradient.
-  assert _total(stats) <= 4 * param_bytes, {k: v for k, v in stats.items() if v.count}
+  # Data parallel: one all-reduce of the gradients (~1x the parameter bytes). FSDP: gather each
+  # weight for the forward and the backward, reduce-scatter its gradient (~2-3x).
+  assert _total(stats) <= (1.5 if layout[1] == 1 else 4) * param_bytes, {
+      k: v for k, v in stats.items() if v.count}
   # No gathered array holds the global batch's activations ([B, T, ...] or [B*T, ...]).
   gathered = [hlo.shape_bytes(line.split(" = ", 1)[1].split(" all-gather", 1)[0])
               for line in text.splitlines() if " all-gather(" in line]
