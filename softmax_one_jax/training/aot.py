@@ -26,11 +26,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from softmax_one_jax.attention import resolve_implementation
 from softmax_one_jax.training import chips as chips_lib
 from softmax_one_jax.training import gpu_targets
 from softmax_one_jax.training import hlo
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.training.config import validate_config
+from softmax_one_jax.training.loop import build_run
 from softmax_one_jax.training.step import BATCH_KEYS, jit_eval_step, jit_train_step
 
 TPU_AOT_HINT = ('Compiling for a TPU slice needs libtpu: pip install -e ".[tpu-aot]" (it installs '
@@ -205,7 +207,7 @@ def step_roofline(xla_flops: float, model_flops: float, hbm_bytes: float,
   count and ``model_flops`` (a floor: remat adds to it).
 
   Example:
-    >>> step_roofline(0.0, 197e12, 0.0, 0.0, chips.chip_for("TPU v5 lite")).compute_s
+    >>> step_roofline(0.0, 197e12, 0.0, 0.0, chips_lib.chip_for("TPU v5 lite")).compute_s
     1.0
   """
   return hlo.roofline(max(xla_flops, model_flops), hbm_bytes, collective_bytes, chip)
@@ -221,10 +223,9 @@ def compile_run(config: ml_collections.ConfigDict, topology: str) -> CompileRepo
   Returns:
     A ``CompileReport``.
   """
-  from softmax_one_jax.training.loop import _build  # pylint: disable=import-outside-toplevel
   devices = slice_devices(topology)
   validate_config(config, num_devices=len(devices), process_count=1)
-  _, config, model_cfg, setup = _build(config, devices=devices)
+  _, config, model_cfg, setup = build_run(config, devices=devices)
   chip = chips_lib.chip_for(devices[0].device_kind)
   b, t = config.global_batch_size, config.seq_len
   train = _compile_step(jit_train_step(setup, config.grad_accum_steps, b),
@@ -241,7 +242,6 @@ def compile_run(config: ml_collections.ConfigDict, topology: str) -> CompileRepo
                        * b * t / len(devices))
   roofline = step_roofline(train.flops + attention_flops, model_flops, train.bytes_accessed,
                            train.collective_bytes, chip)
-  from softmax_one_jax.attention import resolve_implementation  # pylint: disable=import-outside-toplevel
   return CompileReport(
       name=config.name, topology=topology, chip=chip, num_chips=len(devices),
       mesh=dict(setup.mesh.shape),

@@ -183,7 +183,7 @@ def print_metrics_table(name: str, metrics: dict[str, float]) -> str:
   return table
 
 
-def _build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
+def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
            rotation_mesh: Any = None):
   """Tokenizer, resolved config, model config, mesh and setup of a run.
 
@@ -225,7 +225,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
   validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
   workdir = pathlib.Path(workdir)
-  tokenizer, config, model_cfg, setup = _build(config)
+  tokenizer, config, model_cfg, setup = build_run(config)
   _check_same_run(workdir, config)
   ckpt_lib.write_config(workdir, config)
 
@@ -365,7 +365,7 @@ def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches:
   # the shapes of the training mesh, which config.json records.
   training_mesh = mesh_lib.recorded_mesh(config)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-  tokenizer, config, _, setup = _build(config, rotation_mesh=training_mesh)
+  tokenizer, config, _, setup = build_run(config, rotation_mesh=training_mesh)
   manager = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
   try:
     restored = ckpt_lib.restore_latest(manager, setup.abstract_state, None, step)
@@ -384,5 +384,5 @@ def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches:
   return {**metrics, "step": restored_step}
 
 
-__all__ = ["NonFiniteError", "PREEMPTED_EXIT_CODE", "evaluate", "outlier_metrics_for",
+__all__ = ["NonFiniteError", "PREEMPTED_EXIT_CODE", "build_run", "evaluate", "outlier_metrics_for",
            "print_metrics_table", "train", "validation_metrics", "config_to_json"]
