@@ -9,6 +9,8 @@ Example:
   ['inputs', 'positions', 'segment_ids', 'targets', 'weights']
 """
 
+from softmax_one_jax.data.bigram_backcopy import BigramBackcopyTask
+from softmax_one_jax.data.bigram_backcopy import bayes_optimal_loss
 from softmax_one_jax.data.config import default_data_config
 from softmax_one_jax.data.pipeline import build_train_iterator
 from softmax_one_jax.data.pipeline import get_tokenizer
@@ -16,15 +18,19 @@ from softmax_one_jax.data.pipeline import train_dataset
 from softmax_one_jax.data.pipeline import validation_batches
 from softmax_one_jax.data.prepare import prepare
 from softmax_one_jax.data.prepare import prepare_main
+from softmax_one_jax.data.synthetic import task_for_config
 from softmax_one_jax.data.tokenizers import Tokenizer
 
 __all__ = [
+    "BigramBackcopyTask",
     "Tokenizer",
+    "bayes_optimal_loss",
     "build_train_iterator",
     "default_data_config",
     "get_tokenizer",
     "prepare",
     "prepare_main",
+    "task_for_config",
     "train_dataset",
     "validation_batches",
 ]

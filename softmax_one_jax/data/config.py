@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-SOURCES = ("default", "text", "arrayrecord", "c4")
+SOURCES = ("default", "text", "arrayrecord", "c4", "bigram_backcopy")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -13,7 +13,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   Fields:
     source: "default" (embedded Austen corpus, one document per chapter) | "text" (local files,
       ``paths``) | "arrayrecord" (a folder written by ``softmax-one prepare``, ``paths``) |
-      "c4" (same as "arrayrecord": C4 is read through ``softmax-one prepare --source c4``).
+      "c4" (same as "arrayrecord": C4 is read through ``softmax-one prepare --source c4``) |
+      "bigram_backcopy" (the synthetic Bigram-Backcopy task, generated on the fly, see
+      ``bigram_backcopy.py``; it brings its own character tokenizer and ignores ``tokenizer``).
     paths: comma-separated files or globs for "text"; the prepared folder for "arrayrecord"/"c4".
     tokenizer: "gpt2" | "bpe" (trained on the corpus and cached) | "sentencepiece".
     tokenizer_path: optional ranks/model file: GPT-2 ranks (default: shipped), a BPE ``.tiktoken``
@@ -28,6 +30,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     prefetch_buffer_size: batches a background thread prepares ahead (0 = none).
     cache_dir: tokenizer and token-id cache; "" = $SOFTMAX_ONE_JAX_CACHE or
       ~/.cache/softmax_one_jax.
+    bb_corpus: "bigram_backcopy" only: comma-separated text files or globs whose characters and
+      bigrams define the task; "" = the embedded corpus.
+    bb_triggers: "bigram_backcopy" only: k, the number of trigger characters (the k most frequent).
+    bb_validation_sequences: "bigram_backcopy" only: held-out sequences when
+      ``validation_batches`` is asked for all of them.
 
   Example:
     >>> cfg = default_data_config()
@@ -46,6 +53,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.num_workers = 0
   cfg.prefetch_buffer_size = 0
   cfg.cache_dir = ""
+  cfg.bb_corpus = ""
+  cfg.bb_triggers = 3
+  cfg.bb_validation_sequences = 1024
   return cfg
 
 
@@ -61,3 +71,8 @@ def check_data_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.validation_fraction={cfg.validation_fraction} must be in [0, 1).")
   if cfg.num_workers < 0 or cfg.prefetch_buffer_size < 0:
     raise ValueError("data.num_workers and data.prefetch_buffer_size must be >= 0.")
+  if cfg.source == "bigram_backcopy":
+    if cfg.get("bb_triggers", 3) < 0:
+      raise ValueError(f"data.bb_triggers={cfg.bb_triggers} must be >= 0.")
+    if cfg.get("bb_validation_sequences", 1024) < 1:
+      raise ValueError(f"data.bb_validation_sequences={cfg.bb_validation_sequences} must be >= 1.")

@@ -29,6 +29,9 @@ grain 0.2.18's packer, whose state otherwise restores to different batches after
 
 Rows that begin a document begin with BOS (``<|endoftext|>`` for GPT-2/BPE); a row that continues
 a long document begins mid-text.
+
+The synthetic source ("bigram_backcopy") generates one whole sequence per row instead of reading
+documents (``synthetic.py``); it shares the seeds, the prefetching and the batch contract.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import ml_collections
 import numpy as np
 
 from softmax_one_jax.data import corpus
+from softmax_one_jax.data import synthetic
 from softmax_one_jax.data import tokenizers as tokenizers_lib
 from softmax_one_jax.data.config import check_data_config
 from softmax_one_jax.data.tokens import Batch
@@ -94,7 +98,9 @@ def get_tokenizer(cfg: ml_collections.ConfigDict) -> tokenizers_lib.Tokenizer:
   """The tokenizer named by ``cfg.tokenizer`` (see ``tokenizers.py``).
 
   The BPE trains on the *training* documents of the configured source (never the held-out ones);
-  for a prepared folder it is the ``tokenizer.tiktoken`` that ``prepare`` saved there.
+  for a prepared folder it is the ``tokenizer.tiktoken`` that ``prepare`` saved there. The
+  "bigram_backcopy" source has its own ``CharTokenizer`` (with ``trigger_ids``), whatever
+  ``cfg.tokenizer`` says.
 
   Example:
     >>> cfg = default_data_config(); cfg.tokenizer = "bpe"; cfg.bpe_vocab_size = 2048
@@ -102,6 +108,8 @@ def get_tokenizer(cfg: ml_collections.ConfigDict) -> tokenizers_lib.Tokenizer:
     2048
   """
   check_data_config(cfg)
+  if cfg.source in synthetic.SYNTHETIC_SOURCES:
+    return synthetic.tokenizer_for_config(cfg)
   tokenizer_path = cfg.tokenizer_path
   if _is_prepared(cfg) and cfg.tokenizer == "bpe" and not tokenizer_path:
     tokenizer_path = os.path.join(os.path.expanduser(cfg.paths), "tokenizer.tiktoken")
@@ -221,13 +229,22 @@ def train_dataset(
     raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive.")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
-  ds, read_options = _document_dataset(cfg, tokenizer, seq_len, "train")
-  if len(ds) < process_count:
-    raise ValueError(f"{len(ds)} training pieces cannot be sharded over {process_count} processes.")
-  ds = ds[process_index::process_count]
-  ds = ds.shuffle(_mix_seed(cfg.shuffle_seed, seed)).repeat(num_epochs)
-  packed = pack(ds.to_iter_dataset(read_options), seq_len)
-  batched = packed.batch(batch_size, drop_remainder=True).map(_finalize)
+  if cfg.source in synthetic.SYNTHETIC_SOURCES:
+    if num_epochs is not None:
+      raise ValueError(f"data.source={cfg.source!r} is an endless generated stream without "
+                       f"epochs; pass num_epochs=None (got {num_epochs}).")
+    batched = synthetic.train_batches(cfg, tokenizer, seq_len, batch_size,
+                                      _mix_seed(cfg.shuffle_seed, seed), process_index,
+                                      process_count)
+  else:
+    ds, read_options = _document_dataset(cfg, tokenizer, seq_len, "train")
+    if len(ds) < process_count:
+      raise ValueError(
+          f"{len(ds)} training pieces cannot be sharded over {process_count} processes.")
+    ds = ds[process_index::process_count]
+    ds = ds.shuffle(_mix_seed(cfg.shuffle_seed, seed)).repeat(num_epochs)
+    packed = pack(ds.to_iter_dataset(read_options), seq_len)
+    batched = packed.batch(batch_size, drop_remainder=True).map(_finalize)
   if cfg.num_workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app: defaults
       flags.FLAGS.mark_as_parsed()
@@ -285,7 +302,8 @@ def validation_batches(
 
   Args:
     num_batches: at most this many batches (the first ones); None = all held-out data. Fewer come
-      back (with a log line) when the held-out documents run out.
+      back (with a log line) when the held-out documents run out. The synthetic source gives
+      exactly ``num_batches``, or ``data.bb_validation_sequences`` sequences for None.
 
   Returns:
     A list of dicts with the same keys, dtypes and shapes as training batches.
@@ -293,6 +311,8 @@ def validation_batches(
   check_data_config(cfg)
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive.")
+  if cfg.source in synthetic.SYNTHETIC_SOURCES:
+    return synthetic.validation_batches(cfg, tokenizer, seq_len, batch_size, num_batches)
   ds, read_options = _document_dataset(cfg, tokenizer, seq_len, "validation")
   rows = iter(pack(ds.to_iter_dataset(read_options), seq_len).map(_finalize))
   batches: list[Batch] = []
