@@ -22,7 +22,9 @@ Everything is computed as *sums* (``batch_sums``) that add up over batches and a
 means once at the end (``finalize``), so many validation batches run in one jitted ``lax.scan``
 (``evaluate``). Two sources for the attention statistics: the ``[L, B, N, T, T]`` probabilities
 (``first_token_sums_from_probs``) or per-query kernel statistics (first-token logit, row max and
-log-normaliser, ``first_token_sums_from_stats``) that need no ``T x T`` array.
+log-normaliser, ``first_token_sums_from_stats``) that need no ``T x T`` array. The argmax of
+probabilities is unreliable where a softmax-1 row underflows to all zeros (ties name key 0), so
+``outlier_metrics`` reports the first-token share from logits (``extreme_tokens``).
 
 Example:
   >>> m = outlier_metrics(model, tokens_bt)                         # doctest: +SKIP
@@ -41,55 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from softmax_one_jax.analysis import extreme_tokens
+from softmax_one_jax.analysis.layout import counted_queries, document_layout
 from softmax_one_jax.models.loss import weighted_cross_entropy
 
 Sums = dict[str, jax.Array]
 ATTENTION_SOURCES = ("probs", "stats", "none")
-
-
-# ----------------------------------------------------------------------------------------------
-# Token layout: which key is "the first token" of each query, which tokens count.
-
-
-def document_layout(
-    segment_ids_bt: jax.Array | None, batch: int, seq_len: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Where each query's document starts, which tokens start a document, which are real.
-
-  Args:
-    segment_ids_bt: ``[B, T]`` int document ids (0 = padding), or None for one document per row.
-    batch: ``B`` (used when ``segment_ids_bt`` is None).
-    seq_len: ``T`` (used when ``segment_ids_bt`` is None).
-
-  Returns:
-    ``first_key_bt`` int32 ``[B, T]`` (index of the first token of the token's document),
-    ``is_first_bt`` bool ``[B, T]`` (the token starts a document) and ``valid_bt`` bool ``[B, T]``
-    (not padding).
-
-  Example:
-    >>> first, is_first, valid = document_layout(jnp.array([[1, 1, 2, 2, 0]]), 1, 5)
-    >>> first.tolist(), is_first.tolist()
-    ([[0, 0, 2, 2, 4]], [[True, False, True, False, False]])
-  """
-  t_idx = jnp.arange(seq_len, dtype=jnp.int32)
-  if segment_ids_bt is None:
-    first_key_bt = jnp.zeros((batch, seq_len), jnp.int32)
-    is_first_bt = jnp.broadcast_to(t_idx == 0, (batch, seq_len))
-    return first_key_bt, is_first_bt, jnp.ones((batch, seq_len), bool)
-  seg_bt = jnp.asarray(segment_ids_bt)
-  valid_bt = seg_bt != 0
-  prev_bt = jnp.concatenate([jnp.full_like(seg_bt[:, :1], -1), seg_bt[:, :-1]], axis=1)
-  starts_bt = seg_bt != prev_bt
-  first_key_bt = jax.lax.cummax(jnp.where(starts_bt, t_idx[None, :], 0), axis=1)
-  return first_key_bt.astype(jnp.int32), starts_bt & valid_bt, valid_bt
-
-
-def _query_mask(
-    segment_ids_bt: jax.Array | None, batch: int, seq_len: int
-) -> tuple[jax.Array, jax.Array]:
-  """``(first_key_bt, counted_bt)``: counted queries are real and not their document's first."""
-  first_key_bt, is_first_bt, valid_bt = document_layout(segment_ids_bt, batch, seq_len)
-  return first_key_bt, valid_bt & ~is_first_bt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +74,7 @@ def first_token_sums_from_probs(
     [[3.0]]
   """
   _, b, n, t, _ = probs_lbnts.shape
-  first_key_bt, counted_bt = _query_mask(segment_ids_bt, b, t)
+  first_key_bt, counted_bt = counted_queries(segment_ids_bt, b, t)
   key_idx = first_key_bt[None, :, None, :, None]
   mass_lbnt = jnp.take_along_axis(probs_lbnts, key_idx, axis=-1)[..., 0].astype(jnp.float32)
   hit_lbnt = jnp.argmax(probs_lbnts, axis=-1) == first_key_bt[None, :, None, :]
@@ -189,7 +148,7 @@ def first_token_sums_from_flags(
     [[2.0]]
   """
   _, b, _, t = argmax_first_lbnt.shape
-  first_key_bt, counted_bt = _query_mask(segment_ids_bt, b, t)
+  first_key_bt, counted_bt = counted_queries(segment_ids_bt, b, t)
   counted_bt = counted_bt & (first_key_bt == 0)  # the statistics are about key 0
   w_lbnt = jnp.broadcast_to(counted_bt[None, :, None, :], argmax_first_lbnt.shape)
   w_lbnt = w_lbnt.astype(jnp.float32)
@@ -510,8 +469,15 @@ def outlier_metrics(
     targets: jax.Array | None = None,
     weights: jax.Array | None = None,
     attention: str = "probs",
-) -> dict[str, float]:
-  """The paper's outlier metrics of one batch, as floats.
+    trigger_positions: jax.Array | None = None,
+    per_layer: bool = False,
+) -> dict[str, Any]:
+  """The paper's outlier metrics and the extreme-token metrics of one batch, as floats.
+
+  ``first_token_attention`` comes from the logits (``extreme_tokens.first_token_argmax_share``
+  on the model's ``attention_stats``): with packed documents it counts the queries of each
+  row's first document. ``first_token_mass`` is the same mean as ``first_token_prob``; it comes
+  with the trigger split.
 
   Args:
     model: the Transformer.
@@ -521,10 +487,15 @@ def outlier_metrics(
     targets: optional ``[B, T]`` next tokens; adds ``perplexity`` and ``nll``.
     weights: optional ``[B, T]`` target weights.
     attention: "probs", "stats" or "none" (see ``model_batch_sums``).
+    trigger_positions: optional ``[B, T]`` bool; adds ``first_token_mass_trigger`` and
+      ``first_token_mass_non_trigger``.
+    per_layer: also return the ``*_per_layer`` lists (else floats only, as training logs them).
 
   Returns:
     ``first_token_attention``, ``first_token_prob``, ``kurtosis_first``, ``kurtosis_rest``,
-    ``max_abs_first``, ``max_abs_rest`` (and ``perplexity``, ``nll`` with targets).
+    ``max_abs_first``, ``max_abs_rest``, ``first_token_mass``, ``sink_rate``, ``null_mass``
+    (softmax-1), ``value_drain_ratio``, ``residual_peak_ratio`` (and ``perplexity``, ``nll``
+    with targets; see ``extreme_tokens`` for the definitions).
 
   Example:
     >>> m = outlier_metrics(model, jnp.zeros((2, 16), jnp.int32))   # doctest: +SKIP
@@ -532,4 +503,9 @@ def outlier_metrics(
   batch = {"inputs": tokens_bt, "segment_ids": segment_ids, "positions": positions,
            "targets": targets, "weights": weights}
   batch = {k: jnp.asarray(v)[None] for k, v in batch.items() if v is not None}
-  return dict(finalize(evaluate_sums(model, batch, attention=attention)).scalars)
+  out: dict[str, Any] = dict(finalize(evaluate_sums(model, batch, attention=attention)).scalars)
+  extreme = extreme_tokens.extreme_token_metrics(
+      model, tokens_bt, segment_ids, positions=positions, trigger_positions=trigger_positions,
+      attention=attention)
+  out.update({k: v for k, v in extreme.items() if per_layer or not k.endswith("_per_layer")})
+  return out
