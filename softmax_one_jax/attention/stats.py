@@ -208,7 +208,9 @@ def first_token_stats(
   lse, row_max, first = attention_stats(query, key, softmax=softmax, **kwargs)
   seen = ~jnp.isneginf(first)
   out = {
-      "prob_first": jnp.where(seen, jnp.exp(jnp.where(seen, first - lse, 0.0)), 0.0),
+      # first <= lse exactly; in float32 the two roundings may put it a hair above: p <= 1.
+      "prob_first": jnp.where(seen, jnp.exp(jnp.minimum(jnp.where(seen, first - lse, 0.0), 0.0)),
+                              0.0),
       "argmax_first": seen & (first >= row_max),
   }
   if softmax == "softmax1":
