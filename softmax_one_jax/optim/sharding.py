@@ -93,8 +93,7 @@ def _shard_counts(param_sharding: Any, shape: tuple[int, ...]) -> tuple[int, ...
   spec = tuple(param_sharding.spec) + (None,) * len(shape)
   counts = []
   for d, entry in zip(shape, spec):
-    names = entry if isinstance(entry, tuple) else (entry,)
-    k = math.prod(param_sharding.mesh.shape[n] for n in names if isinstance(n, str))
+    k = _axis_size(param_sharding.mesh, entry)
     counts.append(k if d % k == 0 else 1)
   return tuple(counts)
 

@@ -193,9 +193,19 @@ def model_flops_per_token(model_cfg: Any, num_params: int, seq_len: int) -> floa
     6.1...
   """
   c = model_cfg
-  attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
   positions = c.max_seq_len * c.d_model if c.position == "learned" else 0
-  return 6.0 * (num_params - positions) + attention
+  return 6.0 * (num_params - positions) + attention_flops_per_token(c, seq_len)
+
+
+def attention_flops_per_token(model_cfg: Any, seq_len: int) -> float:
+  """Causal attention's training FLOPs per token, ``6 L T H_total`` (the attention matmuls).
+
+  Example:
+    >>> attention_flops_per_token(preset("tiny"), 128)   # 4 layers, 4 heads of 32
+    393216
+  """
+  c = model_cfg
+  return 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
 
 
 def step_roofline(xla_flops: float, model_flops: float, hbm_bytes: float,
@@ -233,13 +243,14 @@ def compile_run(config: ml_collections.ConfigDict, topology: str) -> CompileRepo
   eval_ = _compile_step(jit_eval_step(setup, config.eval_batch_size),
                         setup.abstract_state.params,
                         _abstract_batch(config.eval_batch_size, t, setup.mesh))
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
-  model_flops = model_flops_per_token(model_cfg, num_params, t) * b * t / len(devices)
+  params = jax.tree.leaves(setup.abstract_state.params)
+  num_params = sum(math.prod(x.shape) for x in params)
+  tokens_per_chip = b * t / len(devices)
+  model_flops = model_flops_per_token(model_cfg, num_params, t) * tokens_per_chip
   # Pallas kernels are custom calls that XLA does not cost: their attention FLOPs are added.
   attention_flops = 0.0
   if train.kernels.get("mosaic") or train.kernels.get("triton"):
-    attention_flops = (6 * model_cfg.num_layers * t * model_cfg.num_heads * model_cfg.head_dim
-                       * b * t / len(devices))
+    attention_flops = attention_flops_per_token(model_cfg, t) * tokens_per_chip
   roofline = step_roofline(train.flops + attention_flops, model_flops, train.bytes_accessed,
                            train.collective_bytes, chip)
   return CompileReport(
@@ -250,7 +261,7 @@ def compile_run(config: ml_collections.ConfigDict, topology: str) -> CompileRepo
       num_params=int(num_params),
       param_bytes=_per_chip_bytes(setup.abstract_state.params),
       model_param_bytes=int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                                for x in jax.tree.leaves(setup.abstract_state.params))),
+                                for x in params)),
       opt_state_bytes=_per_chip_bytes(setup.abstract_state.opt_state),
       tokens_per_step=b * t, model_flops=model_flops, train=train, eval=eval_,
       roofline=roofline)
