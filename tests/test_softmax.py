@@ -1,4 +1,5 @@
-"""softmax1 / log_softmax1 / logsumexp1 against float64 numpy computed in log space."""
+"""softmax1 / log_softmax1 / logsumexp1 / learned-sink softmax against float64 numpy computed in
+log space."""
 
 import jax
 import jax.test_util
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from softmax_one_jax import log_softmax1, logsumexp1, softmax1
-from softmax_one_jax.softmax import normalize
+from softmax_one_jax.softmax import normalize, resolve_sinks, softmax_with_sink
 
 
 def np_log_softmax1(x: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
@@ -132,3 +133,64 @@ def test_rows_sum_below_one_and_softmax_switch(np_rng):
   np.testing.assert_array_equal(masked, 0.0)  # jax.nn.softmax would give NaN here
   with pytest.raises(ValueError, match="softmax='sparsemax' is not known"):
     normalize(x, "sparsemax")
+
+
+def np_softmax_with_sink(x, sink, where=None):
+  """float64 ``exp(x_i) / (exp(c) + sum_j exp(x_j))`` via logaddexp over ``[c, x]``; ``sink``
+  ``[rows]``."""
+  x = np.asarray(x, np.float64)
+  if where is not None:
+    x = np.where(where, x, -np.inf)
+  c = np.asarray(sink, np.float64).reshape(-1, 1)
+  log_norm = np.logaddexp.reduce(np.concatenate([c, x], axis=-1), axis=-1, keepdims=True)
+  return np.exp(x - log_norm), np.exp(c - log_norm)[:, 0]
+
+
+def test_softmax_with_sink_matches_float64_reference(np_rng):
+  # Sinks from far below to far above the logits, and -inf (plain softmax); a fully masked row.
+  x = random_logits(np_rng, (8, 20), 4.0)
+  sink = np.array([0.0, -1e9, -30.0, -2.0, 1.5, 12.0, 60.0, -np.inf], np.float32)
+  where = np_rng.random(x.shape) < 0.8
+  where[1] = False
+  for w in (None, where):
+    want, null = np_softmax_with_sink(x, sink, w)
+    got = softmax_with_sink(x, sink[:, None], where=w)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(got).sum(-1), 1.0 - null, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(normalize(x, "learned_sink", where=w, sinks=sink[:, None]), got)
+  np.testing.assert_array_equal(softmax_with_sink(x, sink[:, None], where=where)[1], 0.0)
+  # The limits: a sink of 0 is softmax-1, of -inf softmax.
+  np.testing.assert_allclose(softmax_with_sink(x, 0.0), softmax1(x), rtol=1e-7)
+  np.testing.assert_allclose(softmax_with_sink(x, -jnp.inf), jax.nn.softmax(x), rtol=1e-6)
+
+
+def test_softmax_with_sink_gradients(np_rng):
+  # Analytic: for L = <w, y>, dL/dx = y * (w - <w, y>) and dL/dc = -p_null * <w, y>.
+  x = random_logits(np_rng, (4, 9), 3.0)
+  w = np_rng.standard_normal((4, 9))
+  sink = np.array([-1.0, 0.5, 4.0, -20.0], np.float32)
+  gx, gc = jax.grad(lambda x, c: jnp.sum(softmax_with_sink(x, c[:, None]) * w), (0, 1))(x, sink)
+  y, null = np_softmax_with_sink(x, sink)
+  wy = np.sum(w * y, axis=-1)
+  np.testing.assert_allclose(gx, y * (w - wy[:, None]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gc, -null * wy, rtol=1e-5, atol=1e-6)
+  with jax.enable_x64(True):  # forward and reverse mode, second order, against finite differences
+    x64, c64 = jnp.asarray(x, jnp.float64), jnp.asarray(sink, jnp.float64)[:, None]
+    where = jnp.asarray(np_rng.random(x.shape) < 0.7).at[:, 0].set(True)
+    jax.test_util.check_grads(lambda x, c: softmax_with_sink(x, c, where=where), (x64, c64),
+                              order=2, eps=1e-4)
+
+
+def test_resolve_sinks_is_the_one_rule():
+  assert resolve_sinks("softmax", None) is None
+  np.testing.assert_array_equal(resolve_sinks("softmax1", None, (3,)), np.zeros(3))
+  np.testing.assert_array_equal(resolve_sinks("learned_sink", [1.0, 2.0], (2,)), [1.0, 2.0])
+  assert resolve_sinks("learned_sink", jnp.ones(2, jnp.bfloat16)).dtype == jnp.float32
+  with pytest.raises(ValueError, match="softmax='learned_sink' needs the sink logits"):
+    resolve_sinks("learned_sink", None, (2,))
+  with pytest.raises(ValueError, match="softmax='softmax1' takes no sinks"):
+    resolve_sinks("softmax1", jnp.zeros(2))
+  with pytest.raises(ValueError, match=r"sinks has shape \(3,\); expected \(2,\)"):
+    resolve_sinks("learned_sink", jnp.zeros(3), (2,))
+  with pytest.raises(ValueError, match="softmax='sink' is not known"):
+    resolve_sinks("sink", None)

@@ -1,6 +1,6 @@
 """GPT-2 grid of the paper: ``gpt2.py:size,softmax,optimizer[,norm]``.
 
-sizes 60m | 130m | 350m; softmax | softmax1; adamw | orthoadam; optional norm (default:
+sizes 60m | 130m | 350m; softmax | softmax1 | learned_sink; adamw | orthoadam; optional norm (default:
 layernorm with AdamW, scalar_rmsnorm with OrthoAdam). See paper.py for the settings and guesses.
 
 Example::

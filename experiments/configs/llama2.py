@@ -1,6 +1,6 @@
 """Llama-2 grid of the paper: ``llama2.py:size,softmax,optimizer[,norm]``.
 
-sizes 60m | 130m | 350m | 1b | 7b; softmax | softmax1; adamw | orthoadam; optional norm (default:
+sizes 60m | 130m | 350m | 1b | 7b; softmax | softmax1 | learned_sink; adamw | orthoadam; optional norm (default:
 rmsnorm with AdamW, scalar_rmsnorm with OrthoAdam). 1b and 7b use remat. See paper.py.
 
 Example::

@@ -5,7 +5,7 @@ Usage (the paper's 2x2 grid in miniature)::
   softmax-one train --config=experiments/configs/tiny.py --workdir=runs/tiny
   softmax-one train --config=experiments/configs/tiny.py:softmax,adamw --workdir=runs/tiny-softmax-adamw
 
-The argument is ``softmax,optimizer[,norm]``: softmax | softmax1, adamw | orthoadam, and a norm
+The argument is ``softmax,optimizer[,norm]``: softmax | softmax1 | learned_sink, adamw | orthoadam, and a norm
 (layernorm | rmsnorm | scalar_rmsnorm; default scalar_rmsnorm with orthoadam, as the paper pairs
 OrthoAdam with a scalar-gain norm, else layernorm).
 """

@@ -387,9 +387,9 @@ def load_analysis(run: str | pathlib.Path) -> dict[str, Any]:
 
 
 def _grid_order(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """softmax before softmax-1 (rows), AdamW before OrthoAdam (columns), others after."""
+  """softmax, softmax-1, learned sinks (rows), AdamW before OrthoAdam (columns), others after."""
   def key(e):
-    soft = {"softmax": 0, "softmax1": 1}.get(e["meta"].get("softmax"), 2)
+    soft = {"softmax": 0, "softmax1": 1, "learned_sink": 2}.get(e["meta"].get("softmax"), 3)
     opt = str(e["meta"].get("optimizer") or "").lower()
     return (soft, 0 if "adamw" in opt else 1 if "ortho" in opt else 2, e["name"])
   return sorted(entries, key=key)

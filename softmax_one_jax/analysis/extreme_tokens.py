@@ -8,7 +8,7 @@ Definitions (``counted`` queries are real and not their document's first, see
 * **sink_rate**: share of (layer, head) whose mean first-token probability over counted queries
   exceeds ``epsilon = 0.3`` (Sink_1 of Gu et al. 2024, "When Attention Sink Emerges in Language
   Models", arXiv:2410.10781).
-* **null_mass** (softmax-1 only): mean share of the virtual zero key over the counted queries,
+* **null_mass** (softmax-1 and learned sinks): mean share of the null key over the counted queries,
   so that first-token mass + null mass + mass on the other keys = 1 on the same queries.
 * **value_drain_ratio** (per layer): mean norm of the first tokens' value states over the mean
   norm of the other tokens' value states (all key/value heads concatenated).
@@ -147,7 +147,8 @@ def sink_rate(head_mass_ln: jax.Array, epsilon: float = SINK_EPSILON) -> jax.Arr
 
 
 def null_mass(null_mass_lbnt: jax.Array, counted_bt: jax.Array) -> jax.Array:
-  """Mean share of softmax-1's virtual zero key over (layer, head, counted query).
+  """Mean share of the null key (softmax-1's zero logit, or a learned sink) over (layer, head,
+  counted query).
 
   Args:
     null_mass_lbnt: ``[L, B, N, T]`` ``1 - sum_j p_j`` of each query row.
@@ -347,8 +348,8 @@ def extreme_token_metrics(
 
   Returns:
     ``first_token_mass`` (``_trigger`` / ``_non_trigger`` with triggers), ``sink_rate``,
-    ``first_token_attention`` (from logits), ``null_mass`` (softmax-1), ``value_drain_ratio``,
-    ``residual_peak_ratio`` (means over layers) and ``*_per_layer`` lists.
+    ``first_token_attention`` (from logits), ``null_mass`` (softmax-1, learned sinks),
+    ``value_drain_ratio``, ``residual_peak_ratio`` (means over layers) and ``*_per_layer`` lists.
 
   Example:
     >>> m = extreme_token_metrics(model, jnp.zeros((2, 16), jnp.int32))   # doctest: +SKIP

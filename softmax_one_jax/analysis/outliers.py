@@ -97,7 +97,7 @@ def first_token_sums_from_stats(
   The first key is the argmax exactly when its logit equals the row maximum over the keys the
   query may see (ties go to the first key, as ``argmax`` does); its probability is
   ``exp(first_logit - lse)`` where ``lse`` is the row's log-normaliser (for softmax-1 it includes
-  the virtual zero logit, ``log(1 + sum exp)``).
+  the virtual zero logit, ``log(1 + sum exp)``; for learned sinks the head's sink logit).
 
   ``softmax_one_jax.attention.attention_stats`` gives the logit of key 0, so with packed
   documents only queries of each row's first document (the one starting at key 0) are counted;
@@ -105,7 +105,7 @@ def first_token_sums_from_stats(
 
   Args:
     first_logit_lbnt: ``[L, B, N, T]`` logit of each query on key 0.
-    row_max_lbnt: ``[L, B, N, T]`` maximum logit over the visible keys (not counting softmax-1's 0).
+    row_max_lbnt: ``[L, B, N, T]`` maximum logit over the visible keys (not counting the null key).
     lse_lbnt: ``[L, B, N, T]`` log-normaliser of each row.
     segment_ids_bt: optional ``[B, T]`` document ids (0 = padding).
 
@@ -494,8 +494,8 @@ def outlier_metrics(
   Returns:
     ``first_token_attention``, ``first_token_prob``, ``kurtosis_first``, ``kurtosis_rest``,
     ``max_abs_first``, ``max_abs_rest``, ``first_token_mass``, ``sink_rate``, ``null_mass``
-    (softmax-1), ``value_drain_ratio``, ``residual_peak_ratio`` (and ``perplexity``, ``nll``
-    with targets; see ``extreme_tokens`` for the definitions).
+    (softmax-1, learned sinks), ``value_drain_ratio``, ``residual_peak_ratio`` (and
+    ``perplexity``, ``nll`` with targets; see ``extreme_tokens`` for the definitions).
 
   Example:
     >>> m = outlier_metrics(model, jnp.zeros((2, 16), jnp.int32))   # doctest: +SKIP

@@ -1,5 +1,9 @@
 """softmax-1 attention: one entry point that dispatches on ``implementation``.
 
+Three normalisers (``softmax=``): "softmax1" (a virtual key of logit 0 and value 0), "softmax",
+and "learned_sink" (a virtual key of logit ``sinks[n]`` per query head, differentiable), the same
+on every path.
+
 Paths: "xla" (``xla.py``: the attention of ``reference.py``, which materialises ``[B, N, T, S]``
 and is the ground truth, without the blocks a causal mask hides; the CPU default),
 "pallas_gpu" (``pallas_gpu.py``, Triton flash kernel, forward and backward; GPU default) and
@@ -34,6 +38,7 @@ from softmax_one_jax.attention.per_shard import (AttentionSharding, run_per_shar
 from softmax_one_jax.attention.stats import attention_stats, first_token_stats
 from softmax_one_jax.attention.xla import xla_attention
 from softmax_one_jax.sharding import target_platform
+from softmax_one_jax.softmax import SOFTMAX_KINDS, resolve_sinks
 
 IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
@@ -93,14 +98,15 @@ def dot_product_attention(
     block_sizes: Any = None,
     interpret: bool = False,
     sharding: AttentionSharding | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
-  """Scaled dot-product attention with softmax-1 (default) or softmax.
+  """Scaled dot-product attention with softmax-1 (default), softmax or learned sinks.
 
   Args:
     query: ``[B, T, N, H]``.
     key: ``[B, S, K, H]``; ``N`` must be a multiple of ``K`` (grouped-query attention).
     value: ``[B, S, K, H]``.
-    softmax: "softmax1" or "softmax".
+    softmax: "softmax1", "softmax" or "learned_sink" (needs ``sinks``).
     is_causal: query ``t`` attends only to keys ``<= t`` (top-left aligned).
     mask: boolean broadcastable to ``[B, N, T, S]``, True = may attend (XLA path only).
     segment_ids: ``[B, T]`` or ``(q [B, T], kv [B, S])``; no attention across segments.
@@ -115,10 +121,20 @@ def dot_product_attention(
     sharding: the mesh axes of the batch and head dimensions; under a mesh (``jax.set_mesh``
       or inside a step traced with ``jax.sharding.use_abstract_mesh``) a Pallas kernel then runs
       once per shard (``jax.shard_map``), which XLA cannot do for it. The XLA path ignores it.
+    sinks: ``[N]`` float sink logits, one per query head, for ``softmax="learned_sink"`` (in the
+      units of the scaled logits ``scale * q.k``; 0 is softmax-1, a very negative value softmax);
+      rejected by the other kinds. Differentiable on every path.
 
   Returns:
     ``[B, T, N, H]`` in the query's dtype.
+
+  Example:
+    >>> q = k = v = jnp.ones((1, 8, 2, 16))
+    >>> out = dot_product_attention(q, k, v, softmax="learned_sink", sinks=jnp.zeros(2))
   """
+  # The one rule for (softmax, sinks), checked at the edge; the paths get learned sinks as arrays.
+  sinks_n = resolve_sinks(softmax, sinks, (query.shape[-2],))
+  sinks = sinks_n if softmax == "learned_sink" else None
   impl = resolve_implementation(implementation, dtype=query.dtype, mask=mask,
                                 interpret=interpret)
   if impl == "xla":
@@ -131,6 +147,7 @@ def dot_product_attention(
         mask=mask,
         segment_ids=segment_ids,
         scale=scale,
+        sinks=sinks,
     )
   if mask is not None:
     raise ValueError(
@@ -149,15 +166,21 @@ def dot_product_attention(
       interpret = pltpu.InterpretParams()
     kernel, kwargs["interpret"] = pallas_tpu.flash_attention, interpret
 
-  def local(q, k, v, *local_ids):
-    return kernel(q, k, v, segment_ids=rebuild_ids(local_ids), **kwargs)
+  # The sinks travel as a per-head operand, split like the heads; softmax has none.
+  sink_args, sink_kinds = ((), ()) if sinks is None else ((sinks,), ("n",))
 
-  return run_per_shard(local, sharding, (query, key, value, *ids),
-                       ("btnh", "btnh", "btnh", *ids_kinds), "btnh")
+  def local(q, k, v, *rest):
+    local_sinks = rest[0] if sink_args else None
+    return kernel(q, k, v, segment_ids=rebuild_ids(rest[len(sink_args):]), sinks=local_sinks,
+                  **kwargs)
+
+  return run_per_shard(local, sharding, (query, key, value, *sink_args, *ids),
+                       ("btnh", "btnh", "btnh", *sink_kinds, *ids_kinds), "btnh")
 
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "SOFTMAX_KINDS",
     "AttentionSharding",
     "SegmentIds",
     "attention_logits",

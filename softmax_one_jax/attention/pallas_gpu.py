@@ -4,8 +4,11 @@ softmax-1 enters through the running state of the online softmax: the virtual ze
 initial state ``m = 0, l = 1`` (running max, running sum), so the kernel never adds a column and
 the logsumexp residual ``lse = log(1 + sum_j exp(s_j))`` already includes the null key. With it the
 usual flash backward holds unchanged: ``P = exp(S - lse)``, ``dS = P * (dP - rowsum(dO * O))``.
-Plain softmax starts from ``m = -inf, l = 0``; a query that may attend to nothing outputs zeros
-(``l = 0``), matching :func:`~softmax_one_jax.attention.reference.reference_attention`.
+A learned sink ``c_n`` per query head (``softmax="learned_sink"``) starts from ``m = c_n, l = 1``
+instead; its gradient ``dc_n = -sum_{b,t} exp(c_n - lse) * rowsum(dO * O)`` is computed outside
+the kernels from the same residuals. Plain softmax starts from ``m = -inf, l = 0``; a query that
+may attend to nothing outputs zeros (``l = 0``), matching
+:func:`~softmax_one_jax.attention.reference.reference_attention`.
 
 Why Triton rather than Mosaic GPU: the Triton lowering runs on every CUDA GPU JAX supports
 (A100, H100/H200, consumer cards) and the very same kernel code runs on CPU with
@@ -38,6 +41,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from softmax_one_jax.attention import _padding
 from softmax_one_jax.attention.reference import SegmentIds
+from softmax_one_jax.softmax import resolve_sinks
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -79,7 +83,7 @@ FLOAT32_BLOCK_SIZES = BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_k
 class _Static:
   """Everything the kernels specialise on (hashable: a static argument of jit/custom_vjp)."""
 
-  softmax1: bool
+  sink: bool  # rows start from a sink logit (softmax-1: 0, learned sinks) rather than empty
   causal: bool
   scale: float
   kv_len: int  # true number of keys; keys at or beyond it are padding
@@ -133,16 +137,24 @@ def _causal_ranges(q_start, block_q: int, block_k: int, num_k_blocks: int):
 # ------------------------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, *out_refs, st: _Static,
+def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs, st: _Static,
                 with_out: bool, with_max: bool):
-  """One program: a query tile of one (batch, head); loops over key tiles."""
+  """One program: a query tile of one (batch, head); loops over key tiles.
+
+  ``sinks_ref`` holds the head's sink logit repeated ``block_q`` times (None without a sink).
+  """
   bq, bk = st.block_q, st.block_k
   q_start = pl.program_id(0) * bq
   num_k_blocks = k_ref.shape[0] // bk
   q = q_ref[...]
   q_ids = None if q_ids_ref is None else q_ids_ref[...]
-  m0 = jnp.zeros((bq,), jnp.float32) if st.softmax1 else jnp.full((bq,), -jnp.inf, jnp.float32)
-  l0 = jnp.ones((bq,), jnp.float32) if st.softmax1 else jnp.zeros((bq,), jnp.float32)
+  # The sink is a key seen before all others: running max = its logit (log2 units), sum = 1.
+  if st.sink:
+    m0 = sinks_ref[...].astype(jnp.float32) * _LOG2E
+    l0 = jnp.ones((bq,), jnp.float32)
+  else:
+    m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((bq,), jnp.float32)
   acc0 = jnp.zeros((bq, q.shape[-1]), jnp.float32)
   mx0 = jnp.full((bq,), -jnp.inf, jnp.float32)
 
@@ -153,8 +165,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, *out_refs, st: _Stat
     s = _logits2(q, k_ref[sl, :], st, q_start, j * bk, q_ids, kv_ids, masked)
     s_max = jnp.max(s, axis=-1)
     m_new = jnp.maximum(m, s_max)
-    # softmax-1 keeps m >= 0 (finite); softmax rows with nothing seen yet shift by 0, not -inf.
-    m_use = m_new if st.softmax1 else jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    # A finite sink keeps m finite; rows with nothing seen yet (no sink, or a sink of -inf) shift
+    # by 0, not -inf.
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp2(m - m_use)
     p = jnp.exp2(s - m_use[:, None])
     l = alpha * l + jnp.sum(p, axis=-1)
@@ -176,16 +189,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, *out_refs, st: _Stat
   refs = list(out_refs)
   if with_out:
     o_ref = refs.pop(0)
-    safe_l = l if st.softmax1 else jnp.where(l == 0.0, 1.0, l)
+    safe_l = jnp.where(l == 0.0, 1.0, l)  # a row with no key and no sink outputs zeros
     o_ref[...] = (acc / safe_l[:, None]).astype(o_ref.dtype)
   lse_ref = refs.pop(0)
-  lse_ref[...] = (m + jnp.log2(l)) * _LN2  # -inf for an all-masked softmax row
+  lse_ref[...] = (m + jnp.log2(l)) * _LN2  # -inf for an all-masked row without a sink
   if with_max:
     refs.pop(0)[...] = mx * _LN2
 
 
-def _forward_call(q, k, v, ids, st: _Static, with_out: bool = True, with_max: bool = False):
-  """pallas_call of the forward kernel on padded inputs: ``(o?, lse [B,N,T], rowmax? [B,N,T])``."""
+def _forward_call(q, k, v, ids, sinks, st: _Static, with_out: bool = True,
+                  with_max: bool = False):
+  """pallas_call of the forward kernel on padded inputs: ``(o?, lse [B,N,T], rowmax? [B,N,T])``.
+
+  ``sinks`` is ``[N]`` float32 when ``st.sink``, else None.
+  """
   b, t, n, h = q.shape
   s = k.shape[1]
   g = st.group
@@ -201,6 +218,10 @@ def _forward_call(q, k, v, ids, st: _Static, with_out: bool = True, with_max: bo
     q_ids, kv_ids = ids
     in_specs += [pl.BlockSpec((None, st.block_q), lambda i, bi, ni: (bi, i)),
                  pl.BlockSpec((None, s), lambda i, bi, ni: (bi, 0))]
+  # Each head's sink as a [block_q] row (a vector load, like the segment ids), not a scalar.
+  sinks_nq = None if sinks is None else jnp.broadcast_to(sinks[:, None], (n, st.block_q))
+  in_specs.append(None if sinks is None else
+                  pl.BlockSpec((None, st.block_q), lambda i, bi, ni: (ni, 0)))
   row_spec = pl.BlockSpec((None, None, st.block_q), lambda i, bi, ni: (bi, ni, i))
   row_shape = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
   out_shape, out_specs = [], []
@@ -220,8 +241,8 @@ def _forward_call(q, k, v, ids, st: _Static, with_out: bool = True, with_max: bo
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages),
       interpret=st.interpret,
-      name="softmax1_flash_fwd" if st.softmax1 else "softmax_flash_fwd",
-  )(q, k, v, q_ids, kv_ids)
+      name="sink_flash_fwd" if st.sink else "softmax_flash_fwd",
+  )(q, k, v, q_ids, kv_ids, sinks_nq)
 
 
 # ----------------------------------------------------------------------------------- backward
@@ -295,15 +316,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, delt
   dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _backward_calls(q, k, v, ids, o, lse, do, st: _Static):
-  """dq, dk, dv on padded inputs; dk/dv are per query head then summed over each group."""
+def _backward_calls(q, k, v, ids, lse, do, delta, st: _Static):
+  """dq, dk, dv on padded inputs; dk/dv are per query head then summed over each group.
+
+  ``lse`` includes the sink, so ``P = exp(S - lse)`` are the real keys' probabilities and the
+  softmax backward ``dS = P * (dP - delta)`` holds for every kind.
+  """
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   g = st.group
   # Residual rows in log2 units; an all-masked softmax row (lse = -inf) gets 0 so that
   # exp2(-inf - 0) = 0 rather than NaN.
   lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * _LOG2E)
-  delta = jnp.einsum("btnh,btnh->bnt", o.astype(jnp.float32), do.astype(jnp.float32))
   if ids is None:
     q_ids = kv_ids = None
   else:
@@ -357,20 +381,33 @@ def _backward_calls(q, k, v, ids, o, lse, do, st: _Static):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, ids, st: _Static):
-  return _forward_call(q, k, v, ids, st)[0]
+def _sink_grad(sinks: jax.Array, lse: jax.Array, delta: jax.Array) -> jax.Array:
+  """``dc_n = -sum_{b,t} exp(c_n - lse[b,n,t]) * delta[b,n,t]``: ``[N]``.
+
+  The sink's probability is ``exp(c - lse)`` and ``d lse / dc`` equals it, so the output
+  ``o = sum_j p_j v_j`` moves by ``do/dc = -exp(c - lse) * o``; with ``delta = rowsum(dO * O)``
+  that is the sum above. Padded and key-less rows have ``dO = 0`` or ``O = 0``: no contribution.
+  """
+  share = jnp.where(jnp.isneginf(lse), 0.0, jnp.exp(sinks[None, :, None] - lse))
+  return -jnp.sum(share * delta, axis=(0, 2))
 
 
-def _flash_fwd(q, k, v, ids, st: _Static):
-  o, lse = _forward_call(q, k, v, ids, st)
-  return o, (q, k, v, ids, o, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, ids, sinks, st: _Static):
+  return _forward_call(q, k, v, ids, sinks, st)[0]
+
+
+def _flash_fwd(q, k, v, ids, sinks, st: _Static):
+  o, lse = _forward_call(q, k, v, ids, sinks, st)
+  return o, (q, k, v, ids, sinks, o, lse)
 
 
 def _flash_bwd(st: _Static, res, do):
-  q, k, v, ids, o, lse = res
-  dq, dk, dv = _backward_calls(q, k, v, ids, o, lse, do, st)
-  return dq, dk, dv, None
+  q, k, v, ids, sinks, o, lse = res
+  delta = jnp.einsum("btnh,btnh->bnt", o.astype(jnp.float32), do.astype(jnp.float32))
+  dq, dk, dv = _backward_calls(q, k, v, ids, lse, do, delta, st)
+  dsinks = None if sinks is None else _sink_grad(sinks, lse, delta)
+  return dq, dk, dv, None, dsinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -384,8 +421,13 @@ def _tile(block: int, length: int) -> int:
   return min(block, max(16, _padding.next_power_of_2(length)))
 
 
-def _prepare(query, key, value, softmax, is_causal, segment_ids, scale, block_sizes, interpret):
-  """Pads the inputs to tiles; returns padded (q, k, v, ids) and the static configuration."""
+def _prepare(query, key, value, softmax, sinks, is_causal, segment_ids, scale, block_sizes,
+             interpret):
+  """Checks and pads the inputs to tiles; returns padded (q, k, v, ids), the ``[N]`` float32
+  sinks (None for softmax) and the static configuration."""
+  _padding.check_kernel_args(query, key, value, softmax, None)
+  sinks = resolve_sinks(softmax, sinks, (query.shape[2],))
+  sinks = None if sinks is None else sinks.astype(jnp.float32)
   b, t, n, h = query.shape
   s, kh = key.shape[1], key.shape[2]
   if block_sizes is None:  # float32 tiles take twice the shared memory: halve them
@@ -398,7 +440,7 @@ def _prepare(query, key, value, softmax, is_causal, segment_ids, scale, block_si
   s_pad = _padding.round_up(s, max(tiles["block_k"], tiles["block_k_dkv"], tiles["block_k_dq"]))
   h_pad = max(16, _padding.next_power_of_2(h))
   st = _Static(
-      softmax1=softmax == "softmax1", causal=bool(is_causal),
+      sink=sinks is not None, causal=bool(is_causal),
       scale=_padding.resolve_scale(scale, h), kv_len=s, kv_pad=s_pad, group=n // kh, **tiles,
       num_warps=bs.num_warps or (4 if h_pad <= 64 else 8), num_stages=bs.num_stages,
       interpret=bool(interpret),
@@ -407,7 +449,7 @@ def _prepare(query, key, value, softmax, is_causal, segment_ids, scale, block_si
   k = _padding.pad_axis(_padding.pad_axis(key, 1, s_pad), 3, h_pad)
   v = _padding.pad_axis(_padding.pad_axis(value, 1, s_pad), 3, h_pad)
   ids = _padding.padded_segment_ids(segment_ids, b, t, s, t_pad, s_pad)
-  return q, k, v, ids, st
+  return q, k, v, ids, sinks, st
 
 
 def flash_attention(
@@ -421,20 +463,23 @@ def flash_attention(
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
-  """Fused softmax-1 / softmax attention (Pallas Triton), differentiable by Pallas kernels.
+  """Fused softmax-1 / softmax / learned-sink attention (Pallas Triton), differentiable.
 
   Args:
     query: ``[B, T, N, H]`` float32 / bfloat16 / float16.
     key: ``[B, S, K, H]`` with ``N % K == 0`` (grouped-query attention).
     value: ``[B, S, K, H]``.
-    softmax: "softmax1" (default) or "softmax".
+    softmax: "softmax1" (default), "softmax" or "learned_sink" (needs ``sinks``).
     is_causal: query ``t`` sees keys ``<= t``; key tiles above the diagonal are skipped.
     segment_ids: ``[B, T]`` or ``(q [B, T], kv [B, S])``; no attention across segments.
     scale: logit scale, ``1/sqrt(H)`` of the unpadded ``H`` by default.
     block_sizes: tile sizes; None = ``BlockSizes()`` for 16-bit inputs and the halved
       ``FLOAT32_BLOCK_SIZES`` for float32 (shared memory). Not yet tuned on a GPU.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
+    sinks: ``[N]`` sink logits for ``softmax="learned_sink"`` (one per query head, in the units
+      of the scaled logits); differentiable.
 
   Returns:
     ``[B, T, N, H]`` in the query's dtype; a query that may attend to nothing gives zeros.
@@ -444,11 +489,10 @@ def flash_attention(
     >>> flash_attention(q, k, v, softmax="softmax", interpret=True).shape
     (1, 20, 2, 64)
   """
-  _padding.check_kernel_args(query, key, value, softmax, None)
   t, h = query.shape[1], query.shape[3]
-  q, k, v, ids, st = _prepare(query, key, value, softmax, is_causal, segment_ids, scale,
-                              block_sizes, interpret)
-  return _flash(q, k, v, ids, st)[:, :t, :, :h]
+  q, k, v, ids, sinks, st = _prepare(query, key, value, softmax, sinks, is_causal, segment_ids,
+                                     scale, block_sizes, interpret)
+  return _flash(q, k, v, ids, sinks, st)[:, :t, :, :h]
 
 
 def flash_stats(
@@ -461,22 +505,22 @@ def flash_stats(
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    sinks: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """``(lse [B, N, T], row_max [B, N, T])`` from the forward kernel without the value product.
 
-  ``lse`` is the log-normaliser (it includes the null key for softmax-1, so softmax-1's null
-  mass is ``exp(-lse)``); ``row_max`` is the largest real logit (``-inf`` for a query that sees
-  no key). Not differentiable (monitoring only).
+  ``lse`` is the log-normaliser (it includes the sink, so the sink's share is ``exp(c - lse)``,
+  ``exp(-lse)`` for softmax-1); ``row_max`` is the largest real logit (``-inf`` for a query that
+  sees no key). Arguments as :func:`flash_attention`. Not differentiable (monitoring only).
 
   Example:
     >>> lse, row_max = flash_stats(jnp.ones((1, 16, 2, 64)), jnp.ones((1, 16, 2, 64)),
     ...                            interpret=True)
   """
-  _padding.check_kernel_args(query, key, key, softmax, None)
   t = query.shape[1]
-  q, k, v, ids, st = _prepare(query, key, key, softmax, is_causal, segment_ids, scale,
-                              block_sizes, interpret)
-  lse, row_max = _forward_call(q, k, v, ids, st, with_out=False, with_max=True)
+  q, k, v, ids, sinks, st = _prepare(query, key, key, softmax, sinks, is_causal, segment_ids,
+                                     scale, block_sizes, interpret)
+  lse, row_max = _forward_call(q, k, v, ids, sinks, st, with_out=False, with_max=True)
   return lax.stop_gradient(lse[:, :, :t]), lax.stop_gradient(row_max[:, :, :t])
 
 
@@ -491,21 +535,23 @@ def flash_attention_with_stats(
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    sinks: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(out [B, T, N, H], lse [B, N, T], row_max [B, N, T])`` from one forward pass.
 
   The statistics cost two ``[block_q]`` registers per program and ``O(B N T)`` output, nothing
   else; feed them to ``stats.first_token_stats``-style formulas for monitoring during evaluation.
-  Forward only: not differentiable (train with :func:`flash_attention`).
+  Arguments as :func:`flash_attention`. Forward only: not differentiable (train with
+  :func:`flash_attention`).
 
   Example:
     >>> q = k = v = jnp.ones((1, 16, 2, 64))
     >>> out, lse, row_max = flash_attention_with_stats(q, k, v, interpret=True)
   """
-  _padding.check_kernel_args(query, key, value, softmax, None)
   t, h = query.shape[1], query.shape[3]
-  q, k, v, ids, st = _prepare(query, key, value, softmax, is_causal, segment_ids, scale,
-                              block_sizes, interpret)
+  q, k, v, ids, sinks, st = _prepare(query, key, value, softmax, sinks, is_causal, segment_ids,
+                                     scale, block_sizes, interpret)
   q, k, v = (lax.stop_gradient(x) for x in (q, k, v))
-  out, lse, row_max = _forward_call(q, k, v, ids, st, with_out=True, with_max=True)
+  sinks = None if sinks is None else lax.stop_gradient(sinks)
+  out, lse, row_max = _forward_call(q, k, v, ids, sinks, st, with_out=True, with_max=True)
   return out[:, :t, :, :h], lse[:, :, :t], row_max[:, :, :t]

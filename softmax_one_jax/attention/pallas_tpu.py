@@ -2,7 +2,8 @@
 
 Splash attention starts each query row from the running state ``m = sink, l = 1``; with a sink of
 ``0`` for every head this is exactly the virtual zero logit of softmax-1 (the sink is a logit whose
-probability is dropped). Plain softmax uses a sink of ``-1e30``: it contributes ``exp(-1e30 - m)
+probability is dropped), and ``softmax="learned_sink"`` passes the caller's per-head sinks, whose
+gradient splash returns. Plain softmax uses a sink of ``-1e30``: it contributes ``exp(-1e30 - m)
 = 0`` to every row that sees a key, and makes a row that sees no key output zeros instead of the
 average of masked values, as the reference does. Splash has Pallas TPU kernels for the forward
 and both backward passes (dQ and dK/dV), skips key blocks above the causal diagonal, and takes
@@ -31,6 +32,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from softmax_one_jax.attention import _padding
 from softmax_one_jax.attention.reference import SegmentIds
+from softmax_one_jax.softmax import resolve_sinks
 
 _SOFTMAX_SINK = -1e30  # "no sink": exp(-1e30 - m) == 0 for any reachable m
 _LANES = 128
@@ -106,25 +108,32 @@ def flash_attention(
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: Any = False,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
-  """softmax-1 / softmax attention through splash attention (Pallas TPU), forward and backward.
+  """softmax-1 / softmax / learned-sink attention through splash attention (Pallas TPU).
 
   Args:
     query: ``[B, T, N, H]`` float32 / bfloat16.
     key: ``[B, S, K, H]`` with ``N % K == 0``.
     value: ``[B, S, K, H]``.
-    softmax: "softmax1" (zero sinks) or "softmax".
+    softmax: "softmax1" (zero sinks), "softmax" or "learned_sink" (needs ``sinks``).
     is_causal: query ``t`` sees keys ``<= t``.
     segment_ids: ``[B, T]`` or ``(q [B, T], kv [B, S])``.
     scale: logit scale, ``1/sqrt(H)`` by default.
     block_sizes: splash tiles.
     interpret: False on TPU; ``pltpu.InterpretParams()`` runs the TPU kernels on CPU.
+    sinks: ``[N]`` sink logits for ``softmax="learned_sink"`` (one per query head, in the units
+      of the scaled logits); differentiable (splash's backward returns their gradient).
 
   Returns:
     ``[B, T, N, H]`` in the query's dtype.
   """
   _padding.check_kernel_args(query, key, value, softmax, None)
   b, t, n, h = query.shape
+  sinks_n = resolve_sinks(softmax, sinks, (n,))
+  # No sink (softmax): a constant far below every logit, so empty rows still output zeros.
+  sinks_n = (jnp.full((n,), _SOFTMAX_SINK, jnp.float32) if sinks_n is None else
+             sinks_n.astype(jnp.float32))
   s = key.shape[1]
   t_pad, s_pad = _padding.round_up(t, _LANES), _padding.round_up(s, _LANES)
   scale = _padding.resolve_scale(scale, h)
@@ -132,17 +141,18 @@ def flash_attention(
   q_bnth = jnp.swapaxes(_padding.pad_axis(q, 1, t_pad), 1, 2)
   k_bksh = jnp.swapaxes(_padding.pad_axis(key, 1, s_pad), 1, 2)
   v_bksh = jnp.swapaxes(_padding.pad_axis(value, 1, s_pad), 1, 2)
-  sink = 0.0 if softmax == "softmax1" else _SOFTMAX_SINK
   ids = _segment_ids(segment_ids, b, t, s, t_pad, s_pad)
   bs = block_sizes or BlockSizes()
   if ids is None:  # fold the batch into the heads: one kernel, b*n query heads, b*k kv heads
     kernel = _kernel(b * n, t_pad, s_pad, bool(is_causal), bs, interpret)
     fold = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
-    out = kernel(fold(q_bnth), fold(k_bksh), fold(v_bksh), sinks=jnp.full((b * n,), sink))
+    # Folded head bi * n + ni is head ni of example bi; tiling makes the sinks' gradient the sum
+    # over the batch.
+    out = kernel(fold(q_bnth), fold(k_bksh), fold(v_bksh), sinks=jnp.tile(sinks_n, b))
     out_bnth = out.reshape(b, n, t_pad, -1)
   else:  # segment ids differ per example: map the kernel over the batch
     kernel = _kernel(n, t_pad, s_pad, bool(is_causal), bs, interpret)
-    sinks_n = jnp.full((n,), sink, jnp.float32)
+    # The sinks are closed over: autodiff sums their gradient over the examples.
     one = lambda x: kernel(x[0], x[1], x[2], splash.SegmentIds(q=x[3], kv=x[4]),  # noqa: E731
                            sinks=sinks_n)
     xs = (q_bnth, k_bksh, v_bksh, *ids)

@@ -4,7 +4,8 @@ XLA cannot partition a Pallas (Mosaic or Triton) kernel: called on arrays sharde
 fails ("Mosaic kernels cannot be automatically partitioned"). Attention is independent across
 examples and heads, so the kernel runs per shard: ``jax.shard_map`` over the mesh axes of the
 batch and head dimensions hands each device its ``[B / batch_shards, T, N / head_shards, H]``
-block, with no communication. The sequence stays whole on every device.
+block, with no communication. The sequence stays whole on every device. Per-head operands (the
+``[N]`` sink logits of learned-sink attention) are split like the heads.
 
 Example:
   >>> sharding = AttentionSharding(batch=("data", "fsdp"), heads="tensor")
@@ -47,6 +48,13 @@ class AttentionSharding(NamedTuple):
     """Spec of ``[B, T]`` segment ids."""
     return PartitionSpec(self.batch, None)
 
+  def n(self) -> PartitionSpec:
+    """Spec of ``[N]`` per-query-head operands (sink logits): split like the heads.
+
+    Replicated over the batch axes; ``shard_map``'s transpose sums their gradient over them.
+    """
+    return PartitionSpec(self.heads)
+
 
 def split_segment_arrays(segment_ids: Any) -> tuple[tuple[jax.Array, ...], tuple[str, ...],
                                                    Callable[[tuple[jax.Array, ...]], Any]]:
@@ -85,7 +93,8 @@ def run_per_shard(
     kernel: a function of local arrays (the Pallas kernel call).
     sharding: the batch and head mesh axes; None calls ``kernel`` directly.
     arrays: its array arguments.
-    in_kinds: per argument, its layout: "btnh" (``[B, T, N, H]``) or "bt" (``[B, T]``).
+    in_kinds: per argument, its layout: "btnh" (``[B, T, N, H]``), "bt" (``[B, T]``) or "n"
+      (``[N]``, per query head).
     out_kinds: the same for the outputs (a pytree of kinds, "bnt" allowed).
 
   Returns:

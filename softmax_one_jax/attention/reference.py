@@ -1,4 +1,4 @@
-"""Reference (XLA) attention with softmax or softmax-1; can return the probabilities.
+"""Reference (XLA) attention with softmax, softmax-1 or learned sinks; can return the probabilities.
 
 Layout follows ``jax.nn.dot_product_attention``: ``query [B, T, N, H]``, ``key``/``value``
 ``[B, S, K, H]`` with ``N`` a multiple of ``K`` (grouped-query attention: query head ``n`` reads
@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from softmax_one_jax.softmax import check_softmax_kind, compute_dtype, normalize
+from softmax_one_jax.softmax import compute_dtype, resolve_sinks, softmax_with_sink
 
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array]
 
@@ -136,6 +136,7 @@ def reference_attention(
     segment_ids: SegmentIds | None = None,
     scale: float | None = None,
     return_probs: bool = False,
+    sinks: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Attention computed in plain jnp; optionally returns the ``[B, N, T, S]`` probabilities.
 
@@ -143,17 +144,19 @@ def reference_attention(
     query: ``[B, T, N, H]``.
     key: ``[B, S, K, H]`` with ``N % K == 0``.
     value: ``[B, S, K, H]``.
-    softmax: "softmax1" (the default) or "softmax".
+    softmax: "softmax1" (the default), "softmax" or "learned_sink" (needs ``sinks``).
     is_causal: query ``t`` attends to keys ``<= t``.
     mask: boolean, broadcastable to ``[B, N, T, S]``; True = may attend.
     segment_ids: ``[B, T]`` (self-attention) or a ``(q [B, T], kv [B, S])`` pair; tokens attend
       only within their own segment (packed documents).
     scale: logit scale; ``1/sqrt(H)`` by default.
     return_probs: also return the probabilities (float32, or float64 for float64 inputs).
+    sinks: ``[N]`` float sink logits, one per query head, for ``softmax="learned_sink"``: a
+      virtual key with logit ``sinks[n]`` (in the units of the scaled logits) and value 0.
 
   Returns:
-    ``[B, T, N, H]`` in the query dtype, and the probabilities if asked for. A query that may
-    attend to nothing outputs zeros.
+    ``[B, T, N, H]`` in the query dtype, and the probabilities if asked for (rows sum to one
+    minus the sink's share). A query that may attend to nothing outputs zeros.
 
   Example:
     >>> q = k = v = jnp.ones((1, 4, 2, 8))
@@ -161,12 +164,13 @@ def reference_attention(
     (1, 4, 2, 8)
   """
   check_shapes(query, key, value)
-  check_softmax_kind(softmax)
   b, t, n, h = query.shape
   s, k = key.shape[1], key.shape[2]
+  sinks_n = resolve_sinks(softmax, sinks, (n,))
   logits_bnts = attention_logits(query, key, scale)
   where = combine_masks(t, s, is_causal=is_causal, mask=mask, segment_ids=segment_ids)
-  probs_bnts = normalize(logits_bnts, softmax, axis=-1, where=where)
+  sinks_n11 = None if sinks_n is None else sinks_n[:, None, None]
+  probs_bnts = softmax_with_sink(logits_bnts, sinks_n11, axis=-1, where=where)
   probs_bkgts = probs_bnts.reshape(b, k, n // k, t, s).astype(value.dtype)
   out_btkgh = jnp.einsum(
       "bkgts,bskh->btkgh", probs_bkgts, value, preferred_element_type=compute_dtype(value.dtype)

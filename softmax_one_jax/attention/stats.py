@@ -1,14 +1,16 @@
 """First-token attention statistics in O(seq) memory: logsumexp, row max and the key-0 logit.
 
 The paper's diagnostics ask, per query, how much attention goes to the first token and whether
-it is the argmax; for softmax-1 also how much goes nowhere (the null key). All three follow from
-per-row numbers without any ``[T, S]`` probability matrix::
+it is the argmax; for softmax-1 and learned sinks also how much goes nowhere (the null key). All
+three follow from per-row numbers without any ``[T, S]`` probability matrix::
 
-  prob_first   = exp(s_0 - lse)       (lse includes the null key for softmax-1)
+  prob_first   = exp(s_0 - lse)       (lse includes the null key: softmax-1, learned sinks)
   argmax_first = s_0 >= row_max       (row_max over the real, unmasked logits)
-  null_mass    = exp(-lse)            (softmax-1 only: the virtual zero logit's share)
+  null_mass    = exp(c_n - lse)       (the null key's share; c_n = 0 for softmax-1, the head's
+                                       sink logit for learned sinks)
 
-where ``s_0`` is query ``t``'s scaled logit on key 0 (``-inf`` if masked).
+where ``s_0`` is query ``t``'s scaled logit on key 0 (``-inf`` if masked). The null key is not a
+real key: ``argmax_first`` compares key 0 with the other keys only, for every kind.
 
 Example:
   >>> q = k = jnp.ones((1, 8, 2, 16))
@@ -35,26 +37,30 @@ from softmax_one_jax.attention.reference import (
     split_segment_ids,
 )
 from softmax_one_jax.sharding import target_platform
-from softmax_one_jax.softmax import check_softmax_kind, logsumexp1
+from softmax_one_jax.softmax import resolve_sinks
 
 STATS_IMPLEMENTATIONS = (None, "xla", "chunked", "pallas")
 
 
-def _xla_stats(query, key, softmax1, is_causal, segment_ids, mask, scale):
-  """Dense reference: materialises the ``[B, N, T, S]`` logits."""
+def _xla_stats(query, key, sinks, is_causal, segment_ids, mask, scale):
+  """Dense reference: materialises the ``[B, N, T, S]`` logits. ``sinks``: ``[N]`` or None."""
   logits = attention_logits(query, key, scale)
   where = combine_masks(query.shape[1], key.shape[1], is_causal=is_causal, mask=mask,
                         segment_ids=segment_ids)
   if where is not None:
     where = jnp.broadcast_to(where, logits.shape)
-  log_normaliser = logsumexp1 if softmax1 else jax.nn.logsumexp
-  lse = log_normaliser(logits, axis=-1, where=where)
+  lse = jax.nn.logsumexp(logits, axis=-1, where=where)  # -inf for a row with no key
+  if sinks is not None:  # the null key joins the normaliser: log(exp(c) + sum_j exp(s_j))
+    lse = jnp.logaddexp(sinks.astype(lse.dtype)[:, None], lse)
   row_max = jnp.max(logits if where is None else jnp.where(where, logits, -jnp.inf), axis=-1)
   return lse, row_max
 
 
-def _chunked_stats(query, key, softmax1, is_causal, segment_ids, scale, chunk: int = 512):
-  """Online logsumexp over key chunks (``lax.scan``): ``[B, N, T, chunk]`` at a time."""
+def _chunked_stats(query, key, sinks, is_causal, segment_ids, scale, chunk: int = 512):
+  """Online logsumexp over key chunks (``lax.scan``): ``[B, N, T, chunk]`` at a time.
+
+  ``sinks`` (``[N]`` or None) seed the running state as a key seen first: ``m = c, total = 1``.
+  """
   b, t, n, h = query.shape
   s = key.shape[1]
   chunk = min(chunk, s)
@@ -83,8 +89,9 @@ def _chunked_stats(query, key, softmax1, is_causal, segment_ids, scale, chunk: i
     return (m_new, total, row_max), None
 
   shape = (b, n, t)
-  init = ((jnp.zeros(shape), jnp.ones(shape)) if softmax1 else
-          (jnp.full(shape, -jnp.inf), jnp.zeros(shape))) + (jnp.full(shape, -jnp.inf),)
+  init = ((jnp.full(shape, -jnp.inf), jnp.zeros(shape)) if sinks is None else
+          (jnp.broadcast_to(sinks.astype(jnp.float32)[:, None], shape), jnp.ones(shape)))
+  init += (jnp.full(shape, -jnp.inf),)
   xs = (jnp.arange(s_pad // chunk), k_cbskh,
         jnp.zeros((s_pad // chunk, b, chunk), jnp.int32) if kv_ids_cbs is None else kv_ids_cbs)
   (m, total, row_max), _ = jax.lax.scan(step, init, xs)
@@ -128,13 +135,15 @@ def attention_stats(
     implementation: str | None = None,
     interpret: bool = False,
     sharding: AttentionSharding | None = None,
+    sinks: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-query ``(lse, row_max, first_logit)``, each ``[B, N, T]`` float32.
 
   Args:
     query: ``[B, T, N, H]``.
     key: ``[B, S, K, H]`` with ``N % K == 0``.
-    softmax: "softmax1" (``lse`` includes the null key) or "softmax".
+    softmax: "softmax1" (``lse`` includes the null key of logit 0), "softmax" or "learned_sink"
+      (``lse`` includes the null key of logit ``sinks[n]``).
     is_causal, segment_ids, mask, scale: as in ``dot_product_attention``.
     implementation: "xla" (dense logits; supports ``mask``), "chunked" (scan over 512-key
       chunks, linear memory, any platform), "pallas" (the GPU flash kernel's forward without the
@@ -142,6 +151,7 @@ def attention_stats(
       (the platform of the mesh in context, else JAX's default backend).
     interpret: run the Pallas kernel in the interpreter (CPU tests).
     sharding: batch and head mesh axes: under a mesh the Pallas kernel runs once per shard.
+    sinks: ``[N]`` sink logits for ``softmax="learned_sink"``, as in ``dot_product_attention``.
 
   Returns:
     ``lse``: log-normaliser (``-inf`` for a softmax row that sees no key); ``row_max``: largest
@@ -154,28 +164,30 @@ def attention_stats(
     (1, 2, 4)
   """
   check_shapes(query, key, key)
-  check_softmax_kind(softmax)
+  sinks_n = resolve_sinks(softmax, sinks, (query.shape[2],))
   impl = _pick(implementation, mask)
   if mask is not None and impl != "xla":
     raise ValueError(f"implementation={impl!r} takes is_causal and segment_ids, not a dense "
                      "mask; pass implementation='xla' (or None) to use mask.")
   query, key = jax.lax.stop_gradient(query), jax.lax.stop_gradient(key)
-  softmax1 = softmax == "softmax1"
+  sinks_n = None if sinks_n is None else jax.lax.stop_gradient(sinks_n)
   if impl == "xla":
-    lse, row_max = _xla_stats(query, key, softmax1, is_causal, segment_ids, mask, scale)
+    lse, row_max = _xla_stats(query, key, sinks_n, is_causal, segment_ids, mask, scale)
   elif impl == "chunked":
-    lse, row_max = _chunked_stats(query, key, softmax1, is_causal, segment_ids, scale)
+    lse, row_max = _chunked_stats(query, key, sinks_n, is_causal, segment_ids, scale)
   else:
     from softmax_one_jax.attention import pallas_gpu  # pylint: disable=g-import-not-at-top
     ids, ids_kinds, rebuild_ids = split_segment_arrays(segment_ids)
+    # Learned sinks travel as a per-head operand, split like the heads.
+    sink_args, sink_kinds = ((), ()) if sinks is None else ((sinks_n,), ("n",))
 
-    def local(q, k, *local_ids):
-      return pallas_gpu.flash_stats(q, k, softmax=softmax, is_causal=is_causal,
-                                    segment_ids=rebuild_ids(local_ids), scale=scale,
-                                    interpret=interpret)
+    def local(q, k, *rest):
+      return pallas_gpu.flash_stats(
+          q, k, softmax=softmax, sinks=rest[0] if sink_args else None, is_causal=is_causal,
+          segment_ids=rebuild_ids(rest[len(sink_args):]), scale=scale, interpret=interpret)
 
-    lse, row_max = run_per_shard(local, sharding, (query, key, *ids),
-                                 ("btnh", "btnh", *ids_kinds), ("bnt", "bnt"))
+    lse, row_max = run_per_shard(local, sharding, (query, key, *sink_args, *ids),
+                                 ("btnh", "btnh", *sink_kinds, *ids_kinds), ("bnt", "bnt"))
   return lse, row_max, _first_logit(query, key, is_causal, segment_ids, mask, scale)
 
 
@@ -184,6 +196,7 @@ def first_token_stats(
     key: jax.Array,
     *,
     softmax: str = "softmax1",
+    sinks: jax.Array | None = None,
     **kwargs: Any,
 ) -> dict[str, jax.Array]:
   """Attention on the first token without probabilities: each value ``[B, N, T]``.
@@ -191,21 +204,23 @@ def first_token_stats(
   Args:
     query: ``[B, T, N, H]``.
     key: ``[B, S, K, H]``.
-    softmax: "softmax1" or "softmax".
+    softmax: "softmax1", "softmax" or "learned_sink" (needs ``sinks``).
+    sinks: ``[N]`` sink logits for ``softmax="learned_sink"``.
     **kwargs: ``is_causal``, ``segment_ids``, ``mask``, ``scale``, ``implementation``,
       ``interpret``, ``sharding`` as in :func:`attention_stats`.
 
   Returns:
     ``prob_first`` (float32, probability on key 0), ``argmax_first`` (bool, key 0 holds the
-    largest real logit; False if key 0 is masked) and, for softmax-1, ``null_mass`` (float32,
-    the share of the virtual zero logit, ``1 - sum_j p_j``).
+    largest real logit, the null key not counted; False if key 0 is masked) and, for softmax-1
+    and learned sinks, ``null_mass`` (float32, the null key's share ``exp(c_n - lse)``,
+    ``1 - sum_j p_j``).
 
   Example:
     >>> stats = first_token_stats(jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 8)), softmax="softmax")
     >>> jnp.round(stats["prob_first"][0, 0], 4).tolist()
     [0.25, 0.25, 0.25, 0.25]
   """
-  lse, row_max, first = attention_stats(query, key, softmax=softmax, **kwargs)
+  lse, row_max, first = attention_stats(query, key, softmax=softmax, sinks=sinks, **kwargs)
   seen = ~jnp.isneginf(first)
   out = {
       # first <= lse exactly; in float32 the two roundings may put it a hair above: p <= 1.
@@ -213,6 +228,8 @@ def first_token_stats(
                               0.0),
       "argmax_first": seen & (first >= row_max),
   }
-  if softmax == "softmax1":
-    out["null_mass"] = jnp.exp(-lse)
+  sinks_n = resolve_sinks(softmax, sinks, (query.shape[2],))
+  if sinks_n is not None:  # the null key's logit minus the log-normaliser (which includes it)
+    sinks_n = jax.lax.stop_gradient(sinks_n).astype(lse.dtype)
+    out["null_mass"] = jnp.exp(jnp.minimum(sinks_n[:, None] - lse, 0.0))
   return out

@@ -42,11 +42,12 @@ def xla_attention(
     segment_ids: SegmentIds | None = None,
     scale: float | None = None,
     query_blocks: int | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
   """Attention in plain XLA ops; causal self-attention skips the blocks the mask hides.
 
   Arguments as ``reference_attention`` (``[B, T, N, H]`` queries, ``[B, S, K, H]`` keys and
-  values), plus:
+  values, ``[N]`` ``sinks`` for ``softmax="learned_sink"``), plus:
 
   Args:
     query_blocks: query blocks for causal self-attention (``T == S``, no dense ``mask``); must
@@ -64,7 +65,7 @@ def xla_attention(
   blocks = default_query_blocks(t, s) if query_blocks is None else query_blocks
   if not is_causal or mask is not None or t != s or blocks == 1:
     return reference_attention(query, key, value, softmax=softmax, is_causal=is_causal,
-                               mask=mask, segment_ids=segment_ids, scale=scale)
+                               mask=mask, segment_ids=segment_ids, scale=scale, sinks=sinks)
   if blocks < 1 or t % blocks:
     raise ValueError(f"query_blocks={blocks} must be a positive divisor of the query length {t}.")
   c = t // blocks
@@ -76,5 +77,5 @@ def xla_attention(
     block_ids = None if ids is None else (ids[0][:, start:end], ids[1][:, :end])
     outs.append(reference_attention(
         query[:, start:end], key[:, :end], value[:, :end], softmax=softmax, mask=visible_ts,
-        segment_ids=block_ids, scale=scale))
+        segment_ids=block_ids, scale=scale, sinks=sinks))
   return jnp.concatenate(outs, axis=1)

@@ -1,4 +1,4 @@
-"""Flax NNX decoder-only Transformer LMs with softmax or softmax-1 attention.
+"""Flax NNX decoder-only Transformer LMs with softmax, softmax-1 or learned-sink attention.
 
 Example:
   >>> from flax import nnx

@@ -14,7 +14,7 @@ from typing import Any
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm", "scalar_rmsnorm")
 MLPS = ("gelu", "swiglu")
-SOFTMAXES = ("softmax1", "softmax")
+SOFTMAXES = ("softmax1", "softmax", "learned_sink")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = (None, "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
@@ -39,7 +39,9 @@ class TransformerConfig:
     norm_eps: epsilon of the norms.
     mlp: "gelu" (tanh-approximate GELU, as GPT-2) or "swiglu" (Llama).
     use_bias: biases in the linear layers.
-    softmax: "softmax1" (the paper's fix) or "softmax" in every attention layer.
+    softmax: "softmax1" (the paper's fix), "softmax", or "learned_sink" (softmax-1 with a learned
+      null-key logit per head, ``Attention.sink_logits``, initialised to 0) in every attention
+      layer.
     tie_embeddings: share the input embedding with the output projection.
     dtype: compute dtype; parameters are kept in ``param_dtype``.
     param_dtype: parameter dtype.

@@ -224,11 +224,20 @@ def attention_sharding(q_shape: tuple[int, ...], k_shape: tuple[int, ...]
 
 
 class Attention(nnx.Module):
-  """Multi-head / grouped-query self-attention with softmax or softmax-1."""
+  """Multi-head / grouped-query self-attention with softmax, softmax-1 or learned sinks.
+
+  With ``softmax="learned_sink"`` the layer owns ``sink_logits`` ``[num_heads]`` (float32,
+  logical axis "heads"), one null-key logit per query head, initialised to 0 so that training
+  starts exactly at softmax-1.
+  """
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
+    self.sink_logits = (
+        nnx.Param(jnp.zeros((c.num_heads,), jnp.float32), out_sharding=("heads",),
+                  eager_sharding=False)
+        if c.softmax == "learned_sink" else None)
     self.q_proj = dense(c, c.d_model, c.num_heads * c.head_dim, ("embed", "heads"), rngs=rngs)
     self.k_proj = dense(c, c.d_model, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), rngs=rngs)
     self.v_proj = dense(c, c.d_model, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), rngs=rngs)
@@ -253,6 +262,10 @@ class Attention(nnx.Module):
       q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
     return constrain(q_btnh, ACT_BTNH), constrain(k_btkh, ACT_BTKH), constrain(v_btkh, ACT_BTKH)
 
+  def _sinks(self) -> jax.Array | None:
+    """The ``[N]`` sink logits for ``softmax="learned_sink"``, else None."""
+    return None if self.sink_logits is None else self.sink_logits.value
+
   def _output(self, out_btnh: jax.Array) -> jax.Array:
     b, t = out_btnh.shape[:2]
     out_btnh = constrain(out_btnh, ACT_BTNH)
@@ -272,8 +285,8 @@ class Attention(nnx.Module):
     statistics ``[B, N, T]`` from ``first_token_stats``, O(T) memory).
     """
     q, k, v = self._qkv(x_btd, positions_bt)
-    kwargs = dict(softmax=self.config.softmax, is_causal=True, segment_ids=segment_ids_bt,
-                  sharding=attention_sharding(q.shape, k.shape))
+    kwargs = dict(softmax=self.config.softmax, sinks=self._sinks(), is_causal=True,
+                  segment_ids=segment_ids_bt, sharding=attention_sharding(q.shape, k.shape))
     extras = {}
     if "attention_stats" in analysis:
       extras["attention_stats"] = first_token_stats(q, k, **kwargs)
@@ -303,7 +316,8 @@ class Attention(nnx.Module):
     visible_bts = key_positions_s[None, None, :] <= positions_bt[:, :, None]
     out = dot_product_attention(
         q, keys_bskh.astype(q.dtype), values_bskh.astype(q.dtype),
-        softmax=self.config.softmax, mask=visible_bts[:, None], implementation="xla",
+        softmax=self.config.softmax, sinks=self._sinks(), mask=visible_bts[:, None],
+        implementation="xla",
     )
     return self._output(out), keys_bskh, values_bskh
 

@@ -54,7 +54,7 @@ def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
 
 
 class Transformer(nnx.Module):
-  """Decoder-only Transformer LM with softmax or softmax-1 attention.
+  """Decoder-only Transformer LM with softmax, softmax-1 or learned-sink attention.
 
   Call it on int tokens ``[B, T]``; it returns float32 logits ``[B, T, V]``, and with
   ``intermediates`` also a dict of per-layer block outputs and attention probabilities.
@@ -175,7 +175,8 @@ class Transformer(nnx.Module):
       intermediates: any of "hidden" (block outputs ``[L, B, T, D]``, float32),
         "attention_probs" (``[L, B, N, T, T]``, float32; uses the reference attention path) and
         "attention_stats" (a dict of first-token statistics, each ``[L, B, N, T]``:
-        "prob_first", "argmax_first" and, for softmax-1, "null_mass"; no ``T x T`` buffer).
+        "prob_first", "argmax_first" and, for softmax-1 and learned sinks, "null_mass"; no
+        ``T x T`` buffer).
 
     Returns:
       float32 logits ``[B, T, V]``, or ``(logits, dict)`` when ``intermediates`` is non-empty.

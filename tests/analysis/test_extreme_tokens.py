@@ -87,18 +87,22 @@ def test_null_mass_mean_over_counted_queries():
   assert float(E.null_mass(_f32(null), counted)) == pytest.approx((0.2 + 0.4 + 0.6 + 0.0) / 4)
 
 
-def test_null_mass_of_first_token_stats_is_the_missing_probability():
+@pytest.mark.parametrize("softmax", ["softmax1", "learned_sink"])
+def test_null_mass_of_first_token_stats_is_the_missing_probability(softmax):
   from softmax_one_jax.attention.stats import first_token_stats
 
   rng = np.random.default_rng(0)
   q = rng.normal(size=(1, 6, 2, 4)) * 2
   k = rng.normal(size=(1, 6, 2, 4)) * 2
-  st = first_token_stats(_f32(q), _f32(k), softmax="softmax1", is_causal=True,
-                         implementation="xla")
-  # float64 softmax-1 by hand: p_j = exp(s_j) / (1 + sum exp(s_j)) over visible keys.
+  sinks = np.array([1.5, -0.5]) if softmax == "learned_sink" else None
+  st = first_token_stats(_f32(q), _f32(k), softmax=softmax, is_causal=True,
+                         implementation="xla", sinks=None if sinks is None else _f32(sinks))
+  # float64 by hand: p_j = exp(s_j) / (exp(c_n) + sum exp(s_j)) over visible keys, c_n = 0 for
+  # softmax-1 and the head's sink logit for learned sinks.
   s = np.einsum("btnh,bsnh->bnts", q, k) / 2.0
   s = np.where(np.tril(np.ones((6, 6), bool)), s, -np.inf)
-  null_ref = 1.0 / (1.0 + np.exp(s).sum(-1))  # [B, N, T]
+  null_exp = np.exp(np.zeros(2) if sinks is None else sinks)[None, :, None]
+  null_ref = null_exp / (null_exp + np.exp(s).sum(-1))  # [B, N, T]
   _, counted = counted_queries(None, 1, 6)
   got = float(E.null_mass(st["null_mass"][None], counted))
   assert got == pytest.approx(null_ref[..., 1:].mean(), rel=1e-4)
@@ -199,13 +203,17 @@ def test_value_states_reproduce_the_attention_output_of_layer_zero(tiny_model):
 # End to end on a tiny random model.
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
+@pytest.fixture(scope="module", params=["softmax1", "learned_sink"])
+def tiny_model(request):
   from softmax_one_jax.models import Transformer, preset
 
   cfg = preset("tiny", vocab_size=97, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
-               max_seq_len=32, softmax="softmax1")
-  return Transformer(cfg, rngs=nnx.Rngs(0))
+               max_seq_len=32, softmax=request.param)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  for block in model.blocks:  # learned sinks start at 0 (softmax-1): give them other values
+    if block.attn.sink_logits is not None:
+      block.attn.sink_logits.value = jnp.array([-2.0, 0.5, 1.0, 3.0])
+  return model
 
 
 @pytest.mark.parametrize("attention", ["probs", "stats"])

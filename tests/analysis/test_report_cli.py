@@ -85,6 +85,15 @@ def _fake_analysis(root: pathlib.Path, name: str, softmax: str, optimizer: str, 
   return rep, paths
 
 
+def test_grid_order_rows_softmax_softmax1_learned_sink():
+  entries = [{"name": f"{soft} + {opt}", "meta": {"softmax": soft, "optimizer": opt}}
+             for soft in ("learned_sink", "other", "softmax1", "softmax")
+             for opt in ("orthoadam", "adamw")]
+  assert [e["name"] for e in cli._grid_order(entries)] == [  # pylint: disable=protected-access
+      "softmax + adamw", "softmax + orthoadam", "softmax1 + adamw", "softmax1 + orthoadam",
+      "learned_sink + adamw", "learned_sink + orthoadam", "other + adamw", "other + orthoadam"]
+
+
 def test_write_outputs_and_compare_grid(tmp_path):
   grid = [("softmax1", "orthoadam"), ("softmax", "orthoadam"), ("softmax1", "adamw"),
           ("softmax", "adamw")]

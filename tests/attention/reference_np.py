@@ -1,4 +1,8 @@
-"""An independent float64 numpy attention, the ground truth for every attention implementation."""
+"""An independent float64 numpy attention, the ground truth for every attention implementation.
+
+The null key of softmax-1 (logit 0) and of learned sinks (logit ``sinks[n]`` per query head) is
+written out as an explicit extra column with value 0, never as an offset of a running state.
+"""
 
 import numpy as np
 
@@ -16,34 +20,107 @@ def np_allowed(b, n, t, s, *, is_causal=False, segment_ids=None, mask=None):
   return allowed
 
 
-def np_attention(q, k, v, *, softmax="softmax1", is_causal=False, mask=None, segment_ids=None,
-                 scale=None):
-  """``q [B, T, N, H]``, ``k/v [B, S, K, H]`` -> ``(out [B, T, N, H], probs [B, N, T, S])`` in float64.
+def np_null_logits(softmax, n, sinks=None):
+  """The null key's logit per query head ``[N]`` float64, or None for plain softmax."""
+  if softmax == "softmax":
+    return None
+  if softmax == "softmax1":
+    return np.zeros(n)
+  assert softmax == "learned_sink" and sinks is not None
+  return np.asarray(sinks, np.float64).reshape(n)
 
-  Loops over heads so that the grouped-query mapping (head n reads kv head n // (N // K)) is
-  written out independently of the einsum reshapes in the package.
+
+def random_sinks(rng, n):
+  """``[N]`` float32 sink logits: one large positive, one very negative, the rest N(0, 2^2).
+
+  With N(0, 1)-sized logits, a sink of +6 takes almost all of a row and -30 almost none.
+  """
+  sinks = rng.standard_normal(n) * 2.0
+  sinks[0] = 6.0 + rng.random()
+  if n > 1:
+    sinks[-1] = -30.0 - rng.random()
+  return sinks.astype(np.float32)
+
+
+def np_attention_parts(q, k, v, *, softmax="softmax1", is_causal=False, mask=None,
+                       segment_ids=None, scale=None, sinks=None):
+  """``(out [B, T, N, H], probs [B, N, T, S], null [B, N, T])`` in float64.
+
+  ``null`` is the null key's probability (zeros for plain softmax). Loops over heads so that the
+  grouped-query mapping (head n reads kv head n // (N // K)) is written out independently of the
+  einsum reshapes in the package.
   """
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   scale = 1.0 / np.sqrt(h) if scale is None else scale
   allowed = np_allowed(b, n, t, s, is_causal=is_causal, segment_ids=segment_ids, mask=mask)
+  null_logits = np_null_logits(softmax, n, sinks)
   out = np.zeros((b, t, n, h))
   probs = np.zeros((b, n, t, s))
+  null = np.zeros((b, n, t))
   for bi in range(b):
     for ni in range(n):
       kv = ni // (n // kh)
       logits = q[bi, :, ni] @ k[bi, :, kv].T * scale
       logits = np.where(allowed[bi, ni], logits, -np.inf)
-      if softmax == "softmax1":
-        logits = np.concatenate([np.zeros((t, 1)), logits], axis=1)
+      if null_logits is not None:  # the null key as column 0
+        logits = np.concatenate([np.full((t, 1), null_logits[ni]), logits], axis=1)
       row_max = logits.max(axis=1, keepdims=True)
       row_max = np.where(np.isfinite(row_max), row_max, 0.0)
       e = np.exp(logits - row_max)
       denom = e.sum(axis=1, keepdims=True)
       p = np.divide(e, denom, out=np.zeros_like(e), where=denom > 0)
-      if softmax == "softmax1":
-        p = p[:, 1:]
+      if null_logits is not None:
+        null[bi, ni], p = p[:, 0], p[:, 1:]
       probs[bi, ni] = p
       out[bi, :, ni] = p @ v[bi, :, kv]
+  return out, probs, null
+
+
+def np_attention(q, k, v, **kwargs):
+  """``q [B, T, N, H]``, ``k/v [B, S, K, H]`` -> float64 ``(out [B, T, N, H], probs [B, N, T, S])``.
+
+  Keyword arguments as ``np_attention_parts`` (``softmax``, ``is_causal``, ``mask``,
+  ``segment_ids``, ``scale``, ``sinks``).
+  """
+  out, probs, _ = np_attention_parts(q, k, v, **kwargs)
   return out, probs
+
+
+def np_attention_grads(q, k, v, w, *, scale=None, **kwargs):
+  """float64 ``(out, dq, dk, dv)`` of ``sum(w * attention(q, k, v))``, written out per head;
+  ``(out, dq, dk, dv, dsinks)`` for ``softmax="learned_sink"``.
+
+  Every kind shares the Jacobian ``dS = P * (dP - rowsum(P * dP))``: the null key's value is
+  zero, so its column of ``dP`` is zero and drops out. The null logit ``c`` moves the
+  log-normaliser by ``p_null dc``, so ``out_t`` moves by ``-p_null * out_t dc`` and
+  ``dc_n = -sum_{b,t} p_null[b,n,t] * <w[b,t,n], out[b,t,n]>``.
+  """
+  q, k, v, w = (np.asarray(a, np.float64) for a in (q, k, v, w))
+  scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+  out, probs, null = np_attention_parts(q, k, v, scale=scale, **kwargs)
+  dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+  n, kh = q.shape[2], k.shape[2]
+  for bi in range(q.shape[0]):
+    for ni in range(n):
+      kv = ni // (n // kh)
+      p = probs[bi, ni]
+      dv[bi, :, kv] += p.T @ w[bi, :, ni]
+      dp = w[bi, :, ni] @ v[bi, :, kv].T
+      ds = p * (dp - np.sum(p * dp, axis=1, keepdims=True))
+      dq[bi, :, ni] = ds @ k[bi, :, kv] * scale
+      dk[bi, :, kv] += ds.T @ q[bi, :, ni] * scale
+  if kwargs.get("softmax") != "learned_sink":
+    return out, dq, dk, dv
+  w_dot_out_bnt = np.einsum("btnh,btnh->bnt", w, out)
+  dsinks = -np.sum(null * w_dot_out_bnt, axis=(0, 2))
+  return out, dq, dk, dv, dsinks
+
+
+def sink_grad_atol(w, out, rel=2e-6):
+  """Absolute tolerance for float32 sink gradients: ``rel`` times a bound on the sizes of the
+  summed terms, ``max_n sum_{b,t} |w| |out|`` (the gradient itself may cancel to near zero)."""
+  w, out = np.asarray(w, np.float64), np.asarray(out, np.float64)
+  return rel * float(np.max(np.sum(np.linalg.norm(w, axis=-1) * np.linalg.norm(out, axis=-1),
+                                   axis=(0, 1))))

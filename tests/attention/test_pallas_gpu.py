@@ -1,9 +1,9 @@
 """The Pallas GPU (Triton) flash kernel, run in interpret mode on CPU, against float64 numpy.
 
-Outputs and the gradients of q, k and v (computed by the Pallas backward kernels) are compared
-with an independent float64 numpy attention and its hand-written backward, on fresh random
-inputs. The memory test lowers a causal 8192-long attention and checks the compiled program holds
-no [T, S] buffer.
+Outputs and the gradients of q, k and v (computed by the Pallas backward kernels) and of learned
+sinks are compared with an independent float64 numpy attention and its hand-written backward, on
+fresh random inputs. The memory test lowers a causal 8192-long attention and checks the compiled
+program holds no [T, S] buffer.
 """
 
 import os
@@ -22,38 +22,20 @@ from softmax_one_jax.attention import (
     resolve_implementation,
 )
 from softmax_one_jax.attention import pallas_gpu
-from tests.attention.reference_np import np_attention
+from tests.attention.reference_np import (np_attention, np_attention_grads, random_sinks,
+                                          sink_grad_atol)
 
 
-def np_attention_grads(q, k, v, w, *, scale=None, **kwargs):
-  """float64 ``(out, dq, dk, dv)`` of ``sum(w * attention(q, k, v))``, written out per head.
+def out_and_grads(attn, q, k, v, w, sinks=None):
+  """``(out, dq, dk, dv)`` of ``sum(w * attn(q, k, v))`` under jit, as float64 numpy.
 
-  softmax and softmax-1 share the Jacobian ``dS = P * (dP - rowsum(P * dP))`` (the null key's
-  probability is dropped, not differentiated against), so one backward serves both.
+  With ``sinks``, ``attn(q, k, v, sinks)`` and ``(out, dq, dk, dv, dsinks)``.
   """
-  q, k, v, w = (np.asarray(a, np.float64) for a in (q, k, v, w))
-  scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-  out, probs = np_attention(q, k, v, scale=scale, **kwargs)
-  dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-  n, kh = q.shape[2], k.shape[2]
-  for bi in range(q.shape[0]):
-    for ni in range(n):
-      kv = ni // (n // kh)
-      p = probs[bi, ni]
-      dv[bi, :, kv] += p.T @ w[bi, :, ni]
-      dp = w[bi, :, ni] @ v[bi, :, kv].T
-      ds = p * (dp - np.sum(p * dp, axis=1, keepdims=True))
-      dq[bi, :, ni] = ds @ k[bi, :, kv] * scale
-      dk[bi, :, kv] += ds.T @ q[bi, :, ni] * scale
-  return out, dq, dk, dv
-
-
-def out_and_grads(attn, q, k, v, w):
-  """``(out, dq, dk, dv)`` of ``sum(w * attn(q, k, v))`` under jit, as float64 numpy."""
-  def loss(q, k, v):
-    return jnp.sum(attn(q, k, v).astype(jnp.float32) * w)
-  out = jax.jit(attn)(q, k, v)
-  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  args = (q, k, v) if sinks is None else (q, k, v, jnp.asarray(sinks))
+  def loss(*args):
+    return jnp.sum(attn(*args).astype(jnp.float32) * w)
+  out = jax.jit(attn)(*args)
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
   return [np.asarray(x, np.float64) for x in (out, *grads)]
 
 
@@ -73,26 +55,34 @@ def random_case(rng, b, t, s, n, kh, h, dtype, segments=None):
 
 
 def check_against_numpy(attn, rng, shape, dtype, softmax, is_causal, segments, scale=None):
-  """Asserts the kernel's output and q/k/v gradients match float64 numpy.
+  """Asserts the kernel's output and q/k/v gradients (and sink gradients) match float64 numpy.
 
-  float32: tight absolute/relative tolerances. bfloat16: the kernel's error may be at most twice
-  that of the XLA reference path run in bfloat16 on the same inputs (plus 2e-3), i.e. bf16
-  rounding of the inputs to the matmuls, nothing worse.
+  float32: tight absolute/relative tolerances; the sink gradient, a sum over every query, within
+  ``sink_grad_atol``. bfloat16: the kernel's error may be at most twice that of the XLA reference
+  path run in bfloat16 on the same inputs (plus 2e-3), i.e. bf16 rounding of the inputs to the
+  matmuls, nothing worse. ``softmax="learned_sink"`` draws random sinks (``random_sinks``).
   """
   b, t, s, n, kh, h = shape
   q, k, v, w, ids = random_case(rng, b, t, s, n, kh, h, dtype, segments)
+  sinks = random_sinks(rng, n) if softmax == "learned_sink" else None
   opts = dict(softmax=softmax, is_causal=is_causal, segment_ids=ids, scale=scale)
-  got = out_and_grads(lambda q, k, v: attn(q, k, v, **opts), q, k, v, w)
+  if sinks is None:
+    run = lambda fn: out_and_grads(lambda q, k, v: fn(q, k, v, **opts), q, k, v, w)  # noqa: E731
+  else:
+    run = lambda fn: out_and_grads(  # noqa: E731
+        lambda q, k, v, c: fn(q, k, v, sinks=c, **opts), q, k, v, w, sinks)
+  got = run(attn)
   np_ids = None if ids is None else (tuple(np.asarray(i) for i in ids) if isinstance(ids, tuple)
                                      else np.asarray(ids))
   want = np_attention_grads(q, k, v, w, softmax=softmax, is_causal=is_causal,
-                            segment_ids=np_ids, scale=scale)
-  names = ("out", "dq", "dk", "dv")
+                            segment_ids=np_ids, scale=scale, sinks=sinks)
+  names = ("out", "dq", "dk", "dv", "dsinks")
   if dtype == jnp.float32:
     for name, g, x in zip(names, got, want):
-      np.testing.assert_allclose(g, x, rtol=2e-5, atol=2e-5, err_msg=name)
+      atol = sink_grad_atol(w, want[0]) if name == "dsinks" else 2e-5
+      np.testing.assert_allclose(g, x, rtol=2e-5, atol=atol, err_msg=name)
     return
-  xla = out_and_grads(lambda q, k, v: reference_attention(q, k, v, **opts), q, k, v, w)
+  xla = run(reference_attention)
   for name, g, r, x in zip(names, got, xla, want):
     err, err_xla = np.max(np.abs(g - x)), np.max(np.abs(r - x))
     assert err <= 2 * err_xla + 2e-3, f"{name}: kernel error {err} vs XLA bf16 error {err_xla}"
@@ -118,6 +108,9 @@ SMALL_TILES = pallas_gpu.BlockSizes(block_q=32, block_k=16, block_q_dkv=16, bloc
         ((1, 150, 150, 4, 2, 64), "softmax1", True, "self", SMALL_TILES),  # many tiles
         ((1, 45, 90, 2, 1, 64), "softmax1", True, "cross", SMALL_TILES),  # causal, T < S
         ((1, 48, 48, 2, 2, 64), "softmax", False, None, SMALL_TILES),  # padded past a 16-tile
+        ((2, 37, 37, 4, 2, 64), "learned_sink", True, "self", None),  # GQA, packed documents
+        ((1, 150, 150, 4, 2, 64), "learned_sink", True, "cross", SMALL_TILES),  # no-key rows
+        ((2, 37, 50, 2, 1, 48), "learned_sink", False, None, None),  # T != S, padded keys
     ],
 )
 def test_matches_numpy_float32(np_rng, shape, softmax, is_causal, segments, tiles):
@@ -125,26 +118,35 @@ def test_matches_numpy_float32(np_rng, shape, softmax, is_causal, segments, tile
                       segments)
 
 
-@pytest.mark.parametrize("softmax,is_causal", [("softmax1", True), ("softmax", False)])
+@pytest.mark.parametrize("softmax,is_causal", [("softmax1", True), ("softmax", False),
+                                               ("learned_sink", True)])
 def test_matches_numpy_bfloat16(np_rng, softmax, is_causal):
   check_against_numpy(gpu_kernel(), np_rng, (1, 150, 150, 4, 2, 64), jnp.bfloat16, softmax,
                       is_causal, "self")
 
 
-@pytest.mark.parametrize("softmax", ["softmax1", "softmax"])
+@pytest.mark.parametrize("softmax", ["softmax1", "softmax", "learned_sink"])
 def test_fully_masked_rows_give_zeros_and_finite_grads(np_rng, softmax):
   q, k, v, w, _ = random_case(np_rng, 1, 24, 24, 2, 2, 64, jnp.float32)
+  sinks = random_sinks(np_rng, 2) if softmax == "learned_sink" else None
   q_ids = jnp.asarray(np.repeat([[0, 1, 2]], 8, axis=1), jnp.int32)  # segment 2 has no keys
   kv_ids = jnp.asarray(np.repeat([[0, 1, 3]], 8, axis=1), jnp.int32)
   opts = dict(softmax=softmax, is_causal=True, segment_ids=(q_ids, kv_ids), scale=0.5)
-  out, dq, dk, dv = out_and_grads(lambda q, k, v: gpu_kernel()(q, k, v, **opts), q, k, v, w)
+  if sinks is None:
+    got = out_and_grads(lambda q, k, v: gpu_kernel()(q, k, v, **opts), q, k, v, w)
+  else:
+    got = out_and_grads(lambda q, k, v, c: gpu_kernel()(q, k, v, sinks=c, **opts), q, k, v, w,
+                        sinks)
+  out, dq = got[:2]
   np.testing.assert_array_equal(out[:, 16:], 0.0)
   np.testing.assert_array_equal(dq[:, 16:], 0.0)
-  assert all(np.isfinite(x).all() for x in (out, dq, dk, dv))
+  assert all(np.isfinite(x).all() for x in got)
   want = np_attention_grads(q, k, v, w, softmax=softmax, is_causal=True,
-                            segment_ids=(np.asarray(q_ids), np.asarray(kv_ids)), scale=0.5)
-  for name, g, x in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), want):
-    np.testing.assert_allclose(g, x, rtol=2e-5, atol=2e-5, err_msg=name)
+                            segment_ids=(np.asarray(q_ids), np.asarray(kv_ids)), scale=0.5,
+                            sinks=sinks)
+  for name, g, x in zip(("out", "dq", "dk", "dv", "dsinks"), got, want):
+    atol = sink_grad_atol(w, want[0]) if name == "dsinks" else 2e-5
+    np.testing.assert_allclose(g, x, rtol=2e-5, atol=atol, err_msg=name)
 
 
 def test_causal_output_ignores_future_keys(np_rng):
@@ -244,7 +246,8 @@ def test_bench_scripts_parse():
 @pytest.mark.parametrize(
     "dtype,softmax,is_causal,segments,heads,h",
     [(jnp.bfloat16, "softmax1", True, True, (8, 2), 128),
-     (jnp.float32, "softmax", False, False, (4, 4), 64)],
+     (jnp.float32, "softmax", False, False, (4, 4), 64),
+     (jnp.bfloat16, "learned_sink", True, False, (8, 2), 64)],
 )
 def test_kernels_lower_to_triton_for_cuda(dtype, softmax, is_causal, segments, heads, h):
   """Cross-lowers forward, backward and the stats variants for CUDA on this CPU machine.
@@ -258,12 +261,14 @@ def test_kernels_lower_to_triton_for_cuda(dtype, softmax, is_causal, segments, h
   q = jax.ShapeDtypeStruct((b, t, heads[0], h), dtype)
   kv = jax.ShapeDtypeStruct((b, t, heads[1], h), dtype)
   ids = jax.ShapeDtypeStruct((b, t), jnp.int32) if segments else None
-  opts = dict(softmax=softmax, is_causal=is_causal)
+  sinks = jnp.linspace(-2.0, 2.0, heads[0]) if softmax == "learned_sink" else None
+  opts = dict(softmax=softmax, is_causal=is_causal, sinks=sinks)
 
   def fwd_bwd(q, k, v, ids):
-    def loss(q, k, v):
-      return jnp.sum(pallas_gpu.flash_attention(q, k, v, segment_ids=ids, **opts))
-    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    def loss(q, k, v, sinks):  # the sinks, when present, are differentiated too
+      kwargs = {**opts, "sinks": sinks}
+      return jnp.sum(pallas_gpu.flash_attention(q, k, v, segment_ids=ids, **kwargs))
+    return jax.grad(loss, argnums=(0, 1, 2) if sinks is None else (0, 1, 2, 3))(q, k, v, sinks)
 
   def stats(q, k, ids):
     return pallas_gpu.flash_stats(q, k, segment_ids=ids, **opts)

@@ -1,8 +1,9 @@
 """Pallas attention kernels run once per shard (``jax.shard_map``) under an 8-device CPU mesh.
 
-The kernels run in the Pallas interpreters. Outputs and q/k/v gradients of the sharded call are
-compared with float64 numpy; the program must hold a ``shard_map`` around the kernel and move no
-data between devices (attention is independent across examples and heads).
+The kernels run in the Pallas interpreters. Outputs and q/k/v gradients (and learned sinks', split
+like the heads) of the sharded call are compared with float64 numpy; the program must hold a
+``shard_map`` around the kernel and move no data between devices (attention is independent across
+examples and heads) beyond the one all-reduce of the sinks' gradient over the batch shards.
 """
 
 import re
@@ -14,8 +15,9 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 
 from softmax_one_jax.attention import AttentionSharding, attention_stats, dot_product_attention
-from tests.attention.reference_np import np_attention
-from tests.attention.test_pallas_gpu import np_attention_grads, random_case
+from tests.attention.reference_np import (np_attention, np_attention_grads, random_sinks,
+                                          sink_grad_atol)
+from tests.attention.test_pallas_gpu import random_case
 
 SHARDING = AttentionSharding(batch=("data", "fsdp"), heads="tensor")
 COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
@@ -37,7 +39,8 @@ def mesh_for(impl: str):
 
 
 def _sharded(mesh, fn, args, kinds):
-  """``jax.jit(fn)`` with each argument laid out by its kind ("btnh" / "bt"), under the mesh."""
+  """``jax.jit(fn)`` with each argument laid out by its kind ("btnh" / "bt" / "n"), under the
+  mesh."""
   shardings = tuple(NamedSharding(mesh, getattr(SHARDING, kind)()) for kind in kinds)
   args = tuple(jax.device_put(a, s) for a, s in zip(args, shardings))
   with jax.set_mesh(mesh):
@@ -48,41 +51,53 @@ def _sharded(mesh, fn, args, kinds):
 
 
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
-@pytest.mark.parametrize("softmax", ["softmax1", "softmax"])
+@pytest.mark.parametrize("softmax", ["softmax1", "softmax", "learned_sink"])
 def test_kernel_per_shard_matches_numpy(np_rng, impl, softmax):
-  # B=4 over data x fsdp, N=4 query and K=2 key/value heads over tensor (GQA groups stay whole).
+  # B=4 over data x fsdp, N=4 query and K=2 key/value heads over tensor (GQA groups stay whole);
+  # learned sinks [N] over tensor, their gradient summed over the batch shards.
   q, k, v, w, ids = random_case(np_rng, 4, 40, 40, 4, 2, 32, jnp.float32, segments="self")
+  sinks = random_sinks(np_rng, 4) if softmax == "learned_sink" else np.zeros(4, np.float32)
   opts = dict(softmax=softmax, is_causal=True, implementation=impl, interpret=True,
               sharding=SHARDING)
 
-  def loss_and_grads(q, k, v, ids):
-    def loss(q, k, v):
-      out = dot_product_attention(q, k, v, segment_ids=ids, **opts)
+  def loss_and_grads(q, k, v, ids, sinks):
+    def loss(q, k, v, sinks):
+      out = dot_product_attention(q, k, v, segment_ids=ids, **opts,
+                                  sinks=sinks if softmax == "learned_sink" else None)
       return jnp.sum(out * w), out
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, sinks)
     return out, *grads
 
-  got, text, jaxpr = _sharded(mesh_for(impl), loss_and_grads, (q, k, v, ids), ("btnh",) * 3 + ("bt",))
+  got, text, jaxpr = _sharded(mesh_for(impl), loss_and_grads, (q, k, v, ids, sinks),
+                              ("btnh",) * 3 + ("bt", "n"))
   assert "shard_map" in jaxpr
-  assert not COLLECTIVE.search(text), "per-shard attention moved data between devices"
+  # The sinks' gradient is one all-reduce over the batch shards; nothing else moves.
+  collectives = COLLECTIVE.findall(text)
+  assert len(collectives) <= (1 if softmax == "learned_sink" else 0), collectives
   want = np_attention_grads(q, k, v, w, softmax=softmax, is_causal=True,
-                            segment_ids=np.asarray(ids))
-  for g, r in zip(got, want):
-    np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=2e-4, atol=2e-5)
+                            segment_ids=np.asarray(ids), sinks=sinks)
+  for name, g, r in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=2e-4, atol=2e-5, err_msg=name)
+  if softmax == "learned_sink":
+    np.testing.assert_allclose(got[4], want[4], rtol=2e-5, atol=sink_grad_atol(w, want[0]))
 
 
-def test_statistics_kernel_per_shard_matches_numpy(mesh, np_rng):
+@pytest.mark.parametrize("softmax", ["softmax1", "learned_sink"])
+def test_statistics_kernel_per_shard_matches_numpy(mesh, np_rng, softmax):
   q, k, _, _, ids = random_case(np_rng, 4, 24, 24, 4, 2, 32, jnp.float32, segments="self")
+  sinks = random_sinks(np_rng, 4) if softmax == "learned_sink" else np.zeros(4, np.float32)
 
-  def stats(q, k, ids):
-    return attention_stats(q, k, softmax="softmax1", is_causal=True, segment_ids=ids,
+  def stats(q, k, ids, sinks):
+    return attention_stats(q, k, softmax=softmax, is_causal=True, segment_ids=ids,
+                           sinks=sinks if softmax == "learned_sink" else None,
                            implementation="pallas", interpret=True, sharding=SHARDING)
 
-  (lse, row_max, first), text, jaxpr = _sharded(mesh, stats, (q, k, ids), ("btnh", "btnh", "bt"))
+  (lse, row_max, first), text, jaxpr = _sharded(mesh, stats, (q, k, ids, sinks),
+                                                ("btnh", "btnh", "bt", "n"))
   assert "shard_map" in jaxpr and not COLLECTIVE.search(text)
   scale = 1.0 / np.sqrt(q.shape[-1])
-  _, probs = np_attention(q, k, k, softmax="softmax1", is_causal=True,
-                          segment_ids=np.asarray(ids), scale=scale)
+  _, probs = np_attention(q, k, k, softmax=softmax, is_causal=True,
+                          segment_ids=np.asarray(ids), scale=scale, sinks=sinks)
   # p_first = exp(s_0 - lse) wherever key 0 is visible: the kernel's lse against numpy's p.
   np.testing.assert_allclose(np.exp(np.asarray(first, np.float64) - np.asarray(lse, np.float64)),
                              probs[..., 0], rtol=1e-4, atol=1e-6)

@@ -6,7 +6,8 @@ import pytest
 
 from softmax_one_jax.attention import attention_stats, first_token_stats
 from softmax_one_jax.attention import stats as stats_lib
-from tests.attention.reference_np import np_allowed, np_attention
+from tests.attention.reference_np import (np_allowed, np_attention, np_attention_parts,
+                                          np_null_logits, random_sinks)
 
 
 def np_logits(q, k, *, is_causal=False, segment_ids=None, mask=None, scale=None):
@@ -21,13 +22,16 @@ def np_logits(q, k, *, is_causal=False, segment_ids=None, mask=None, scale=None)
   return np.where(allowed, logits, -np.inf)
 
 
-def np_stats(q, k, softmax, **kwargs):
+def np_stats(q, k, softmax, sinks=None, **kwargs):
+  """float64 ``(lse, row_max, first_logit)``; the null key (softmax-1, learned sinks) is an
+  explicit extra column of ``lse``, never of ``row_max``."""
   logits = np_logits(q, k, **kwargs)
   row_max = logits.max(axis=-1)
+  null = np_null_logits(softmax, logits.shape[1], sinks)
   with np.errstate(divide="ignore"):
-    if softmax == "softmax1":
-      lse = np.logaddexp.reduce(np.concatenate([np.zeros(logits.shape[:-1] + (1,)), logits], -1),
-                                axis=-1)
+    if null is not None:
+      null_col = np.broadcast_to(null[None, :, None, None], logits.shape[:-1] + (1,))
+      lse = np.logaddexp.reduce(np.concatenate([null_col, logits], -1), axis=-1)
     else:
       lse = np.logaddexp.reduce(logits, axis=-1)
   return lse, row_max, logits[..., 0]
@@ -56,39 +60,48 @@ def assert_stats_close(got, want):
 
 @pytest.mark.parametrize("implementation", ["xla", "chunked", "pallas"])
 @pytest.mark.parametrize("softmax,is_causal,segments",
-                         [("softmax1", True, "self"), ("softmax", False, "cross")])
+                         [("softmax1", True, "self"), ("softmax", False, "cross"),
+                          ("learned_sink", True, "cross")])
 def test_attention_stats_match_numpy(np_rng, implementation, softmax, is_causal, segments):
   q, k, ids = case(np_rng, segments=segments)
-  got = attention_stats(q, k, softmax=softmax, is_causal=is_causal, segment_ids=ids,
+  sinks = random_sinks(np_rng, q.shape[2]) if softmax == "learned_sink" else None
+  got = attention_stats(q, k, softmax=softmax, sinks=sinks, is_causal=is_causal, segment_ids=ids,
                         implementation=implementation, interpret=True)
-  assert_stats_close(got, np_stats(q, k, softmax, is_causal=is_causal, segment_ids=ids))
+  assert_stats_close(got, np_stats(q, k, softmax, sinks, is_causal=is_causal, segment_ids=ids))
 
 
-def test_chunked_stats_over_many_chunks(np_rng):
+@pytest.mark.parametrize("softmax", ["softmax1", "learned_sink"])
+def test_chunked_stats_over_many_chunks(np_rng, softmax):
   q, k, ids = case(np_rng, t=30, s=45, segments="cross")
-  got = stats_lib._chunked_stats(jnp.asarray(q), jnp.asarray(k), True, True, ids, None, chunk=16)
-  want = np_stats(q, k, "softmax1", is_causal=True, segment_ids=ids)
+  sinks = random_sinks(np_rng, q.shape[2]) if softmax == "learned_sink" else None
+  sinks_n = np.zeros(q.shape[2], np.float32) if sinks is None else sinks
+  got = stats_lib._chunked_stats(jnp.asarray(q), jnp.asarray(k), jnp.asarray(sinks_n), True, ids,
+                                 None, chunk=16)
+  want = np_stats(q, k, softmax, sinks, is_causal=True, segment_ids=ids)
   assert_stats_close(got + (want[2],), want)
 
 
-@pytest.mark.parametrize("softmax", ["softmax1", "softmax"])
+@pytest.mark.parametrize("softmax", ["softmax1", "softmax", "learned_sink"])
 def test_first_token_stats_match_probabilities(np_rng, softmax):
   q, k, ids = case(np_rng, segments="cross")
   v = np_rng.standard_normal(k.shape)
+  sinks = random_sinks(np_rng, q.shape[2]) if softmax == "learned_sink" else None
   mask = np_rng.random((2, 1, 20, 20)) < 0.9
-  got = first_token_stats(q, k, softmax=softmax, is_causal=True, segment_ids=ids, mask=mask,
-                          scale=0.3)
-  _, probs = np_attention(q, k, v, softmax=softmax, is_causal=True, segment_ids=ids, mask=mask,
-                          scale=0.3)
+  opts = dict(softmax=softmax, sinks=sinks, is_causal=True, segment_ids=ids, mask=mask,
+              scale=0.3)
+  got = first_token_stats(q, k, **opts)
+  _, probs, null = np_attention_parts(q, k, v, **opts)
   logits = np_logits(q, k, is_causal=True, segment_ids=ids, mask=mask, scale=0.3)
   np.testing.assert_allclose(got["prob_first"], probs[..., 0], rtol=1e-5, atol=1e-6)
+  # The argmax is over real keys only: the null key never counts, whatever its logit.
   want_argmax = np.isfinite(logits[..., 0]) & (logits[..., 0] >= logits.max(axis=-1))
   assert want_argmax.any() and not want_argmax.all()
   np.testing.assert_array_equal(got["argmax_first"], want_argmax)
-  if softmax == "softmax1":
-    np.testing.assert_allclose(got["null_mass"], 1.0 - probs.sum(axis=-1), rtol=1e-5, atol=1e-6)
-  else:
+  if softmax == "softmax":
     assert "null_mass" not in got
+  else:  # the null key's share: exp(c - lse) = 1 - sum_j p_j
+    np.testing.assert_allclose(got["null_mass"], null, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["null_mass"], 1.0 - probs.sum(axis=-1), rtol=1e-5, atol=1e-6)
 
 
 def test_pallas_stats_through_first_token_stats(np_rng):
@@ -117,14 +130,16 @@ def test_dense_mask_needs_xla():
     attention_stats(q, q, mask=jnp.ones((4, 4), bool), implementation="chunked")
 
 
-def test_forward_kernel_returns_output_and_stats_in_one_pass(np_rng):
+@pytest.mark.parametrize("softmax", ["softmax1", "learned_sink"])
+def test_forward_kernel_returns_output_and_stats_in_one_pass(np_rng, softmax):
   from softmax_one_jax.attention import pallas_gpu  # pylint: disable=g-import-not-at-top
 
   q, k, ids = case(np_rng, t=33, s=33, segments="self")
   v = np_rng.standard_normal(k.shape).astype(np.float32)
-  out, lse, row_max = pallas_gpu.flash_attention_with_stats(
-      q, k, v, is_causal=True, segment_ids=ids, interpret=True)
-  want_out, _ = np_attention(q, k, v, is_causal=True, segment_ids=ids)
+  sinks = random_sinks(np_rng, q.shape[2]) if softmax == "learned_sink" else None
+  opts = dict(softmax=softmax, sinks=sinks, is_causal=True, segment_ids=ids)
+  out, lse, row_max = pallas_gpu.flash_attention_with_stats(q, k, v, interpret=True, **opts)
+  want_out, _ = np_attention(q, k, v, **opts)
   np.testing.assert_allclose(out, want_out, rtol=2e-5, atol=2e-5)
-  want_lse, want_max, _ = np_stats(q, k, "softmax1", is_causal=True, segment_ids=ids)
+  want_lse, want_max, _ = np_stats(q, k, softmax, sinks, is_causal=True, segment_ids=ids)
   assert_stats_close((lse, row_max), (want_lse, want_max))

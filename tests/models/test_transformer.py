@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -14,12 +15,26 @@ FLAVOURS = {
                   tie_embeddings=False, num_kv_heads=2),
     "llama-scalar-softmax": dict(position="rope", norm="scalar_rmsnorm", mlp="swiglu",
                                  use_bias=False, softmax="softmax"),
+    "llama-learned-sink": dict(position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False,
+                               tie_embeddings=False, num_kv_heads=2, softmax="learned_sink"),
 }
 
 
 def small(flavour: str, **overrides):
   base = dict(vocab_size=97, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_seq_len=64)
   return preset("tiny", **{**base, **FLAVOURS[flavour], **overrides})
+
+
+def sink_params(model) -> list:
+  """The ``sink_logits`` parameters of a model (empty unless ``softmax="learned_sink"``)."""
+  return [v for path, v in nnx.state(model, nnx.Param).flat_state() if path[-1] == "sink_logits"]
+
+
+def randomize_sinks(model, rng):
+  """Gives learned sinks random non-zero values (they start at 0, i.e. at softmax-1)."""
+  for var in sink_params(model):
+    var.value = jnp.asarray(rng.standard_normal(var.value.shape) * 2.0, jnp.float32)
+  return model
 
 
 @nnx.jit(static_argnames="intermediates")
@@ -34,6 +49,7 @@ def tokens(rng, b, t, vocab=97):
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_changing_a_future_token_never_changes_past_logits(np_rng, flavour):
   model = Transformer(small(flavour), rngs=nnx.Rngs(int(np_rng.integers(1 << 30))))
+  randomize_sinks(model, np_rng)
   x = tokens(np_rng, 2, 16)
   j = int(np_rng.integers(1, 16))
   y = x.at[:, j:].set((x[:, j:] + 1 + tokens(np_rng, 2, 16 - j, 90)) % 97)
@@ -44,7 +60,7 @@ def test_changing_a_future_token_never_changes_past_logits(np_rng, flavour):
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_packed_sequences_equal_separate_sequences(np_rng, flavour):
-  model = Transformer(small(flavour), rngs=nnx.Rngs(1))
+  model = randomize_sinks(Transformer(small(flavour), rngs=nnx.Rngs(1)), np_rng)
   lengths = [5, 8, 3]
   docs = [tokens(np_rng, 1, n) for n in lengths]
   packed = jnp.concatenate(docs, axis=1)
@@ -61,7 +77,7 @@ def test_positions_from_segments():
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_kv_cache_decoding_equals_full_forward(np_rng, flavour):
-  model = Transformer(small(flavour), rngs=nnx.Rngs(2))
+  model = randomize_sinks(Transformer(small(flavour), rngs=nnx.Rngs(2)), np_rng)
   x = tokens(np_rng, 3, 12)
   full = forward(model, x)
   extend = nnx.jit(lambda m, x, cache: m.extend(x, cache))
@@ -75,8 +91,9 @@ def test_kv_cache_decoding_equals_full_forward(np_rng, flavour):
   assert int(cache.end) == 12
 
 
-def test_greedy_generate_equals_repeated_full_forward(np_rng):
-  model = Transformer(small("llama"), rngs=nnx.Rngs(3))
+@pytest.mark.parametrize("flavour", ["llama", "llama-learned-sink"])
+def test_greedy_generate_equals_repeated_full_forward(np_rng, flavour):
+  model = randomize_sinks(Transformer(small(flavour), rngs=nnx.Rngs(3)), np_rng)
   prompt = tokens(np_rng, 2, 4)
   got = generate(model, prompt, 6)
   # Reference: the full forward pass on a fixed-size buffer; by causality the logits at position
@@ -121,8 +138,8 @@ def test_every_parameter_has_logical_sharding_names():
 def test_softmax_switch_changes_attention_row_sums(np_rng):
   x = tokens(np_rng, 2, 10)
   sums = {}
-  for kind in ["softmax", "softmax1"]:
-    model = Transformer(small("gpt2", softmax=kind), rngs=nnx.Rngs(5))
+  for kind in ["softmax", "softmax1", "learned_sink"]:
+    model = randomize_sinks(Transformer(small("gpt2", softmax=kind), rngs=nnx.Rngs(5)), np_rng)
     _, inter = forward(model, x, intermediates=("attention_probs", "hidden"))
     assert inter["attention_probs"].shape == (2, 2, 4, 10, 10)
     assert inter["hidden"].shape == (2, 2, 10, 32)
@@ -130,7 +147,13 @@ def test_softmax_switch_changes_attention_row_sums(np_rng):
     np.testing.assert_allclose(
         forward(model, x, intermediates=("hidden",))[0], forward(model, x), rtol=1e-6)
   np.testing.assert_allclose(sums["softmax"], 1.0, rtol=1e-5)
-  assert (sums["softmax1"] < 1.0).all()
+  assert (sums["softmax1"] < 1.0).all() and (sums["learned_sink"] < 1.0).all()
+  # Query 0 sees key 0 only: its row sums to sigmoid(s_0 - c_n), c_n the head's sink logit.
+  sinks_ln = np.stack([np.asarray(v.value) for v in sink_params(model)])
+  np.testing.assert_array_less(0.0, np.abs(sinks_ln))
+  _, inter = forward(model, x, intermediates=("attention_stats",))
+  null_lbn = np.asarray(inter["attention_stats"]["null_mass"])[..., 0]
+  np.testing.assert_allclose(sums["learned_sink"][..., 0], 1.0 - null_lbn, rtol=1e-5, atol=1e-6)
 
 
 def test_remat_gives_the_same_loss_and_gradients(np_rng):
@@ -163,8 +186,9 @@ def test_clear_errors_for_bad_inputs():
     model(jnp.zeros((1, 4), jnp.int32), intermediates=("logits",))
 
 
-def test_attention_stats_agree_with_attention_probs(np_rng):
-  model = Transformer(small("llama"), rngs=nnx.Rngs(8))
+@pytest.mark.parametrize("flavour", ["llama", "llama-learned-sink"])
+def test_attention_stats_agree_with_attention_probs(np_rng, flavour):
+  model = randomize_sinks(Transformer(small(flavour), rngs=nnx.Rngs(8)), np_rng)
   x = tokens(np_rng, 2, 12)
   seg = jnp.asarray(np.repeat([[1, 2]], [7, 5], axis=1).repeat(2, 0), jnp.int32)
   _, inter = forward(model, x, seg, intermediates=("attention_probs", "attention_stats"))
@@ -174,3 +198,37 @@ def test_attention_stats_agree_with_attention_probs(np_rng):
   np.testing.assert_allclose(stats["null_mass"], 1.0 - probs.sum(-1), rtol=1e-4, atol=1e-6)
   np.testing.assert_array_equal(
       stats["argmax_first"][..., :7], probs[..., :7, :].argmax(-1) == 0)
+
+
+def test_learned_sinks_start_at_softmax1_and_train(np_rng):
+  """``sink_logits`` start at 0 (the model is exactly its softmax-1 twin), get a non-zero
+  gradient in every layer, and move with an optimizer step that lowers the loss."""
+  cfg = small("gpt2", softmax="learned_sink")
+  model = Transformer(cfg, rngs=nnx.Rngs(9))
+  twin = Transformer(cfg.replace(softmax="softmax1"), rngs=nnx.Rngs(9))
+  x = tokens(np_rng, 4, 16)
+  np.testing.assert_array_equal(forward(model, x), forward(twin, x))
+  sinks = sink_params(model)
+  assert len(sinks) == cfg.num_layers
+  for var in sinks:
+    assert var.value.shape == (cfg.num_heads,) and var.value.dtype == jnp.float32
+    assert var.get_metadata().get("out_sharding") == ("heads",)
+    np.testing.assert_array_equal(var.value, 0.0)
+
+  def loss_fn(m):
+    logits = m(x[:, :-1])
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]))
+
+  params = nnx.state(model, nnx.Param)
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(params)
+  loss0, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
+  sink_grads = [v.value for path, v in grads.flat_state() if path[-1] == "sink_logits"]
+  assert len(sink_grads) == cfg.num_layers
+  for g in sink_grads:
+    assert np.isfinite(g).all() and np.abs(g).max() > 0.0, g
+  updates, opt_state = tx.update(grads, opt_state, params)
+  nnx.update(model, optax.apply_updates(params, updates))
+  for var in sink_params(model):
+    assert np.abs(np.asarray(var.value)).max() > 0.0
+  assert float(nnx.jit(loss_fn)(model)) < float(loss0)
