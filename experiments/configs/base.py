@@ -64,14 +64,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = model_config("tiny", softmax="softmax1")
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "orthoadam"  # adamw | orthoadam
-  c.optimizer.learning_rate = 1e-3  # peak learning rate
+  c.optimizer.name = "orthoadam"  # adamw | orthoadam | sgd (with momentum)
+  c.optimizer.learning_rate = 1e-3  # peak learning rate (SGD needs its own, far larger)
   c.optimizer.warmup_steps = 20
   c.optimizer.decay_steps = 0     # 0 = num_train_steps (cosine decay over the whole run)
   c.optimizer.end_lr_fraction = 0.1  # final learning rate / peak
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8
+  c.optimizer.momentum = 0.9      # sgd only (heavy-ball)
   c.optimizer.weight_decay = 0.1  # decoupled; matrices only (ndim >= 2)
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
   c.optimizer.rotation = config_dict.placeholder(str)  # OrthoAdam rotation family; None = default
@@ -109,7 +110,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
-SOFTMAXES = ("softmax", "softmax1")
+SOFTMAXES = ("softmax", "softmax1", "learned_sink")
 OPTIMIZERS = ("adamw", "orthoadam")
 NORMS = ("layernorm", "rmsnorm", "scalar_rmsnorm")
 

@@ -134,17 +134,20 @@ def _draw(cum_nc: np.ndarray, u_n: np.ndarray) -> np.ndarray:
 
 def sample_sequences(
     task: BigramBackcopyTask, seed: int, indices: Sequence[int] | np.ndarray, seq_len: int,
-    stream: int = TRAIN_STREAM,
+    stream: int = TRAIN_STREAM, bos: bool = True,
 ) -> np.ndarray:
   """Sequences ``indices`` of the stream ``(seed, stream)``: int32 [n, seq_len + 1], BOS first.
 
   Row ``r`` depends only on ``(seed, stream, indices[r])``, never on the other rows.
+  With ``bos=False`` the BOS is dropped from a sequence one token longer: the first token is then
+  a character drawn from the first-token marginal, and no position is the same token in every row.
 
   Args:
     task: from ``task_from_documents``.
     seed, stream: non-negative ints below 2**64 (``TRAIN_STREAM``, ``VALIDATION_STREAM``).
     indices: n example indices, non-negative, below 2**64.
     seq_len: T; each sequence has T + 1 tokens (T input/target pairs).
+    bos: start every sequence with the BOS token (the task's definition), or not.
 
   Example:
     >>> task = task_from_documents(["abab ba"], num_triggers=1)
@@ -153,6 +156,8 @@ def sample_sequences(
   """
   if seed < 0 or stream < 0 or seq_len < 1:
     raise ValueError(f"seed={seed} and stream={stream} must be >= 0, seq_len={seq_len} >= 1.")
+  if not bos:
+    return sample_sequences(task, seed, indices, seq_len + 1, stream)[:, 1:]
   indices = [int(i) for i in indices]
   if any(i < 0 for i in indices):
     raise ValueError(f"example indices must be >= 0, got {min(indices)}.")
@@ -215,18 +220,22 @@ def position_entropies(task: BigramBackcopyTask, seq_len: int) -> tuple[np.ndarr
   return entropy_t, trigger_query_t
 
 
-def bayes_optimal_loss(task: BigramBackcopyTask, seq_len: int) -> float:
+def bayes_optimal_loss(task: BigramBackcopyTask, seq_len: int, bos: bool = True) -> float:
   """The Bayes-optimal mean cross-entropy (nats per target) over sequences of ``seq_len`` targets.
 
   ``L(T) = (1/T) * sum_{t=1..T} E H(x_t | x_0 .. x_{t-1})`` (see ``position_entropies``): the
   first target costs ``H(mu)``, a back-copy costs 0, a bigram step from ``b`` costs ``H(P[b])``.
+  Without BOS (``sample_sequences(..., bos=False)``) the targets are ``x_2 .. x_{T+1}`` of a
+  sequence one longer; the Markov chain makes everything before ``x_1`` irrelevant to them.
 
   Example:
     >>> task = task_from_documents(["abab ba"], num_triggers=1)   # trigger "a"
     >>> round(bayes_optimal_loss(task, 3), 6)  # (H(3/4, 1/4) + H(2/3, 1/3)) / 3
     0.399616
   """
-  return float(position_entropies(task, seq_len)[0].mean())
+  if bos:
+    return float(position_entropies(task, seq_len)[0].mean())
+  return float(position_entropies(task, seq_len + 1)[0][1:].mean())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     bb_triggers: "bigram_backcopy" only: k, the number of trigger characters (the k most frequent).
     bb_validation_sequences: "bigram_backcopy" only: held-out sequences when
       ``validation_batches`` is asked for all of them.
+    bb_bos: "bigram_backcopy" only: every sequence starts with the BOS token (True, the task's
+      definition) or with a character drawn from the first-token marginal (False).
 
   Example:
     >>> cfg = default_data_config()
@@ -56,6 +58,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.bb_corpus = ""
   cfg.bb_triggers = 3
   cfg.bb_validation_sequences = 1024
+  cfg.bb_bos = True
   return cfg
 
 

@@ -79,15 +79,16 @@ class _StepBatch:
   """Maps a step counter to this shard's rows of that step (a class: worker processes pickle it)."""
 
   def __init__(self, task: BigramBackcopyTask, seed: int, seq_len: int, batch_size: int,
-               global_batch_size: int, first_row: int):
-    self._task, self._seed, self._seq_len = task, seed, seq_len
+               global_batch_size: int, first_row: int, bos: bool = True):
+    self._task, self._seed, self._seq_len, self._bos = task, seed, seq_len, bos
     self._batch_size, self._global, self._first = batch_size, global_batch_size, first_row
 
   def __call__(self, step: int) -> Batch:
     start = int(step) * self._global + self._first
     indices = range(start, start + self._batch_size)
     return sequences_to_batch(
-        sample_sequences(self._task, self._seed, indices, self._seq_len, TRAIN_STREAM))
+        sample_sequences(self._task, self._seed, indices, self._seq_len, TRAIN_STREAM,
+                         bos=self._bos))
 
 
 def _check_tokenizer(cfg: ml_collections.ConfigDict, tokenizer: Any) -> BigramBackcopyTask:
@@ -125,7 +126,7 @@ def train_batches(
   """
   task = _check_tokenizer(cfg, tokenizer)
   fn = _StepBatch(task, seed, seq_len, batch_size, batch_size * process_count,
-                  process_index * batch_size)
+                  process_index * batch_size, bos=bool(cfg.get("bb_bos", True)))
   ds = grain.MapDataset.range(sys.maxsize).map(fn)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
 
@@ -159,7 +160,8 @@ def validation_batches(
   batches = []
   for b in range(num_batches):
     indices = range(b * batch_size, min((b + 1) * batch_size, total))
-    x_nt = sample_sequences(task, _VALIDATION_SEED, indices, seq_len, VALIDATION_STREAM)
+    x_nt = sample_sequences(task, _VALIDATION_SEED, indices, seq_len, VALIDATION_STREAM,
+                            bos=bool(cfg.get("bb_bos", True)))
     batch = sequences_to_batch(x_nt)
     pad = batch_size - x_nt.shape[0]
     batches.append({k: np.pad(v, ((0, pad), (0, 0))) for k, v in batch.items()})

@@ -18,6 +18,7 @@ from softmax_one_jax.data import config as data_config
 from softmax_one_jax.data import tokenizers
 from softmax_one_jax.models import config as model_config
 from softmax_one_jax.optim import rotations
+from softmax_one_jax.training.state import OPTIMIZER_NAMES
 
 # Enumerated fields: dotted path -> allowed values (from the package that owns each field).
 ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {
@@ -28,7 +29,7 @@ ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {
     "model.dtype": model_config.DTYPES,
     "model.param_dtype": model_config.DTYPES,
     "model.attention_impl": model_config.ATTENTION_IMPLS,
-    "optimizer.name": ("adamw", "orthoadam"),
+    "optimizer.name": OPTIMIZER_NAMES,
     "optimizer.rotation": (None, *rotations.FAMILIES),
     "data.source": data_config.SOURCES,
     "data.tokenizer": tokenizers.TOKENIZERS,
@@ -46,7 +47,7 @@ _NON_NEGATIVE_INTS = ("optimizer.warmup_steps", "optimizer.decay_steps", "eval_e
 # Fields newer than some saved runs' config.json, and their defaults.
 _OPTIONAL_FIELDS: dict[str, Any] = {"optimizer.seed": 0, "optimizer.rotation": None,
                                     "optimizer.shard_local": True, "data_shards": 0,
-                                    "topology": None}
+                                    "topology": None, "optimizer.momentum": 0.9}
 
 
 def _get(config: ml_collections.ConfigDict, path: str) -> Any:
@@ -95,7 +96,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     value = _get(config, path)
     if not isinstance(value, (int, float)) or not value > 0:
       raise ValueError(f"config.{path}={value!r} must be a number > 0.")
-  for path in ("optimizer.b1", "optimizer.b2", "optimizer.end_lr_fraction"):
+  for path in ("optimizer.b1", "optimizer.b2", "optimizer.end_lr_fraction", "optimizer.momentum"):
     value = _get(config, path)
     if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
       raise ValueError(f"config.{path}={value!r} must be a number in [0, 1].")

@@ -148,9 +148,13 @@ def validation_metrics(setup: TrainSetup, params: Any, batches: Iterable[dict[st
   return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
 
 
-def outlier_metrics_for(setup: TrainSetup, params: Any, batch: dict[str, np.ndarray] | None
-                        ) -> dict[str, float]:
-  """``softmax_one_jax.analysis.outliers.outlier_metrics`` on a fixed batch (empty if no batch)."""
+def outlier_metrics_for(setup: TrainSetup, params: Any, batch: dict[str, np.ndarray] | None,
+                        trigger_ids: Sequence[int] = ()) -> dict[str, float]:
+  """``softmax_one_jax.analysis.outliers.outlier_metrics`` on a fixed batch (empty if no batch).
+
+  ``trigger_ids`` (the tokenizer's, Bigram-Backcopy) add the first-token mass split into query
+  positions whose input is a trigger and the others.
+  """
   if batch is None:
     return {}
   try:
@@ -163,8 +167,9 @@ def outlier_metrics_for(setup: TrainSetup, params: Any, batch: dict[str, np.ndar
   # Under the run's mesh the model runs its Pallas kernels per shard, as in the train step.
   with jax.set_mesh(setup.mesh):
     return {k: float(v) for k, v in outlier_metrics(
-        model, batch["inputs"], segment_ids=batch["segment_ids"],
-        positions=batch["positions"]).items()}
+        model, batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+        trigger_positions=np.isin(batch["inputs"], trigger_ids) if trigger_ids else None,
+    ).items()}
 
 
 def print_metrics_table(name: str, metrics: dict[str, float]) -> str:
@@ -241,7 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     _notice(f"Resumed {workdir} from step {start}.")
 
   val_batches = _validation_batches(config, tokenizer, config.eval_batches, config.eval_batch_size)
-  outlier_batch = None
+  outlier_batch, trigger_ids = None, tuple(getattr(tokenizer, "trigger_ids", ()))
   if config.outlier_every_steps and val_batches:
     n = min(config.outlier_batch_size, config.eval_batch_size)
     outlier_batch = {k: v[:n] for k, v in val_batches[0].items()}
@@ -262,7 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   def final_metrics(params: Any) -> dict[str, float]:
     out = validation_metrics(setup, params, val_batches, config.eval_batch_size, eval_step)
     if config.outlier_every_steps:
-      out.update(outlier_metrics_for(setup, params, outlier_batch))
+      out.update(outlier_metrics_for(setup, params, outlier_batch, trigger_ids))
     return out
 
   def process(done: int, metrics: Any) -> None:
@@ -312,7 +317,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 setup, state.params, val_batches, config.eval_batch_size, eval_step))
           if config.outlier_every_steps and done % config.outlier_every_steps == 0:
             extras.setdefault(done, {}).update(
-                outlier_metrics_for(setup, state.params, outlier_batch))
+                outlier_metrics_for(setup, state.params, outlier_batch, trigger_ids))
         preempted = stop.requested or (jax.process_count() > 1 and
                                        manager.reached_preemption(done))
         every = config.checkpoint.every_steps
@@ -379,7 +384,9 @@ def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches:
   metrics = validation_metrics(setup, state.params, batches, config.eval_batch_size)
   if outliers:
     k = min(config.outlier_batch_size, config.eval_batch_size)
-    metrics.update(outlier_metrics_for(setup, state.params, {k2: v[:k] for k2, v in batches[0].items()}))
+    metrics.update(outlier_metrics_for(setup, state.params,
+                                       {k2: v[:k] for k2, v in batches[0].items()},
+                                       tuple(getattr(tokenizer, "trigger_ids", ()))))
   print_metrics_table(f"{config.get('name', workdir.name)} @ step {restored_step}", metrics)
   return {**metrics, "step": restored_step}
 

@@ -82,10 +82,31 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+OPTIMIZER_NAMES = ("adamw", "orthoadam", "sgd")
+
+
+def sgd_momentum(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
+                 weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SGD with heavy-ball momentum and decoupled weight decay on matrices (as AdamW's).
+
+  ``u = -lr * (m + wd * p)`` with ``m <- momentum * m + g``: no per-coordinate normalisation, the
+  control for what Adam's normalisation does to the residual stream (Guo et al. 2024).
+
+  Example:
+    >>> tx = sgd_momentum(0.1, momentum=0.9)
+    >>> u, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}), {"w": jnp.ones(2)})
+    >>> u["w"]
+    Array([-0.1, -0.1], dtype=float32)
+  """
+  return optax.chain(optax.trace(decay=momentum),
+                     optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
 def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
                     param_shardings: Any = None, abstract_params: Any = None,
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The run's optimizer: global-norm clipping, then AdamW or OrthoAdam with the schedule.
+  """The run's optimizer: global-norm clipping, then AdamW, OrthoAdam or SGD with the schedule.
 
   OrthoAdam's rotations act within each shard of a parameter when ``param_shardings`` are given
   and ``opt.shard_local`` is on (the default): block-diagonal over the parameter's shards, so
@@ -94,7 +115,8 @@ def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
 
   Args:
     opt: ``config.optimizer`` (name, learning_rate, warmup_steps, decay_steps, end_lr_fraction,
-      b1, b2, eps, weight_decay, grad_clip_norm, rotation, seed, shard_local).
+      b1, b2, eps, weight_decay, grad_clip_norm, rotation, seed, shard_local; ``momentum`` for
+      "sgd").
     num_train_steps: the run's length (cosine decay horizon when ``decay_steps`` is 0).
     param_shardings: the parameters' shardings (``param_shardings``), for shard-local rotations.
     abstract_params: the parameters' shapes (``abstract_model``), with ``param_shardings``.
@@ -116,9 +138,12 @@ def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
     core = orthoadam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                      weight_decay=opt.weight_decay, mask=weight_decay_mask,
                      seed=int(opt.get("seed", 0) or 0), **kwargs)
+  elif opt.name == "sgd":
+    core = sgd_momentum(schedule, momentum=float(opt.get("momentum", 0.9)),
+                        weight_decay=opt.weight_decay)
   else:
-    raise ValueError(f"config.optimizer.name={opt.name!r} is not allowed; choose 'adamw' or "
-                     "'orthoadam'.")
+    raise ValueError(f"config.optimizer.name={opt.name!r} is not allowed; choose one of "
+                     f"{OPTIMIZER_NAMES}.")
   if opt.grad_clip_norm:
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core), schedule
   return core, schedule

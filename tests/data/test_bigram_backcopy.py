@@ -308,3 +308,23 @@ def test_through_get_tokenizer_and_the_pipeline(default_cfg, default_reference):
   cfg.bb_triggers = -1
   with pytest.raises(ValueError, match="data.bb_triggers=-1"):
     data.get_tokenizer(cfg)
+
+
+def test_without_bos_the_sequence_is_the_bos_sequence_one_longer_minus_its_bos(default_cfg,
+                                                                               default_reference):
+  task, seq_len = synthetic.task_for_config(default_cfg), 32
+  with_bos = bb.sample_sequences(task, 5, range(40), seq_len + 1)
+  no_bos = bb.sample_sequences(task, 5, range(40), seq_len, bos=False)
+  assert no_bos.shape == (40, seq_len + 1)
+  np.testing.assert_array_equal(no_bos, with_bos[:, 1:])
+  assert not (no_bos == task.bos_id).any()
+  assert len(np.unique(no_bos[:, 0])) > 5          # no token is the same in every row
+  # The Bayes loss without BOS, by Monte Carlo with the reference's rules: the first target now
+  # follows the bigram rule from a marginal draw.
+  x_nt = bb.sample_sequences(task, 13, range(20000), seq_len, bos=False)
+  x_with_bos = np.concatenate([np.full((len(x_nt), 1), task.bos_id, x_nt.dtype), x_nt], axis=1)
+  nll_n = default_reference.nll_nt(x_with_bos)[:, 1:].mean(1)
+  se = nll_n.std() / math.sqrt(len(nll_n))
+  expected = bb.bayes_optimal_loss(task, seq_len, bos=False)
+  assert abs(nll_n.mean() - expected) < 4.5 * se, (nll_n.mean(), expected, se)
+  assert expected != pytest.approx(bb.bayes_optimal_loss(task, seq_len), rel=1e-3)
