@@ -8,7 +8,9 @@ steps, attention maps, residual norms by position).
 
 Each run trains in its own directory under ``--workdir`` (default ``runs/lab``); a finished run
 is not trained again and an interrupted one resumes from its last checkpoint, so rerunning the
-same command continues the lab. ``--report`` only rebuilds the outputs from finished runs.
+same command continues the lab. The outputs cover every finished run under ``--workdir`` (more
+seeds of some conditions: ``--only=NAME --seeds=8``), and ``table.md`` lists the commands that
+made them (``commands.md`` in the workdir). ``--report`` only rebuilds the outputs.
 
 Usage::
 
@@ -24,6 +26,7 @@ import contextlib
 import dataclasses
 import datetime
 import fnmatch
+import glob
 import io
 import json
 import os
@@ -48,6 +51,10 @@ SEEDS = (0, 1, 2)
 # The mean attention a query >= 1 gives key 0 if it spreads its attention evenly over the keys it
 # sees: mean over t = 1 .. T-1 of 1 / (t + 1). Beside every first-token mass in the table.
 CHANCE_NOTE = "uniform attention over the visible keys"
+# The matched-loss comparison: each run's first validation at most this far above Bayes-optimal.
+MATCHED_LOSS_GAP = 0.1
+# A run "uses the null key" when softmax-1's virtual key (or the learned sink) takes this share.
+NULL_KEY_SEED = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +74,11 @@ class Condition:
             + ("" if self.bos else "-nobos"))
 
   def config(self, seed: int, steps: int | None = None) -> ml_collections.ConfigDict:
-    c = bigram_backcopy.get_config(f"{self.softmax},{self.optimizer},{self.norm},{self.layers}")
+    c = bigram_backcopy.get_config(f"{self.softmax},{self.optimizer},{self.norm},{self.layers}"
+                                   + ("" if self.bos else ",nobos"))
     c.name = f"{self.name}-s{seed}"
     c.seed = seed
     c.optimizer.seed = seed        # OrthoAdam's rotations differ per seed, like the weights
-    c.data.bb_bos = self.bos
     if steps:
       c.num_train_steps = steps
       c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, steps)
@@ -140,7 +147,7 @@ def _sink_logits(run: pathlib.Path, cond: Condition) -> dict[str, float]:
   if cond.softmax != "learned_sink":
     return {}
   model, _ = _load(run)
-  logits = [float(np.mean(np.asarray(b.attn.sink_logits.value))) for b in model.blocks]
+  logits = [float(np.mean(np.asarray(b.attn.sink_logits[...]))) for b in model.blocks]
   return {"sink_logit": float(np.mean(logits))}
 
 
@@ -162,8 +169,27 @@ COLUMNS = (
     ("value_drain_ratio", "value drain", "{:.2f}"),
     ("residual_peak_ratio", "residual peak", "{:.2f}"),
     ("loss_gap", "val loss - Bayes", "{:.3f}"),
+    ("mass_at_matched_loss", f"1st-token mass, non-trigger q, at gap <= {MATCHED_LOSS_GAP}",
+     "{:.3f}"),
     ("sink_logit", "learned sink logit", "{:.2f}"),
 )
+
+
+def mass_at_loss_gap(series: Sequence[dict[str, float]], bayes: float,
+                     gap: float = MATCHED_LOSS_GAP) -> float:
+  """Non-trigger first-token mass at the first step whose validation loss is within ``gap`` nats
+  of Bayes-optimal (NaN if the run never gets there): remedies compared at equal loss, since a
+  slower learner may simply not have grown its sink yet.
+
+  Example:
+    >>> mass_at_loss_gap([{"val_loss": 1.5, "first_token_mass_non_trigger": 0.1},
+    ...                   {"val_loss": 1.05, "first_token_mass_non_trigger": 0.4}], 1.0)
+    0.4
+  """
+  for rec in series:
+    if rec.get("val_loss", float("inf")) - bayes <= gap and "first_token_mass_non_trigger" in rec:
+      return float(rec["first_token_mass_non_trigger"])
+  return float("nan")
 
 
 def chance_first_token_mass(seq_len: int) -> float:
@@ -211,13 +237,16 @@ def table_markdown(results: dict[str, dict[str, Any]], seq_len: int) -> str:
   """The lab's table: one row per condition, mean ± std over seeds."""
   agg = aggregate(results)
   head = ["group", "softmax", "optimizer", "norm", "layers", "BOS", "seeds",
-          *[title for _, title, _ in COLUMNS]]
+          *[title for _, title, _ in COLUMNS], f"seeds with null mass > {NULL_KEY_SEED}"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 6 + "---:|" * (len(head) - 6)]
   for name, entry in results.items():
     c = entry["condition"]
     row = [c["group"], c["softmax"], c["optimizer"], c["norm"], str(c["layers"]),
            "yes" if c["bos"] else "no", str(len(entry["runs"]))]
     row += [_cell(agg[name].get(key), fmt) for key, _, fmt in COLUMNS]
+    nulls = [r["final"].get("null_mass") for r in entry["runs"].values()]
+    row.append("–" if None in nulls else
+               f"{sum(x > NULL_KEY_SEED for x in nulls)} of {len(nulls)}")
     lines.append("| " + " | ".join(row) + " |")
   chance = chance_first_token_mass(seq_len)
   lines.append("")
@@ -225,7 +254,12 @@ def table_markdown(results: dict[str, dict[str, Any]], seq_len: int) -> str:
                f"{chance:.3f}. Sink rate: share of (layer, head) whose first-token mass over all "
                "queries >= 1 exceeds 0.3 (Gu et al.'s epsilon). Value drain: norm of the first "
                "token's value state / mean of the others. Residual peak: norm of the first "
-               "token's block output / median of the others (mean over layers).")
+               "token's block output / median of the others (mean over layers). The matched-"
+               "loss column reads the first validation (every 200 steps) whose loss is within "
+               f"{MATCHED_LOSS_GAP} nats of Bayes-optimal; its mean is over the seeds that got "
+               "there. Outcomes can be bimodal over seeds (the head's sink on BOS or on the null "
+               "key): the last column counts the seeds whose head sends a large share to the null "
+               "key; metrics.json has every seed.")
   return "\n".join(lines)
 
 
@@ -274,7 +308,10 @@ def plot_dynamics(results: dict[str, dict[str, Any]], groups: Sequence[str], pat
       color = _COLORS[c["softmax"]] if by_softmax else palette(i % 10)
       style = _STYLES[c["optimizer"]] if by_softmax else "-"
       ax.plot(steps, mean, style, color=color, label=_label(c), marker=".", markersize=3)
-      ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.12)
+      low, high = mean - std, mean + std
+      if key in ("sink_rate", "null_mass", "first_token_mass_non_trigger"):  # shares: in [0, 1]
+        low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
+      ax.fill_between(steps, low, high, color=color, alpha=0.12)
     if key == "val_loss" and bayes is not None:
       ax.axhline(bayes, color="k", lw=0.8, ls="-.", label="Bayes-optimal")
     if key == "first_token_mass_non_trigger":
@@ -320,7 +357,7 @@ def plot_attention_maps(maps: dict[str, dict[str, Any]], path: pathlib.Path, fir
     trig = np.nonzero(np.asarray(m["triggers"])[:first])[0]
     ax.scatter(np.full(trig.shape, first - 0.5), trig, marker="<", color="tab:orange", s=12,
                clip_on=False, label="trigger query")
-    null = 1.0 - np.asarray(m["probs"])[0].sum(-1)
+    null = np.clip(1.0 - np.asarray(m["probs"])[0].sum(-1), 0.0, 1.0)
     ax.set_title(f"{label}\nkey-0 mass {p[1:, 0].mean():.2f}, null mass {null[1:].mean():.2f}",
                  fontsize=9)
     ax.set_xlabel("key position")
@@ -361,22 +398,23 @@ def machine() -> str:
           f"backend {jax.default_backend()}")
 
 
-def report(results: dict[str, dict[str, Any]], workdir: pathlib.Path, out: pathlib.Path,
-           command: str, elapsed_s: float) -> None:
+def report(results: dict[str, dict[str, Any]], workdir: pathlib.Path, out: pathlib.Path) -> None:
   """Writes table.md, metrics.json and the figures from the finished runs."""
   out.mkdir(parents=True, exist_ok=True)
   seq_len = bigram_backcopy.get_config().seq_len
   table = table_markdown(results, seq_len)
   bayes = {name: entry["bayes_loss"] for name, entry in results.items()}
+  log = workdir / "commands.md"
+  commands = log.read_text() if log.exists() else "- (not recorded)\n"
+  seconds = sum(r["final"].get("seconds", 0) for e in results.values() for r in e["runs"].values())
   header = (f"# Bigram-Backcopy lab: final metrics, mean ± std over seeds\n\n"
-            f"Command: `{command}`  \nMachine: {machine()}  \n"
-            f"Date: {datetime.date.today().isoformat()}; training time of all runs: "
-            f"{sum(r['final'].get('seconds', 0) for e in results.values() for r in e['runs'].values()) / 60:.0f} min"
-            f" (this invocation: {elapsed_s / 60:.0f} min).  \n"
-            f"Bayes-optimal loss: {sorted(set(round(b, 4) for b in bayes.values()))} nats.\n\n")
+            f"Made by these commands, in order:\n\n{commands}\n"
+            f"Training time of all {sum(len(e['runs']) for e in results.values())} runs: "
+            f"{seconds / 60:.0f} min. Bayes-optimal loss: "
+            f"{sorted(set(round(b, 4) for b in bayes.values()))} nats (with BOS / without).\n\n")
   (out / "table.md").write_text(header + table + "\n")
   (out / "metrics.json").write_text(json.dumps(
-      {"command": command, "machine": machine(), "chance_first_token_mass":
+      {"commands": commands.splitlines(), "chance_first_token_mass":
        chance_first_token_mass(seq_len), "conditions": results}, indent=1))
   some_bayes = next(iter(bayes.values()), None)
   plot_dynamics(results, ("grid",), out / "dynamics_grid.png",
@@ -398,6 +436,11 @@ def _figures_from_checkpoints(results, workdir: pathlib.Path, out: pathlib.Path)
       continue
     if c["group"] == "grid" and c["optimizer"] == "adamw":
       maps[f"{c['softmax']} + adamw (seed 0)"] = attention_and_norms(run, trigger_ids)
+    if c["group"] == "grid" and (c["softmax"], c["optimizer"]) == ("softmax1", "orthoadam"):
+      # The seed whose head gives most to the null key: softmax-1 doing what it is meant to do.
+      seed = max(entry["runs"], key=lambda s: entry["runs"][s]["final"].get("null_mass", 0.0))
+      maps[f"softmax1 + orthoadam (seed {seed}, most null mass)"] = attention_and_norms(
+          workdir / f"{name}-s{seed}", trigger_ids)
     if c["group"] == "depth":
       norms[f"{c['softmax']} + {c['optimizer']}, 3 layers"] = attention_and_norms(
           run, trigger_ids)["residual_norm"]
@@ -433,27 +476,51 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise SystemExit(f"--only={args.only!r} matches no condition; names look like "
                      f"{conditions()[0].name!r}, groups are grid, depth, no_bos, norm.")
   jobs = [(c, s) for c in conds for s in range(args.seeds)]
+  if not args.report:
+    train_all(jobs, workdir, args.steps or None, command)
+  results = collect(workdir)
+  if not results:
+    raise SystemExit(f"No finished run under {workdir}; run without --report first.")
+  report(results, workdir, out)
+
+
+def train_all(jobs: Sequence[tuple[Condition, int]], workdir: pathlib.Path, steps: int | None,
+              command: str) -> None:
+  """Trains the runs not finished yet, with a progress bar; logs the command in commands.md."""
+  workdir.mkdir(parents=True, exist_ok=True)
   # Seeds of a condition compile identical programs: a persistent cache compiles each once.
   jax.config.update("jax_compilation_cache_dir", str(workdir / ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  started = time.perf_counter()
-  bar = tqdm(jobs, unit="run", dynamic_ncols=True, disable=args.report)
-  results: dict[str, dict[str, Any]] = {}
+  started, trained = time.perf_counter(), 0
+  bar = tqdm(jobs, unit="run", dynamic_ncols=True)
   for cond, seed in bar:
     run = run_dir(workdir, cond, seed)
     bar.set_postfix_str(run.name)
-    if args.report and not (run / "summary.json").exists():
-      continue
-    final = train_one(cond, seed, run, args.steps or None)
-    entry = results.setdefault(cond.name, {"condition": dataclasses.asdict(cond),
-                                           "bayes_loss": bayes_loss(cond), "runs": {}})
-    final["loss_gap"] = final.get("val_loss", float("nan")) - entry["bayes_loss"]
-    entry["runs"][str(seed)] = {"final": final, "series": read_series(run)}
+    trained += not (run / "summary.json").exists()
+    train_one(cond, seed, run, steps)
   bar.close()
-  if not results:
-    raise SystemExit(f"No finished run under {workdir}; run without --report first.")
-  report(results, workdir, out, command, time.perf_counter() - started)
+  with open(workdir / "commands.md", "a", encoding="utf-8") as f:
+    f.write(f"- `{command}`: {trained} runs trained in "
+            f"{(time.perf_counter() - started) / 60:.1f} min ({datetime.date.today()}, "
+            f"{machine()})\n")
+
+
+def collect(workdir: pathlib.Path) -> dict[str, dict[str, Any]]:
+  """Every finished run under ``workdir``, by condition (in ``conditions()`` order) and seed."""
+  results: dict[str, dict[str, Any]] = {}
+  for cond in conditions():
+    runs = sorted(workdir.glob(f"{glob.escape(cond.name)}-s*/summary.json"),
+                  key=lambda p: int(p.parent.name.rsplit("-s", 1)[1]))
+    for done in runs:
+      seed = done.parent.name.rsplit("-s", 1)[1]
+      entry = results.setdefault(cond.name, {"condition": dataclasses.asdict(cond),
+                                             "bayes_loss": bayes_loss(cond), "runs": {}})
+      final, series = json.loads(done.read_text()), read_series(done.parent)
+      final["loss_gap"] = final.get("val_loss", float("nan")) - entry["bayes_loss"]
+      final["mass_at_matched_loss"] = mass_at_loss_gap(series, entry["bayes_loss"])
+      entry["runs"][seed] = {"final": final, "series": series}
+  return results
 
 
 if __name__ == "__main__":

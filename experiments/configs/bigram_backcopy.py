@@ -11,9 +11,10 @@ Usage::
   softmax-one train --config=experiments/configs/bigram_backcopy.py:softmax,adamw --workdir=runs/bb
   softmax-one train --config=experiments/configs/bigram_backcopy.py:softmax1,sgd,layernorm,3 ...
 
-The argument is ``SOFTMAX,OPTIMIZER[,NORM][,LAYERS]``: softmax | softmax1 | learned_sink,
+The argument is ``SOFTMAX,OPTIMIZER[,NORM][,LAYERS][,nobos]``: softmax | softmax1 | learned_sink,
 adamw | orthoadam | sgd, a norm (layernorm, the default for every optimizer, | rmsnorm |
-scalar_rmsnorm) and 1 or 3 layers (default 1). Every other factor is the same for all variants.
+scalar_rmsnorm), 1 or 3 layers (default 1), and ``nobos`` to start sequences with a character
+instead of BOS. Every other factor is the same for all variants.
 
 Settings adapted from Guo et al. (1 head, learned positions, pre-norm, GELU MLP, AdamW at a
 constant learning rate after a short warm-up) and shrunk to two CPU cores: width 128 instead of
@@ -40,34 +41,37 @@ LEARNING_RATES = {"adamw": 3e-3, "orthoadam": 3e-3, "sgd": 0.03}
 STEPS = {1: 1000, 3: 1000}  # 1 layer: about 50 s on 2 cores, 3 layers: about 130 s
 
 
-def parse_lab_variant(arg: str) -> tuple[str, str, str, int]:
-  """Parses ``SOFTMAX,OPTIMIZER[,NORM][,LAYERS]``.
+def parse_lab_variant(arg: str) -> tuple[str, str, str, int, bool]:
+  """Parses ``SOFTMAX,OPTIMIZER[,NORM][,LAYERS][,nobos]`` into (softmax, optimizer, norm, layers, bos).
 
   Example:
     >>> parse_lab_variant("softmax1,sgd,3")
-    ('softmax1', 'sgd', 'layernorm', 3)
+    ('softmax1', 'sgd', 'layernorm', 3, True)
   """
   parts = [p.strip() for p in arg.split(",") if p.strip()]
-  usage = (f"config argument {arg!r} must be 'SOFTMAX,OPTIMIZER[,NORM][,LAYERS]' with SOFTMAX in "
-           f"{SOFTMAXES}, OPTIMIZER in {OPTIMIZERS}, NORM in {NORMS}, LAYERS in {LAYERS}.")
-  if len(parts) not in (2, 3, 4):
+  usage = (f"config argument {arg!r} must be 'SOFTMAX,OPTIMIZER[,NORM][,LAYERS][,nobos]' with "
+           f"SOFTMAX in {SOFTMAXES}, OPTIMIZER in {OPTIMIZERS}, NORM in {NORMS}, LAYERS in "
+           f"{LAYERS}.")
+  if not 2 <= len(parts) <= 5:
     raise ValueError(usage)
-  softmax, optimizer, norm, layers = parts[0], parts[1], "layernorm", 1
+  softmax, optimizer, norm, layers, bos = parts[0], parts[1], "layernorm", 1, True
   for extra in parts[2:]:
     if extra.isdigit():
       layers = int(extra)
+    elif extra == "nobos":
+      bos = False
     else:
       norm = extra
   if softmax not in SOFTMAXES or optimizer not in OPTIMIZERS or norm not in NORMS or (
       layers not in LAYERS):
     raise ValueError(usage)
-  return softmax, optimizer, norm, layers
+  return softmax, optimizer, norm, layers, bos
 
 
 def get_config(arg: str = "softmax,adamw") -> ml_collections.ConfigDict:
-  softmax, optimizer, norm, layers = parse_lab_variant(arg)
+  softmax, optimizer, norm, layers, bos = parse_lab_variant(arg)
   c = get_base_config()
-  c.name = f"bb-{softmax}-{optimizer}-{norm}-L{layers}"
+  c.name = f"bb-{softmax}-{optimizer}-{norm}-L{layers}" + ("" if bos else "-nobos")
   c.seq_len = 128
   c.global_batch_size = 32
   c.num_train_steps = STEPS[layers]
@@ -76,7 +80,7 @@ def get_config(arg: str = "softmax,adamw") -> ml_collections.ConfigDict:
                          max_seq_len=128)
   c.data.source = "bigram_backcopy"
   c.data.bb_triggers = 3
-  c.data.bb_bos = True
+  c.data.bb_bos = bos                 # False: the first token is a marginal draw, not BOS
   c.data.bb_validation_sequences = 256
 
   c.optimizer.name = optimizer

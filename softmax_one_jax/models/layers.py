@@ -264,7 +264,7 @@ class Attention(nnx.Module):
 
   def _sinks(self) -> jax.Array | None:
     """The ``[N]`` sink logits for ``softmax="learned_sink"``, else None."""
-    return None if self.sink_logits is None else self.sink_logits.value
+    return None if self.sink_logits is None else self.sink_logits[...]
 
   def _output(self, out_btnh: jax.Array) -> jax.Array:
     b, t = out_btnh.shape[:2]

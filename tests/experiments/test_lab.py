@@ -7,6 +7,7 @@ about a minute on 2 cores) on one CPU device, as a user would, and reads its ``m
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -26,13 +27,13 @@ from tests.training._micro import REPO, cpu_env
 
 
 @pytest.mark.parametrize("arg", ["softmax,adamw", "softmax1,orthoadam,scalar_rmsnorm",
-                                 "learned_sink,sgd,3", "softmax,sgd,rmsnorm,3"])
+                                 "learned_sink,sgd,3", "softmax,sgd,rmsnorm,3,nobos"])
 def test_every_lab_variant_is_a_valid_run_with_one_head_and_the_optimizers_own_lr(arg):
-  softmax, optimizer, norm, layers = bigram_backcopy.parse_lab_variant(arg)
+  softmax, optimizer, norm, layers, bos = bigram_backcopy.parse_lab_variant(arg)
   c = bigram_backcopy.get_config(arg)
   validate_config(c, num_devices=1, process_count=1)
-  assert (c.model.softmax, c.optimizer.name, c.model.norm, c.model.num_layers) == (
-      softmax, optimizer, norm, layers)
+  assert (c.model.softmax, c.optimizer.name, c.model.norm, c.model.num_layers, c.data.bb_bos) == (
+      softmax, optimizer, norm, layers, bos)
   assert c.model.num_heads == 1 and c.model.d_model >= 64 and c.model.position == "learned"
   assert c.optimizer.learning_rate == bigram_backcopy.LEARNING_RATES[optimizer]
 
@@ -43,7 +44,8 @@ def test_the_norm_is_its_own_axis_not_set_by_the_optimizer():
   assert norms == {"layernorm"}
 
 
-@pytest.mark.parametrize("bad", ["softmax", "softmax,adam", "softmax2,adamw", "softmax,adamw,2"])
+@pytest.mark.parametrize("bad", ["softmax", "softmax,adam", "softmax2,adamw", "softmax,adamw,2",
+                                 "softmax,adamw,layernorm,1,nobos,x"])
 def test_a_bad_lab_variant_names_the_choices(bad):
   with pytest.raises(ValueError, match="SOFTMAX,OPTIMIZER"):
     bigram_backcopy.parse_lab_variant(bad)
@@ -52,6 +54,15 @@ def test_a_bad_lab_variant_names_the_choices(bad):
 def test_chance_first_token_mass_is_the_mean_of_one_over_visible_keys():
   t = np.arange(1, 128)
   assert run_lab.chance_first_token_mass(128) == pytest.approx(np.mean(1 / (t + 1)), rel=1e-12)
+
+
+def test_mass_at_matched_loss_reads_the_first_validation_within_the_gap():
+  series = [{"step": 100, "first_token_mass_non_trigger": 0.05},
+            {"step": 200, "val_loss": 1.30, "first_token_mass_non_trigger": 0.10},
+            {"step": 400, "val_loss": 1.09, "first_token_mass_non_trigger": 0.50},
+            {"step": 600, "val_loss": 1.01, "first_token_mass_non_trigger": 0.90}]
+  assert run_lab.mass_at_loss_gap(series, bayes=1.0, gap=0.1) == 0.50
+  assert math.isnan(run_lab.mass_at_loss_gap(series, bayes=0.5, gap=0.1))   # never reached
 
 
 def test_lab_conditions_change_one_factor_from_the_grid():
