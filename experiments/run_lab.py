@@ -14,7 +14,7 @@ made them (``commands.md`` in the workdir). ``--report`` only rebuilds the outpu
 
 Usage::
 
-  python experiments/run_lab.py                   # the whole lab (about 55 min on 2 CPU cores)
+  python experiments/run_lab.py                   # the whole lab (about 58 min on 2 CPU cores)
   python experiments/run_lab.py --only=grid,softmax1-*   # some groups or conditions
   python experiments/run_lab.py --seeds=1 --steps=300 --out=/tmp/lab   # a quick look
 """
@@ -90,8 +90,10 @@ def conditions() -> list[Condition]:
   """The lab: the 3 x 3 grid, then one factor changed per extra group."""
   grid = [Condition("grid", s, o) for s in bigram_backcopy.SOFTMAXES
           for o in bigram_backcopy.OPTIMIZERS]
-  # Residual peak needs depth (Guo et al.: 3 layers); Adam vs SGD vs OrthoAdam with softmax.
+  # Residual peak needs depth (Guo et al.: 3 layers); Adam vs SGD vs OrthoAdam with softmax, and
+  # whether softmax-1 behaves differently with more layers.
   depth = [Condition("depth", "softmax", o, layers=3) for o in bigram_backcopy.OPTIMIZERS]
+  depth.append(Condition("depth", "softmax1", "adamw", layers=3))
   # Does the sink need a token that is the same in every sequence?
   no_bos = [Condition("no_bos", s, "adamw", bos=False) for s in ("softmax", "softmax1")]
   # The paper's recipe: softmax-1 + OrthoAdam with a single-scalar-gain norm (the grid uses
