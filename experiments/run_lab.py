@@ -287,6 +287,14 @@ def _label(c: dict[str, Any]) -> str:
   return f"{c['softmax']} + {c['optimizer']}{extra.get(c['group'], '')}"
 
 
+def _pyplot():
+  """matplotlib's pyplot on the file-only Agg backend (imported when a figure is drawn)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
 def plot_dynamics(results: dict[str, dict[str, Any]], groups: Sequence[str], path: pathlib.Path,
                   title: str, bayes: float | None = None) -> None:
   """Each metric over training steps, one line per condition (mean over seeds, band = ±1 std).
@@ -294,9 +302,7 @@ def plot_dynamics(results: dict[str, dict[str, Any]], groups: Sequence[str], pat
   The grid is coloured by softmax kind with a line style per optimizer; other groups get a
   colour per condition.
   """
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
   fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
   chosen = [e for e in results.values() if e["condition"]["group"] in groups]
   by_softmax = all(e["condition"]["group"] == "grid" for e in chosen)
@@ -317,7 +323,8 @@ def plot_dynamics(results: dict[str, dict[str, Any]], groups: Sequence[str], pat
     if key == "val_loss" and bayes is not None:
       ax.axhline(bayes, color="k", lw=0.8, ls="-.", label="Bayes-optimal")
     if key == "first_token_mass_non_trigger":
-      ax.axhline(chance_first_token_mass(128), color="gray", lw=0.8, ls="-.", label="chance")
+      chance = chance_first_token_mass(bigram_backcopy.get_config().seq_len)
+      ax.axhline(chance, color="gray", lw=0.8, ls="-.", label="chance")
     ax.set_title(key)
     ax.set_xlabel("step")
   axes.flat[0].legend(fontsize=7)
@@ -349,9 +356,7 @@ def attention_and_norms(run: pathlib.Path, trigger_ids: Sequence[int]) -> dict[s
 def plot_attention_maps(maps: dict[str, dict[str, Any]], path: pathlib.Path, first: int = 48
                         ) -> None:
   """The first ``first`` tokens' attention (layer 0, head 0) of each named run, side by side."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
   fig, axes = plt.subplots(1, len(maps), figsize=(5.2 * len(maps), 5), constrained_layout=True)
   for ax, (label, m) in zip(np.atleast_1d(axes), maps.items()):
     p = np.asarray(m["probs"])[0, :first, :first]
@@ -371,9 +376,7 @@ def plot_attention_maps(maps: dict[str, dict[str, Any]], path: pathlib.Path, fir
 
 def plot_residual_norms(norms: dict[str, list[list[float]]], path: pathlib.Path) -> None:
   """Block-output norm by token position, one panel per layer, one line per run."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
   layers = max(len(v) for v in norms.values())
   fig, axes = plt.subplots(1, layers, figsize=(5 * layers, 4), constrained_layout=True,
                            squeeze=False)
