@@ -177,8 +177,8 @@ def _config(shape: str, softmax: str, optimizer: str):
   preset, tokenizer, bpe_vocab, batch, seq = SHAPES[shape]
   c = get_base_config()
   c.seq_len, c.global_batch_size = seq, batch
-  norm = "scalar_rmsnorm" if optimizer == "orthoadam" else "layernorm"
-  c.model = model_config(preset, softmax=softmax, norm=norm, max_seq_len=max(seq, 128))
+  # One norm for every optimizer, so the ratio measures the optimizer alone.
+  c.model = model_config(preset, softmax=softmax, norm="layernorm", max_seq_len=max(seq, 128))
   c.data.tokenizer = tokenizer
   if bpe_vocab:
     c.data.bpe_vocab_size = bpe_vocab

@@ -19,6 +19,7 @@ from ml_collections import config_dict
 
 from softmax_one_jax.data import default_data_config
 from softmax_one_jax.models import preset
+from softmax_one_jax.models.config import NORMS  # every norm a model can have; the norm axis
 
 
 def model_config(preset_name: str, **overrides) -> ml_collections.ConfigDict:
@@ -112,30 +113,54 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 SOFTMAXES = ("softmax", "softmax1", "learned_sink")
 OPTIMIZERS = ("adamw", "orthoadam")
-NORMS = ("layernorm", "rmsnorm", "scalar_rmsnorm")
 
 
-def parse_variant(arg: str, default_norm: str | None = None) -> tuple[str, str, str]:
+def parse_variant(arg: str, default_norm: str = "layernorm") -> tuple[str, str, str]:
   """Parses ``softmax,optimizer[,norm]`` (the config-file argument of tiny/gpt2/llama2).
 
-  The norm defaults to ``scalar_rmsnorm`` with OrthoAdam (the paper pairs them: a per-channel
-  gain privileges the basis OrthoAdam rotates away) and to ``default_norm`` (the family's own)
-  with AdamW.
+  The norm is its own axis: without one, every optimizer gets ``default_norm`` (the family's
+  own), so changing the optimizer changes nothing else. The paper's pairing of OrthoAdam with a
+  scalar-gain norm is the explicit third part, e.g. ``softmax1,orthoadam,scalar_layernorm``
+  (GPT-2 family: only the gain changes) or ``softmax1,orthoadam,scalar_rmsnorm`` (Llama family).
+
+  Args:
+    arg: the argument, e.g. ``"softmax1,orthoadam"`` or ``"softmax,adamw,scalar_rmsnorm"``.
+    default_norm: the norm when ``arg`` names none, one of ``NORMS``.
+
+  Returns:
+    ``(softmax, optimizer, norm)``.
+
+  Raises:
+    ValueError: a part is missing or not allowed; the message lists the allowed values.
 
   Example:
     >>> parse_variant("softmax1,orthoadam")
-    ('softmax1', 'orthoadam', 'scalar_rmsnorm')
+    ('softmax1', 'orthoadam', 'layernorm')
+    >>> parse_variant("softmax1,orthoadam,scalar_layernorm")
+    ('softmax1', 'orthoadam', 'scalar_layernorm')
   """
   parts = [p.strip() for p in arg.split(",") if p.strip()]
   if len(parts) not in (2, 3):
     raise ValueError(f"config argument {arg!r} must be 'softmax,optimizer[,norm]' with softmax in "
                      f"{SOFTMAXES}, optimizer in {OPTIMIZERS}, norm in {NORMS}.")
   softmax, optimizer = parts[0], parts[1]
-  norm = parts[2] if len(parts) == 3 else (
-      "scalar_rmsnorm" if optimizer == "orthoadam" else default_norm or "layernorm")
+  norm = parts[2] if len(parts) == 3 else default_norm
   for field, value, allowed in (("softmax", softmax, SOFTMAXES),
                                 ("optimizer", optimizer, OPTIMIZERS), ("norm", norm, NORMS)):
     if value not in allowed:
       raise ValueError(f"config argument {field}={value!r} is not allowed; choose one of "
                        f"{', '.join(allowed)}.")
   return softmax, optimizer, norm
+
+
+def variant_name(prefix: str, softmax: str, optimizer: str, norm: str, default_norm: str) -> str:
+  """A run name that names every factor that differs from the family's defaults.
+
+  The norm is appended only when it is not ``default_norm``, so the name is a function of the
+  configuration: equal configs share a name, different norms never do.
+
+  Example:
+    >>> variant_name("tiny", "softmax1", "orthoadam", "scalar_layernorm", "layernorm")
+    'tiny-softmax1-orthoadam-scalar_layernorm'
+  """
+  return f"{prefix}-{softmax}-{optimizer}" + ("" if norm == default_norm else f"-{norm}")

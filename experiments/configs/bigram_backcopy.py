@@ -13,8 +13,8 @@ Usage::
 
 The argument is ``SOFTMAX,OPTIMIZER[,NORM][,LAYERS][,nobos]``: softmax | softmax1 | learned_sink,
 adamw | orthoadam | sgd, a norm (layernorm, the default for every optimizer, | rmsnorm |
-scalar_rmsnorm), 1 or 3 layers (default 1), and ``nobos`` to start sequences with a character
-instead of BOS. Every other factor is the same for all variants.
+scalar_rmsnorm | scalar_layernorm), 1 or 3 layers (default 1), and ``nobos`` to start sequences
+with a character instead of BOS. Every other factor is the same for all variants.
 
 Settings adapted from Guo et al. (1 head, learned positions, pre-norm, GELU MLP, AdamW at a
 constant learning rate after a short warm-up) and shrunk to two CPU cores: width 128 instead of
@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import get_base_config, model_config
+from experiments.configs.base import NORMS, get_base_config, model_config
 
 SOFTMAXES = ("softmax", "softmax1", "learned_sink")
 OPTIMIZERS = ("adamw", "orthoadam", "sgd")
-NORMS = ("layernorm", "rmsnorm", "scalar_rmsnorm")
 LAYERS = (1, 3)
 
 # Peak learning rate per optimizer: the lowest validation loss after 600 steps of softmax runs

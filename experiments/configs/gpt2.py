@@ -1,7 +1,12 @@
 """GPT-2 grid of the paper: ``gpt2.py:size,softmax,optimizer[,norm]``.
 
-sizes 60m | 130m | 350m; softmax | softmax1 | learned_sink; adamw | orthoadam; optional norm (default:
-layernorm with AdamW, scalar_rmsnorm with OrthoAdam). See paper.py for the settings and guesses.
+sizes 60m | 130m | 350m; softmax | softmax1 | learned_sink; adamw | orthoadam; optional norm:
+layernorm (the default for every optimizer) | rmsnorm | scalar_rmsnorm | scalar_layernorm. The
+norm is its own axis, so the optimizer column changes only the optimizer. The paper's pairing of
+OrthoAdam with a scalar-gain norm is the explicit fourth part,
+``60m,softmax1,orthoadam,scalar_layernorm`` (LayerNorm with one scalar gain: centring and bias
+kept), named ``gpt2-60m-softmax1-orthoadam-scalar_layernorm``. See paper.py for the settings and
+guesses.
 
 Example::
 

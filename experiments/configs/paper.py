@@ -9,6 +9,11 @@ AdamW / OrthoAdam. Numbers the paper does not give are GUESSES, marked as such b
   * AdamW-style b1=0.9, b2=0.95, eps=1e-8, weight decay 0.1 on matrices, clipping at 1.0 (GUESS);
   * tokenizer: GPT-2 BPE for both families (shipped with the package; for Llama-2's own set
     --config.data.tokenizer=sentencepiece --config.data.tokenizer_path=tokenizer.model) (GUESS).
+The norm is its own axis: by default each family keeps its own (GPT-2: LayerNorm, Llama-2:
+RMSNorm) with either optimizer, so the optimizer column changes only the optimizer. The paper's
+pairing of OrthoAdam with a scalar-gain norm is one explicit argument away:
+``gpt2.py:60m,softmax1,orthoadam,scalar_layernorm`` (LayerNorm with one scalar gain: centring and
+bias kept) and ``llama2.py:60m,softmax1,orthoadam,scalar_rmsnorm``.
 Slices (``config.topology``, what ``softmax-one compile`` builds for; see experiments/README.md):
 v5e:4x4 (16 x TPU v5e) up to 350M, v5p:2x2x2 (8 x TPU v5p) for 1B, v5p:4x4x4 (64 x TPU v5p) for 7B.
 Data: run ``softmax-one prepare --source c4 --output_dir data/c4`` first, or point
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import get_base_config, model_config, parse_variant
+from experiments.configs.base import get_base_config, model_config, parse_variant, variant_name
 
 # size -> (global batch, train steps, peak learning rate); GUESSES where the paper is silent.
 GPT2_SIZES = {
@@ -40,17 +45,26 @@ LLAMA2_SIZES = {
 SLICES = {"60m": "v5e:4x4", "130m": "v5e:4x4", "350m": "v5e:4x4", "1b": "v5p:2x2x2",
           "7b": "v5p:4x4x4"}
 
+# family -> its own norm, the default for every optimizer.
+FAMILY_NORMS = {"gpt2": "layernorm", "llama2": "rmsnorm"}
+
 
 def parse_grid_arg(arg: str, sizes: dict, family: str) -> tuple[str, str, str, str]:
-  """``size,softmax,optimizer[,norm]`` -> its four parts, with errors naming the allowed values."""
+  """``size,softmax,optimizer[,norm]`` -> its four parts, with errors naming the allowed values.
+
+  The norm defaults to the family's own (``FAMILY_NORMS``) whatever the optimizer.
+
+  Example:
+    >>> parse_grid_arg("60m,softmax1,orthoadam", LLAMA2_SIZES, "llama2")
+    ('60m', 'softmax1', 'orthoadam', 'rmsnorm')
+  """
   size, _, rest = arg.partition(",")
   size = size.strip().lower()
   if size not in sizes:
     raise ValueError(f"{family} config: size={size!r} is not allowed; choose one of "
                      f"{', '.join(sizes)} (argument 'size,softmax,optimizer[,norm]', e.g. "
                      f"'{next(iter(sizes))},softmax1,orthoadam').")
-  default_norm = "layernorm" if family == "gpt2" else "rmsnorm"
-  softmax, optimizer, norm = parse_variant(rest, default_norm=default_norm)
+  softmax, optimizer, norm = parse_variant(rest, default_norm=FAMILY_NORMS[family])
   return size, softmax, optimizer, norm
 
 
@@ -60,7 +74,7 @@ def grid_config(family: str, arg: str) -> ml_collections.ConfigDict:
   size, softmax, optimizer, norm = parse_grid_arg(arg, sizes, family)
   batch, steps, lr = sizes[size]
   c = get_base_config()
-  c.name = f"{family}-{size}-{softmax}-{optimizer}" + ("" if arg.count(",") < 3 else f"-{norm}")
+  c.name = variant_name(f"{family}-{size}", softmax, optimizer, norm, FAMILY_NORMS[family])
   c.seq_len = 256
   c.global_batch_size = batch
   c.num_train_steps = steps

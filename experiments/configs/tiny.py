@@ -5,22 +5,26 @@ Usage (the paper's 2x2 grid in miniature)::
   softmax-one train --config=experiments/configs/tiny.py --workdir=runs/tiny
   softmax-one train --config=experiments/configs/tiny.py:softmax,adamw --workdir=runs/tiny-softmax-adamw
 
-The argument is ``softmax,optimizer[,norm]``: softmax | softmax1 | learned_sink, adamw | orthoadam, and a norm
-(layernorm | rmsnorm | scalar_rmsnorm; default scalar_rmsnorm with orthoadam, as the paper pairs
-OrthoAdam with a scalar-gain norm, else layernorm).
+The argument is ``softmax,optimizer[,norm]``: softmax | softmax1 | learned_sink, adamw | orthoadam,
+and a norm: layernorm (the default for every optimizer: tiny is GPT-2 flavoured) | rmsnorm |
+scalar_rmsnorm | scalar_layernorm. The norm is its own axis, so ``softmax1,orthoadam`` against
+``softmax1,adamw`` changes only the optimizer. The paper pairs OrthoAdam with a scalar-gain norm;
+that pairing is the explicit argument ``softmax1,orthoadam,scalar_layernorm`` (LayerNorm with one
+scalar gain instead of the per-channel one, centring and bias kept). A norm other than layernorm
+is appended to the run name (``tiny-softmax1-orthoadam-scalar_layernorm``).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import get_base_config, model_config, parse_variant
+from experiments.configs.base import get_base_config, model_config, parse_variant, variant_name
 
 
 def get_config(arg: str = "softmax1,orthoadam") -> ml_collections.ConfigDict:
-  softmax, optimizer, norm = parse_variant(arg)
+  softmax, optimizer, norm = parse_variant(arg, default_norm="layernorm")
   c = get_base_config()
-  c.name = f"tiny-{softmax}-{optimizer}"
+  c.name = variant_name("tiny", softmax, optimizer, norm, "layernorm")
   c.seq_len = 128
   c.global_batch_size = 16
   c.num_train_steps = 300

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 POSITIONS = ("learned", "rope")
-NORMS = ("layernorm", "rmsnorm", "scalar_rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "scalar_rmsnorm", "scalar_layernorm")
 MLPS = ("gelu", "swiglu")
 SOFTMAXES = ("softmax1", "softmax", "learned_sink")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,8 +34,11 @@ class TransformerConfig:
     max_seq_len: longest sequence (size of the learned position table; RoPE ignores it).
     position: "learned" absolute positions (GPT-2) or "rope" rotary embeddings (Llama).
     rope_theta: RoPE base frequency.
-    norm: "layernorm", "rmsnorm" (per-channel gain) or "scalar_rmsnorm" (one learned scalar gain
-      per norm: the paper's choice with OrthoAdam, since a per-channel gain privileges the basis).
+    norm: "layernorm" (centring, per-channel gain and bias; GPT-2's), "rmsnorm" (per-channel
+      gain; Llama's), or a scalar-gain form that keeps everything else of its family's norm and
+      has one learned scalar gain per norm: "scalar_rmsnorm" (RMSNorm's) or "scalar_layernorm"
+      (LayerNorm's centring and per-channel bias). The paper pairs OrthoAdam with a scalar-gain
+      norm, since a per-channel gain privileges the coordinate basis OrthoAdam rotates away.
     norm_eps: epsilon of the norms.
     mlp: "gelu" (tanh-approximate GELU, as GPT-2) or "swiglu" (Llama).
     use_bias: biases in the linear layers.

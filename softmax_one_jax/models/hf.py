@@ -15,6 +15,10 @@ Mapping (our parameter paths on the left):
   ``final_norm`` (RMSNorm with per-channel weight); RoPE uses HF's half-split (rotate_half)
   convention, as ours does, so ``q_proj``/``k_proj`` need no permutation.
 
+The norm is the checkpoint's ("layernorm" for GPT-2, "rmsnorm" for Llama): a ``norm`` override
+that differs, such as a scalar-gain norm, is refused, since the checkpoint's per-channel gains
+(and GPT-2's biases) have no place in it.
+
 Pretrained models use the ordinary softmax in attention (``softmax="softmax"``).
 
 Example:
@@ -182,8 +186,33 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Transforme
         f"model_type={kind!r} is not supported; load_hf reads {SUPPORTED_MODEL_TYPES} checkpoints."
     )
   fields.update(softmax="softmax", dtype="float32", param_dtype="float32")
+  _check_norm_override(kind, fields["norm"], overrides)
   fields.update(overrides)
   return TransformerConfig(**fields)
+
+
+_NORM_PARAMS = {
+    "layernorm": "centring, a per-channel gain [d_model] and bias [d_model]",
+    "rmsnorm": "a per-channel gain [d_model], no centring or bias",
+    "scalar_rmsnorm": "one scalar gain, no centring or bias",
+    "scalar_layernorm": "centring, one scalar gain and a bias [d_model]",
+}
+
+
+def _check_norm_override(kind: str, checkpoint_norm: str, overrides: Mapping[str, Any]) -> None:
+  """Refuses a norm other than the checkpoint's: its gains and biases fit only that norm."""
+  norm = overrides.get("norm", checkpoint_norm)
+  # An unknown name is left to TransformerConfig's validation, which lists the allowed ones.
+  if norm == checkpoint_norm or norm not in _NORM_PARAMS:
+    return
+  example = ("tiny.py:softmax1,orthoadam" if kind == "gpt2" else "llama2.py:60m,softmax1,orthoadam")
+  raise ValueError(
+      f"norm={norm!r} cannot be imported from a {kind} checkpoint: its norms are "
+      f"{checkpoint_norm!r} ({_NORM_PARAMS[checkpoint_norm]}), a {norm!r} norm has "
+      f"{_NORM_PARAMS.get(norm, 'other parameters')}. Load it with norm={checkpoint_norm!r} (drop "
+      f"the norm override); train a {norm!r} model from scratch instead (e.g. "
+      f"--config=experiments/configs/{example},{norm})."
+  )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -102,12 +102,51 @@ class RMSNorm(nnx.Module):
     return (x * self.scale.value.astype(jnp.float32)).astype(self.dtype)
 
 
+class ScalarLayerNorm(nnx.Module):
+  """LayerNorm with one learned scalar gain: ``(x - mean(x)) / std(x) * scale + bias``.
+
+  Centring, variance normalisation and the per-channel bias ``[D]`` are LayerNorm's; only the
+  gain is a single scalar ``[]`` (initialised to 1), so a GPT-2-flavoured model can drop the
+  per-channel gain, which privileges the coordinate basis OrthoAdam avoids, and change nothing
+  else. Statistics are computed in float32.
+
+  Example:
+    >>> norm = ScalarLayerNorm(8)
+    >>> norm.scale.value.shape, norm.bias.value.shape
+    ((), (8,))
+  """
+
+  def __init__(
+      self,
+      dim: int,
+      *,
+      eps: float = 1e-5,
+      dtype: jnp.dtype = jnp.float32,
+      param_dtype: jnp.dtype = jnp.float32,
+  ):
+    self.scale = nnx.Param(jnp.ones((), param_dtype), out_sharding=(), eager_sharding=False)
+    self.bias = nnx.Param(
+        jnp.zeros((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False
+    )
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    x = x_btd.astype(jnp.float32)
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    x = x * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+    return x.astype(self.dtype)
+
+
 def make_norm(config: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The norm named by ``config.norm``.
+  """The norm named by ``config.norm`` (see ``TransformerConfig.norm``).
 
   Example:
     >>> make_norm(preset("tiny"), rngs=nnx.Rngs(0))
     LayerNorm(...)
+    >>> make_norm(preset("tiny", norm="scalar_layernorm"), rngs=nnx.Rngs(0)).scale.value.shape
+    ()
   """
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   if config.norm == "layernorm":
@@ -120,6 +159,9 @@ def make_norm(config: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.Module:
         param_dtype=param_dtype,
         rngs=rngs,
     )
+  if config.norm == "scalar_layernorm":
+    return ScalarLayerNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
+                           param_dtype=param_dtype)
   return RMSNorm(
       config.d_model,
       scalar_gain=config.norm == "scalar_rmsnorm",

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from softmax_one_jax.models import Transformer, generate, positions_from_segments, preset
+from softmax_one_jax.models.layers import ScalarLayerNorm
 
 FLAVOURS = {
     "gpt2": dict(),
@@ -17,6 +18,7 @@ FLAVOURS = {
                                  use_bias=False, softmax="softmax"),
     "llama-learned-sink": dict(position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False,
                                tie_embeddings=False, num_kv_heads=2, softmax="learned_sink"),
+    "gpt2-scalar-layernorm": dict(norm="scalar_layernorm"),
 }
 
 
@@ -232,3 +234,90 @@ def test_learned_sinks_start_at_softmax1_and_train(np_rng):
   for var in sink_params(model):
     assert np.abs(np.asarray(var.value)).max() > 0.0
   assert float(nnx.jit(loss_fn)(model)) < float(loss0)
+
+
+def _np_scalar_layernorm(x, gain, bias, eps):
+  """float64 reference: centre, divide by the standard deviation, one gain, per-channel bias."""
+  x = np.asarray(x, np.float64)
+  centred = x - x.mean(-1, keepdims=True)
+  return centred / np.sqrt(np.mean(centred**2, -1, keepdims=True) + eps) * gain + bias
+
+
+def test_scalar_layernorm_matches_a_float64_reference(np_rng):
+  d = 48
+  norm = ScalarLayerNorm(d, eps=1e-5)
+  gain = float(np_rng.uniform(0.3, 3.0) * np_rng.choice([-1.0, 1.0]))
+  bias = np_rng.normal(size=d)
+  norm.scale.value = jnp.asarray(gain, jnp.float32)
+  norm.bias.value = jnp.asarray(bias, jnp.float32)
+  # Rows with their own offset and spread, so centring and variance normalisation both matter.
+  x = (np_rng.normal(size=(3, 7, d)) * np_rng.uniform(0.1, 10.0, (3, 7, 1))
+       + np_rng.normal(size=(3, 7, 1)) * 5.0)
+  got = norm(jnp.asarray(x, jnp.float32))
+  assert got.dtype == jnp.float32 and got.shape == x.shape
+  np.testing.assert_allclose(got, _np_scalar_layernorm(x, gain, bias, 1e-5), rtol=1e-5, atol=1e-5)
+  # bfloat16 compute: statistics in float32, the output rounded to bfloat16 once.
+  half = ScalarLayerNorm(d, eps=1e-5, dtype=jnp.bfloat16)
+  half.scale.value, half.bias.value = norm.scale.value, norm.bias.value
+  got16 = half(jnp.asarray(x, jnp.bfloat16))
+  assert got16.dtype == jnp.bfloat16
+  ref16 = _np_scalar_layernorm(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64), gain, bias,
+                               1e-5)
+  np.testing.assert_allclose(np.asarray(got16, np.float64), ref16, rtol=1e-2, atol=1e-2)
+
+
+def test_scalar_layernorm_has_one_scalar_gain_and_a_per_channel_bias():
+  model = Transformer(small("gpt2-scalar-layernorm"), rngs=nnx.Rngs(0))
+  norms = [m for _, m in model.iter_modules() if isinstance(m, ScalarLayerNorm)]
+  assert len(norms) == 2 * 2 + 1  # two per block and the final norm
+  for norm in norms:
+    assert norm.scale.value.shape == () and float(norm.scale.value) == 1.0
+    assert norm.bias.value.shape == (32,)
+    np.testing.assert_array_equal(norm.bias.value, 0.0)
+    assert norm.scale.get_metadata()["out_sharding"] == ()
+    assert norm.bias.get_metadata()["out_sharding"] == ("embed",)
+  # Only the gain differs from LayerNorm: D - 1 fewer parameters per norm.
+  layernorm = Transformer(small("gpt2"), rngs=nnx.Rngs(0))
+  n_params = lambda m: sum(v.value.size for _, v in nnx.state(m, nnx.Param).flat_state())
+  assert n_params(layernorm) - n_params(model) == 5 * (32 - 1)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "orthoadam"])
+def test_a_scalar_layernorm_model_trains_one_step(np_rng, optimizer):
+  """One sharded train step: the gains and biases move, are never decayed, and the loss drops."""
+  from softmax_one_jax.training import mesh as mesh_lib
+  from softmax_one_jax.training.config import model_config_from
+  from softmax_one_jax.training.state import (build_optimizer, init_train_state, make_setup,
+                                              weight_decay_mask)
+  from softmax_one_jax.training.step import jit_train_step
+  from tests.training._micro import micro_config, random_batch
+
+  c = micro_config(optimizer=optimizer)
+  c.model.norm = "scalar_layernorm"
+  c.optimizer.warmup_steps = 0
+  model_cfg = model_config_from(c, 512)
+  mesh = mesh_lib.make_mesh(1, 2, 2, devices=jax.devices()[:4])
+  tx, schedule = build_optimizer(c.optimizer, c.num_train_steps)
+  setup = make_setup(model_cfg, tx, schedule, mesh, seed=0)
+  state = init_train_state(setup, model_cfg, seed=0)
+  step = jit_train_step(setup, 1, 8)
+  batch = mesh_lib.global_batch(random_batch(np_rng, 8, 32, 512),
+                                mesh_lib.batch_sharding(mesh, 8))
+  before = jax.tree.map(np.array, state.params)  # copies: the step donates the state
+  state, m1 = step(state, batch)
+  after = jax.tree.map(np.array, state.params)
+  _, m2 = step(state, batch)
+  assert np.isfinite(float(m1["loss"])) and float(m2["loss"]) < float(m1["loss"])
+  decayed = dict(weight_decay_mask(before).flat_state())
+  after_by_path = dict(after.flat_state())
+  moved = 0
+  for path, var in before.flat_state():
+    if not any(str(k).endswith("norm") for k in path):
+      continue
+    new = after_by_path[path].value
+    assert new.shape == ((32,) if path[-1] == "bias" else ()), path
+    assert np.isfinite(new).all() and not np.array_equal(new, var.value), path
+    assert decayed[path].value is False, path  # gains and biases: never weight-decayed
+    moved += 1
+  assert moved == 3 * 2  # attn_norm, mlp_norm and final_norm, each a scale and a bias
+  assert decayed[("blocks", 0, "attn", "q_proj", "kernel")].value is True

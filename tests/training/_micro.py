@@ -13,9 +13,12 @@ import numpy as np
 from experiments.configs.base import get_base_config, model_config
 
 
-def micro_config(optimizer: str = "orthoadam", softmax: str = "softmax1",
+def micro_config(optimizer: str = "orthoadam", softmax: str = "softmax1", norm: str = "layernorm",
                  **top_level) -> ml_collections.ConfigDict:
-  """The "tiny" recipe shrunk for tests: 1 layer, d_model 32, seq 32, BPE vocab 512."""
+  """The "tiny" recipe shrunk for tests: 1 layer, d_model 32, seq 32, BPE vocab 512.
+
+  The norm is its own argument: the optimizer does not choose it.
+  """
   c = get_base_config()
   c.name = "micro"
   c.seq_len = 32
@@ -23,7 +26,7 @@ def micro_config(optimizer: str = "orthoadam", softmax: str = "softmax1",
   c.num_train_steps = 8
   c.model = model_config("tiny", softmax=softmax, num_layers=1, d_model=32, num_heads=2,
                          mlp_dim=64, max_seq_len=32,
-                         norm="scalar_rmsnorm" if optimizer == "orthoadam" else "layernorm")
+                         norm=norm)
   c.data.tokenizer = "bpe"
   c.data.bpe_vocab_size = 512
   c.optimizer.name = optimizer

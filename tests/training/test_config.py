@@ -75,6 +75,8 @@ def test_every_paper_grid_cell_is_valid(module, sizes):
         validate_config(c, num_devices=8)
         assert (c.seq_len, c.data.source) == (256, "c4")
         assert (c.model.softmax, c.optimizer.name) == (softmax, optimizer)
+        # The family's own norm with either optimizer: the optimizer column changes one factor.
+        assert c.model.norm == ("layernorm" if module is gpt2 else "rmsnorm")
         assert c.model.param_dtype == "float32" and c.model.dtype == "bfloat16"
 
 
@@ -82,7 +84,8 @@ def test_every_paper_grid_cell_is_valid(module, sizes):
     ("13m,softmax1,adamw", "size='13m' is not allowed; choose one of 60m, 130m, 350m"),
     ("60m,softmax2,adamw", "softmax='softmax2' is not allowed; choose one of softmax, softmax1"),
     ("60m,softmax1,sgd", "optimizer='sgd' is not allowed; choose one of adamw, orthoadam"),
-    ("60m,softmax1,adamw,batchnorm", "norm='batchnorm' is not allowed"),
+    ("60m,softmax1,adamw,batchnorm", "norm='batchnorm' is not allowed; choose one of layernorm, "
+     "rmsnorm, scalar_rmsnorm, scalar_layernorm"),
 ])
 def test_grid_argument_errors(arg, fragment):
   with pytest.raises(ValueError, match=__import__("re").escape(fragment)):
