@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from softmax_one_jax.analysis import outliers, quantize, report
+from softmax_one_jax.analysis import layout, outliers, quantize, report, seeds
 
 DEFAULT_NUM_BATCHES = 8
 DEFAULT_BATCH_SIZE = 4
@@ -153,6 +153,10 @@ def analyze_model(
   """
   rep = outliers.finalize(outliers.evaluate_sums(model, stacked, attention=attention))
   metrics = dict(rep.scalars)
+  nb, b, t = stacked["inputs"].shape
+  segment_ids = stacked.get("segment_ids")
+  metrics["first_token_chance"] = float(layout.first_token_chance(
+      None if segment_ids is None else jnp.reshape(segment_ids, (nb * b, t)), nb * b, t))
   if schemes:
     metrics.update(quant_metrics(model, stacked, schemes, rep.scalars["perplexity"]))
   if heads is None:
@@ -199,7 +203,7 @@ def write_outputs(
 
 
 def _tables_markdown(
-    runs: Mapping[str, Mapping[str, float]], meta_note: Mapping[str, Any] | None = None
+    runs: Mapping[str, Mapping[str, report.Value]], meta_note: Mapping[str, Any] | None = None
 ) -> str:
   parts = ["# Outlier analysis", ""]
   if meta_note:
@@ -209,10 +213,13 @@ def _tables_markdown(
   parts += [
       "## Outliers (Table 2 form)", "",
       report.format_metrics_table(runs), "",
-      "1st-token %: share of (layer, head, query) whose most-attended key is the first token "
-      "(each document's first query excluded). Kurtosis and max |act| of block outputs, averaged "
-      "over layers (kurtosis: per token, averaged over tokens first). Penalty = PPL(quantised) - "
-      "PPL(full precision).", "",
+      "n: runs in the row, differing only in seed; with n > 1 each cell is the mean ± sample "
+      "std over them. 1st-token %: share of (layer, head, query) whose most-attended key is the "
+      "first token (each document's first query excluded; ties go to the first token); "
+      "1st-token prob %: mean attention probability on it; chance %: both metrics' value for a "
+      "query choosing uniformly among the keys it sees, on this batch's token layout. Kurtosis "
+      "and max |act| of block outputs, averaged over layers (kurtosis: per token, averaged over "
+      "tokens first). Penalty = PPL(quantised) - PPL(full precision).", "",
   ]
   if any(k.startswith("ppl_") for m in runs.values() for k in m):
     parts += ["## Round-to-nearest quantisation (Table 3 form)", "",
@@ -334,7 +341,8 @@ def analyze_main(
     seq_len = seq_len or _lookup(run_config, "seq_len")
     num_batches = num_batches or _lookup(run_config, "eval_batches")
     batch_size = batch_size or _lookup(run_config, "eval_batch_size")
-    meta.update(source=str(root), optimizer=_optimizer_name(run_config))
+    meta.update(source=str(root), optimizer=_optimizer_name(run_config),
+                config=seeds.flatten_config(run_config.to_dict()))
     out_dir = pathlib.Path(out) if out else root / "analysis"
     default_name = root.name
   else:
@@ -386,13 +394,22 @@ def load_analysis(run: str | pathlib.Path) -> dict[str, Any]:
       f"{run} has no analysis/metrics.json; run `softmax-one analyze --workdir={run}`.")
 
 
-def _grid_order(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _grid_order(groups: list[seeds.SeedGroup]) -> list[seeds.SeedGroup]:
   """softmax, softmax-1, learned sinks (rows), AdamW before OrthoAdam (columns), others after."""
-  def key(e):
-    soft = {"softmax": 0, "softmax1": 1, "learned_sink": 2}.get(e["meta"].get("softmax"), 3)
-    opt = str(e["meta"].get("optimizer") or "").lower()
-    return (soft, 0 if "adamw" in opt else 1 if "ortho" in opt else 2, e["name"])
-  return sorted(entries, key=key)
+  def key(g):
+    meta = g.runs[0]["meta"]
+    soft = {"softmax": 0, "softmax1": 1, "learned_sink": 2}.get(meta.get("softmax"), 3)
+    opt = str(meta.get("optimizer") or "").lower()
+    return (soft, 0 if "adamw" in opt else 1 if "ortho" in opt else 2, g.label)
+  return sorted(groups, key=key)
+
+
+def _group_summary(g: seeds.SeedGroup) -> dict[str, Any]:
+  values = g.metric_values()
+  return {"n": g.n, "runs": g.sources, "seeds": g.seeds,
+          "mean": {k: float(np.mean(v)) for k, v in values.items()},
+          "std": {k: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
+          "values": values}
 
 
 def compare_main(
@@ -405,6 +422,10 @@ def compare_main(
 ) -> dict[str, Any]:
   """``softmax-one compare RUN1 RUN2 ...``: runs side by side (tables and figures).
 
+  Runs whose configs differ only in seed (``seeds.group_by_seed``) share one row: each metric
+  as mean ± sample std over the seeds, with ``n`` (figures show the per-layer means; the
+  per-channel figure shows each group's first run, as channels do not correspond across seeds).
+
   Args:
     runs: run directories (or analysis folders holding ``metrics.json``).
     out: output directory (default ``./compare``).
@@ -413,7 +434,8 @@ def compare_main(
     **analyze_kwargs: passed to ``analyze_main`` for those runs.
 
   Returns:
-    ``{"metrics": {name: flat metrics}, "paths": written files}``.
+    ``{"metrics": {row: metrics (a list per metric for groups of seeds)}, "groups": {row:
+    {"n", "runs", "seeds", "mean", "std", "values"}}, "paths": written files}``.
   """
   if not runs:
     raise ValueError("`softmax-one compare` needs at least one run directory.")
@@ -431,31 +453,34 @@ def compare_main(
     if names is not None:
       d["name"] = names[i]
     entries.append(d)
-  labels = [e["name"] for e in entries]
-  if len(set(labels)) != len(labels):
-    for e, run in zip(entries, runs):
-      e["name"] = f"{e['name']} ({pathlib.Path(run).name})"
-  entries = _grid_order(entries)
+  groups = _grid_order(seeds.group_by_seed(entries, list(runs)))
   out_dir = pathlib.Path(out or "compare")
   out_dir.mkdir(parents=True, exist_ok=True)
-  table = {e["name"]: e["metrics"] for e in entries}
-  reps = {e["name"]: outliers.OutlierReport.from_json(e["report"]) for e in entries}
+  table = {g.label: (g.runs[0]["metrics"] if g.n == 1 else g.metric_values()) for g in groups}
+  reps = {g.label: [outliers.OutlierReport.from_json(r["report"]) for r in g.runs]
+          for g in groups}
+
+  def per_layer(metric: str) -> dict[str, np.ndarray]:
+    return {n: np.mean([np.asarray(r.per_layer[metric]) for r in rs], axis=0)
+            for n, rs in reps.items()}
+
   paths = {"table": out_dir / "table.md"}
   paths["table"].write_text(_tables_markdown(table))
   paths["first_token"] = report.plot_per_layer(
-      {n: r.per_layer["first_token_attention"] for n, r in reps.items()},
-      out_dir / "first_token_per_layer.png", ylabel="% of queries", percent=True,
-      title="argmax attention on the first token")
+      per_layer("first_token_attention"), out_dir / "first_token_per_layer.png",
+      ylabel="% of queries", percent=True, title="argmax attention on the first token")
   paths["kurtosis"] = report.plot_per_layer(
-      {n: r.per_layer["kurtosis_rest"] for n, r in reps.items()},
-      out_dir / "kurtosis_per_layer.png", ylabel="kurtosis (non-first tokens)", logy=True,
-      title="hidden-state kurtosis")
+      per_layer("kurtosis_rest"), out_dir / "kurtosis_per_layer.png",
+      ylabel="kurtosis (non-first tokens)", logy=True, title="hidden-state kurtosis")
   paths["max_abs"] = report.plot_per_layer(
-      {n: r.per_layer["max_abs_rest"] for n, r in reps.items()},
-      out_dir / "max_abs_per_layer.png", ylabel="max |activation| (non-first tokens)", logy=True,
-      title="max |activation|")
+      per_layer("max_abs_rest"), out_dir / "max_abs_per_layer.png",
+      ylabel="max |activation| (non-first tokens)", logy=True, title="max |activation|")
   paths["channels"] = report.plot_channel_max_abs(
-      {n: np.maximum(r.per_channel["max_abs_first"], r.per_channel["max_abs_rest"])
-       for n, r in reps.items()}, out_dir / "max_abs_channels.png", ncols=2)
-  (out_dir / "metrics.json").write_text(json.dumps({"runs": table}, indent=1, default=float))
-  return {"metrics": table, "paths": paths}
+      {n: np.maximum(rs[0].per_channel["max_abs_first"], rs[0].per_channel["max_abs_rest"])
+       for n, rs in reps.items()}, out_dir / "max_abs_channels.png", ncols=2)
+  summary = {g.label: _group_summary(g) for g in groups}
+  (out_dir / "metrics.json").write_text(json.dumps(
+      {"groups": summary, "runs": {src: r["metrics"] for g in groups
+                                   for src, r in zip(g.sources, g.runs)}},
+      indent=1, default=float))
+  return {"metrics": table, "groups": summary, "paths": paths}

@@ -70,3 +70,31 @@ def counted_queries(
   """
   first_key_bt, is_first_bt, valid_bt = document_layout(segment_ids_bt, batch, seq_len)
   return first_key_bt, valid_bt & ~is_first_bt
+
+
+def first_token_chance(segment_ids_bt: jax.Array | None, batch: int, seq_len: int) -> jax.Array:
+  """The chance level of the first-token metrics on this token layout.
+
+  A counted query ``t`` of a document starting at ``f`` sees ``t - f + 1`` keys. A head whose
+  most-attended key is uniformly random among them names the first key with probability
+  ``1 / (t - f + 1)``, and a head attending uniformly puts that mass on it; the chance level of
+  both first-token metrics (argmax share and mean probability) is the mean of ``1 / (t - f + 1)``
+  over the counted queries: ``(H_T - 1) / (T - 1)`` for unpacked rows of ``T`` tokens (3.5% at
+  ``T = 128``).
+
+  Args:
+    segment_ids_bt: ``[B, T]`` int document ids (0 = padding), or None for one document per row.
+    batch: ``B``.
+    seq_len: ``T``.
+
+  Returns:
+    Scalar float32 (0 if no query is counted).
+
+  Example:
+    >>> round(float(first_token_chance(None, 1, 3)), 4)   # (1/2 + 1/3) / 2
+    0.4167
+  """
+  first_key_bt, counted_bt = counted_queries(segment_ids_bt, batch, seq_len)
+  visible_bt = jnp.arange(seq_len, dtype=jnp.float32)[None, :] - first_key_bt + 1.0
+  total = jnp.sum(jnp.where(counted_bt, 1.0 / visible_bt, 0.0))
+  return total / jnp.maximum(jnp.sum(counted_bt), 1)

@@ -9,8 +9,8 @@ they render headless.
 
 Example:
   >>> table = format_metrics_table({"tiny": {"perplexity": 12.3, "first_token_attention": 0.5}})
-  >>> table.splitlines()[0][:14]
-  '| Model | PPL '
+  >>> table.splitlines()[0][:18]
+  '| Model | n | PPL '
 """
 
 from __future__ import annotations
@@ -24,17 +24,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from softmax_one_jax.analysis import quantize
+
 # The headline int8 / int4 schemes of Table 2 (Table 3 lists every scheme that was run).
+# Labels read weights/activations; activation "seq" is one scale per sequence.
 HEADLINE_INT8 = "w8a8_tensor"
 HEADLINE_INT4 = "w4_channel"
 
 SCHEME_LABELS = {
     "w8_tensor": "W8 tensor",
     "w8_channel": "W8 channel",
-    "w8a8_tensor": "W8A8 tensor/tensor",
+    "w8a8_tensor": "W8A8 tensor/seq",
     "w8a8_token": "W8A8 channel/token",
     "w8a8_tensor_token": "W8A8 tensor/token",
-    "w8a8_channel_tensor": "W8A8 channel/tensor",
+    "w8a8_channel_tensor": "W8A8 channel/seq",
     "w4_channel": "W4 channel",
     "w4_g128": "W4 g128",
 }
@@ -45,7 +48,17 @@ def _scheme_label(name: str) -> str:
   return SCHEME_LABELS.get(base, base) + (f" +{rest}" if plus else "")
 
 
-def _fmt(value: float | None, kind: str = "num") -> str:
+Value = float | Sequence[float] | None  # one run's value, or one value per seed of a group
+
+
+def _fmt(value: Value, kind: str = "num") -> str:
+  """One table cell: a number, or ``mean ± std`` (sample std) of a group's per-seed values."""
+  if isinstance(value, Sequence):
+    values = [v for v in value if v is not None and not math.isnan(v)]
+    if len(values) < 2:
+      return _fmt(values[0] if values else None, kind)
+    mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
+    return f"{_fmt(mean, kind)} ± {_fmt(std, 'pct' if kind == 'pct' else 'num')}"
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return "–"
   if kind == "pct":
@@ -64,22 +77,30 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   return "\n".join(lines)
 
 
-def format_metrics_table(runs: Mapping[str, Mapping[str, float]]) -> str:
+def _count(m: Mapping[str, Value]) -> int:
+  """Runs behind a row: the longest per-seed list among its values (1 for a single run)."""
+  return max([len(v) for v in m.values() if isinstance(v, Sequence)] or [1])
+
+
+def format_metrics_table(runs: Mapping[str, Mapping[str, Value]]) -> str:
   """Table 2 form: perplexity, first-token attention, kurtosis, max |activation|, int8/int4.
 
   Args:
-    runs: run name -> flat metrics (missing entries print as "–").
+    runs: row name -> flat metrics of one run, or of a group of seeds (each value then a list,
+      one per seed, printed as mean ± std). Missing entries print as "–".
 
   Returns:
-    A Markdown table, one row per run. "1st-token %" is the share of (layer, head, query)
-    whose argmax key is the first token (query 0 excluded); "int8" and "int4" are
-    ``HEADLINE_INT8`` / ``HEADLINE_INT4`` perplexities with their penalty in brackets.
+    A Markdown table, one row per run or group, ``n`` runs each. "1st-token %" is the share of
+    (layer, head, query) whose argmax key is the first token (query 0 excluded), "chance %" its
+    value for a random choice among the visible keys (``layout.first_token_chance``); "int8" and
+    "int4" are ``HEADLINE_INT8`` / ``HEADLINE_INT4`` perplexities with their penalty in brackets.
 
   Example:
-    >>> format_metrics_table({"a": {"perplexity": 3.0}}).splitlines()[2][:12]
-    '| a | 3.00 |'
+    >>> format_metrics_table({"a": {"perplexity": [3.0, 3.2]}}).splitlines()[2][:23]
+    '| a | 2 | 3.10 ± 0.14 |'
   """
-  header = ["Model", "PPL", "1st-token %", "1st-token prob %", "Kurt. first", "Kurt. rest",
+  header = ["Model", "n", "PPL", "1st-token %", "1st-token prob %", "chance %",
+            "Kurt. first", "Kurt. rest",
             "Max \\|act\\| first", "Max \\|act\\| rest",
             f"int8 PPL ({SCHEME_LABELS[HEADLINE_INT8]})",
             f"int4 PPL ({SCHEME_LABELS[HEADLINE_INT4]})"]
@@ -90,8 +111,9 @@ def format_metrics_table(runs: Mapping[str, Mapping[str, float]]) -> str:
       ppl = m.get(f"ppl_{scheme}")
       quant.append(_ppl_cell(m, scheme))
     rows.append([
-        name, _fmt(m.get("perplexity")), _fmt(m.get("first_token_attention"), "pct"),
-        _fmt(m.get("first_token_prob"), "pct"), _fmt(m.get("kurtosis_first")),
+        name, str(_count(m)), _fmt(m.get("perplexity")),
+        _fmt(m.get("first_token_attention"), "pct"), _fmt(m.get("first_token_prob"), "pct"),
+        _fmt(m.get("first_token_chance"), "pct"), _fmt(m.get("kurtosis_first")),
         _fmt(m.get("kurtosis_rest")), _fmt(m.get("max_abs_first")), _fmt(m.get("max_abs_rest")),
         *quant,
     ])
@@ -104,20 +126,25 @@ def _ppl_cell(m: Mapping[str, float], scheme: str) -> str:
 
 
 def format_quant_table(
-    runs: Mapping[str, Mapping[str, float]], schemes: Sequence[str] | None = None
+    runs: Mapping[str, Mapping[str, Value]],
+    schemes: Sequence[str] | None = None,
+    *,
+    notes: bool = True,
 ) -> str:
   """Table 3 form: full-precision perplexity and, per scheme, quantised perplexity (penalty).
 
   Args:
-    runs: run name -> flat metrics with ``ppl_<scheme>`` / ``penalty_<scheme>`` entries.
+    runs: row name -> flat metrics with ``ppl_<scheme>`` / ``penalty_<scheme>`` entries (one
+      run's, or a list per metric for a group of seeds, printed as mean ± std).
     schemes: scheme names (columns); by default every scheme found in any run, in order.
+    notes: follow the table with ``quant_notes`` (what each scheme quantises).
 
   Returns:
-    A Markdown table.
+    Markdown: the table, then (with ``notes``) a blank line and the footnotes.
 
   Example:
     >>> print(format_quant_table({"a": {"perplexity": 3.0, "ppl_w4_g128": 3.5,
-    ...                                 "penalty_w4_g128": 0.5}}))
+    ...                                 "penalty_w4_g128": 0.5}}, notes=False))
     | Model | FP PPL | W4 g128 |
     |---|---:|---:|
     | a | 3.00 | 3.50 (+0.50) |
@@ -137,7 +164,35 @@ def format_quant_table(
       ppl = m.get(f"ppl_{s}")
       row.append("–" if ppl is None else f"{_fmt(ppl)} ({_fmt(m.get(f'penalty_{s}'), 'signed')})")
     rows.append(row)
-  return _table(header, rows)
+  table = _table(header, rows)
+  return f"{table}\n\n{quant_notes(schemes)}" if notes else table
+
+
+def quant_notes(schemes: Sequence[str]) -> str:
+  """Footnotes of the scheme table: what is quantised, the activation scales, each scheme.
+
+  Args:
+    schemes: scheme names (``quantize.SCHEMES`` keys, optionally with ``+emb``).
+
+  Returns:
+    Markdown: ``quantize.COVERAGE_RULE`` and ``quantize.ACT_SCALE_RULE`` as one paragraph, then
+    one bullet per scheme (``QuantScheme.describe``); names this version does not know are
+    marked so.
+
+  Example:
+    >>> quant_notes(["w4_g128+emb"]).splitlines()[-1]
+    '- W4 g128 +emb (`w4_g128+emb`): weights int4 zero-point, one scale per 128 inputs of an \
+output channel; inputs float; embedding lookup quantised as the head.'
+  """
+  lines = [f"{quantize.COVERAGE_RULE} {quantize.ACT_SCALE_RULE}", ""]
+  for name in schemes:
+    try:
+      (scheme,) = quantize.resolve_schemes([name])
+      what = scheme.describe()
+    except ValueError:
+      what = "not a scheme of this version of softmax_one_jax"
+    lines.append(f"- {_scheme_label(name)} (`{name}`): {what}.")
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------

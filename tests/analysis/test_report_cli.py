@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from softmax_one_jax.analysis import cli, outliers, report
+from softmax_one_jax.analysis import cli, outliers, report, seeds
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def test_metrics_table_values_and_shape():
   first = dict(zip(rows[0], rows[2]))
   assert first["PPL"] == "21.46" and first["1st-token %"] == "65.0"
   assert first["Kurt. first"] == "1657.00"
-  assert first["int8 PPL (W8A8 tensor/tensor)"] == "30.00 (+8.54)"
+  assert first["int8 PPL (W8A8 tensor/seq)"] == "30.00 (+8.54)"
   assert first["int4 PPL (W4 channel)"] == "3586.00 (+3565.00)"
   second = dict(zip(rows[0], rows[3]))
   assert second["1st-token %"] == "3.3" and second["Kurt. rest"] == "–"
@@ -69,7 +69,8 @@ def test_parse_and_default_heads():
   assert cli.default_heads(share, max_maps=3) == [(0, 1), (2, 2), (4, 1)]
 
 
-def _fake_analysis(root: pathlib.Path, name: str, softmax: str, optimizer: str, seed: int):
+def _fake_analysis(root: pathlib.Path, name: str, softmax: str, optimizer: str, seed: int,
+                   config: dict | None = None):
   rng = np.random.default_rng(seed)
   l, n, d = 3, 2, 16
   sums = {"ft_hits": rng.integers(0, 5, (l, n)).astype(float), "ft_mass": rng.random((l, n)),
@@ -81,15 +82,17 @@ def _fake_analysis(root: pathlib.Path, name: str, softmax: str, optimizer: str, 
   rep = outliers.finalize(sums)
   maps = [("layer 0 head 0", np.tril(np.ones((6, 6))) / np.arange(1, 7)[:, None])]
   paths = cli.write_outputs(root / "analysis", name, rep.scalars, rep, maps,
-                            {"softmax": softmax, "optimizer": optimizer})
+                            {"softmax": softmax, "optimizer": optimizer,
+                             **({} if config is None else {"config": config})})
   return rep, paths
 
 
 def test_grid_order_rows_softmax_softmax1_learned_sink():
-  entries = [{"name": f"{soft} + {opt}", "meta": {"softmax": soft, "optimizer": opt}}
-             for soft in ("learned_sink", "other", "softmax1", "softmax")
-             for opt in ("orthoadam", "adamw")]
-  assert [e["name"] for e in cli._grid_order(entries)] == [  # pylint: disable=protected-access
+  groups = [seeds.SeedGroup(f"{soft} + {opt}", [{"meta": {"softmax": soft, "optimizer": opt}}],
+                            ["run"])
+            for soft in ("learned_sink", "other", "softmax1", "softmax")
+            for opt in ("orthoadam", "adamw")]
+  assert [g.label for g in cli._grid_order(groups)] == [  # pylint: disable=protected-access
       "softmax + adamw", "softmax + orthoadam", "softmax1 + adamw", "softmax1 + orthoadam",
       "learned_sink + adamw", "learned_sink + orthoadam", "other + adamw", "other + orthoadam"]
 
@@ -112,11 +115,62 @@ def test_write_outputs_and_compare_grid(tmp_path):
   assert list(result["metrics"]) == ["softmax + adamw", "softmax + orthoadam",
                                      "softmax1 + adamw", "softmax1 + orthoadam"]
   md = result["paths"]["table"].read_text()
-  assert len(_table_rows(md, "| Model | PPL")) == 2 + 4
+  assert len(_table_rows(md, "| Model | n | PPL")) == 2 + 4
   for key in ("first_token", "kurtosis", "max_abs", "channels"):
     _assert_png(result["paths"][key])
   with pytest.raises(FileNotFoundError, match="softmax-one analyze"):
     cli.compare_main([str(tmp_path / "nothing")], out=str(tmp_path / "x"), analyze_missing=False)
+
+
+def test_compare_groups_runs_that_differ_only_in_seed(tmp_path):
+  base = {"seed": 0, "optimizer.seed": 0, "optimizer.name": "adamw", "model.softmax": "softmax",
+          "model.norm": "layernorm", "name": "tiny", "progress_bar": True}
+  configs = [dict(base, seed=s, **{"optimizer.seed": s}) for s in (0, 1, 2)]
+  configs.append(dict(base, **{"model.norm": "scalar_layernorm"}))  # one factor changed
+  configs.append(dict(base, seed=3, progress_bar=False))  # bookkeeping only: same group
+  runs, ppl = [], []
+  for i, config in enumerate(configs):
+    rep, _ = _fake_analysis(tmp_path / f"run{i}", "softmax + adamw", "softmax", "adamw", i,
+                            config=config)
+    runs.append(str(tmp_path / f"run{i}"))
+    ppl.append(rep.scalars["perplexity"])
+  result = cli.compare_main(runs, out=str(tmp_path / "cmp"), analyze_missing=False)
+  groups = result["groups"]
+  assert sorted(groups) == ["softmax + adamw (model.norm=layernorm)",
+                            "softmax + adamw (model.norm=scalar_layernorm)"]
+  seeded = groups["softmax + adamw (model.norm=layernorm)"]
+  assert seeded["n"] == 4 and seeded["runs"] == [runs[0], runs[1], runs[2], runs[4]]
+  expected = np.array([ppl[0], ppl[1], ppl[2], ppl[4]], np.float64)
+  assert seeded["mean"]["perplexity"] == pytest.approx(expected.mean(), rel=1e-12)
+  assert seeded["std"]["perplexity"] == pytest.approx(expected.std(ddof=1), rel=1e-12)
+  assert groups["softmax + adamw (model.norm=scalar_layernorm)"]["n"] == 1
+  rows = _table_rows(result["paths"]["table"].read_text(), "| Model | n | PPL")
+  row = dict(zip(rows[0], rows[2]))
+  assert row["n"] == "4"
+  assert row["PPL"] == f"{expected.mean():.2f} ± {expected.std(ddof=1):.2f}"
+  single = dict(zip(rows[0], rows[3]))
+  assert single["n"] == "1" and "±" not in single["PPL"]
+  saved = json.loads(result["paths"]["table"].with_name("metrics.json").read_text())
+  assert saved["groups"]["softmax + adamw (model.norm=layernorm)"]["values"]["perplexity"] == (
+      pytest.approx(list(expected)))
+
+
+def test_first_token_chance_against_a_python_count():
+  from softmax_one_jax.analysis import layout  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  seg = np.sort(rng.integers(0, 4, (3, 40)), axis=1)  # packed documents, padding (0) first
+  total, count = 0.0, 0
+  for row in seg:
+    for t in range(len(row)):
+      start = t
+      while start > 0 and row[start - 1] == row[t]:
+        start -= 1
+      if row[t] != 0 and start != t:  # real queries that do not start a document
+        total, count = total + 1.0 / (t - start + 1), count + 1
+  assert float(layout.first_token_chance(seg, 3, 40)) == pytest.approx(total / count, rel=1e-6)
+  harmonic = sum(1.0 / k for k in range(1, 129))
+  assert float(layout.first_token_chance(None, 2, 128)) == pytest.approx((harmonic - 1) / 127,
+                                                                        rel=1e-6)
 
 
 def test_analyze_hf_checkpoint_end_to_end(tmp_path):
@@ -135,7 +189,7 @@ def test_analyze_hf_checkpoint_end_to_end(tmp_path):
   for s in ("w8a8_token", "w4_g128"):
     assert m[f"penalty_{s}"] == pytest.approx(m[f"ppl_{s}"] - m["perplexity"])
   assert result["meta"]["softmax"] == "softmax" and result["meta"]["tokens"] == 2 * 2 * 32
-  rows = _table_rows(result["paths"]["table"].read_text(), "| Model | PPL")
+  rows = _table_rows(result["paths"]["table"].read_text(), "| Model | n | PPL")
   assert rows[2][0] == "gpt2"
   for name in cli.FIGURES:
     _assert_png(tmp_path / "out" / name)
@@ -157,10 +211,10 @@ def test_analyze_tiny_run_through_the_cli(tmp_path):
       capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   md = (out / "table.md").read_text()
-  rows = _table_rows(md, "| Model | PPL")
+  rows = _table_rows(md, "| Model | n | PPL")
   row = dict(zip(rows[0], rows[2]))
   assert row["Model"] == "softmax1 + orthoadam"
-  assert "(" in row["int8 PPL (W8A8 tensor/tensor)"] and "(" in row["int4 PPL (W4 channel)"]
+  assert "(" in row["int8 PPL (W8A8 tensor/seq)"] and "(" in row["int4 PPL (W4 channel)"]
   assert "Round-to-nearest quantisation" in md
   for name in cli.FIGURES:
     _assert_png(out / name)
