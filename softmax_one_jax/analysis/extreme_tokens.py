@@ -15,8 +15,10 @@ Definitions (``counted`` queries are real and not their document's first, see
 * **residual_peak_ratio** (per layer): mean norm of the first tokens' block outputs over the
   median norm of the other tokens' block outputs.
 * **first_token_attention**: share of counted queries whose largest *real logit* is on the
-  first token. Taken from logits, not probabilities: a softmax-1 row whose probabilities all
-  underflow to 0 is all ties, and ``argmax`` of ties would name the first token.
+  first token, ties going to the first token (the tie rule of ``softmax_one_jax.attention.stats``:
+  key 0's score >= every visible key's, decided where the row max is computed, the same on the
+  xla, chunked and Pallas paths). Taken from logits, not probabilities: exp rounding can merge a
+  near-tie, and a softmax-1 row whose probabilities all underflow to 0 is all ties.
 
 The attention statistics of the model (``attention_stats``) describe key 0 only, so the
 first-token share, and the mass when read from them, count the queries of each row's first
@@ -169,9 +171,13 @@ def first_token_argmax_share(argmax_first_lbnt: jax.Array, segment_ids_bt: jax.A
                              ) -> jax.Array:
   """Share of counted queries whose largest real logit is on key 0 (the statistics path).
 
+  Nothing is decided here: the flags carry the tie rule of ``attention.stats`` (key 0's score >=
+  every visible key's, ties to key 0).
+
   Args:
-    argmax_first_lbnt: ``[L, B, N, T]`` bool from ``attention.first_token_stats`` (computed from
-      the row max of the real logits, so underflowing probabilities do not matter).
+    argmax_first_lbnt: ``[L, B, N, T]`` bool from ``attention.first_token_stats`` (decided from
+      the real logits where the row max is computed, so underflowing probabilities do not
+      matter).
     segment_ids_bt: optional ``[B, T]``; only queries of each row's first document count.
 
   Returns:

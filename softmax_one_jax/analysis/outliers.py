@@ -21,10 +21,17 @@ Definitions (Kaul et al., ICLR 2025, arXiv:2410.17174, Sec. 3 and Tables 2-3):
 Everything is computed as *sums* (``batch_sums``) that add up over batches and are turned into
 means once at the end (``finalize``), so many validation batches run in one jitted ``lax.scan``
 (``evaluate``). Two sources for the attention statistics: the ``[L, B, N, T, T]`` probabilities
-(``first_token_sums_from_probs``) or per-query kernel statistics (first-token logit, row max and
-log-normaliser, ``first_token_sums_from_stats``) that need no ``T x T`` array. The argmax of
-probabilities is unreliable where a softmax-1 row underflows to all zeros (ties name key 0), so
-``outlier_metrics`` reports the first-token share from logits (``extreme_tokens``).
+(``first_token_sums_from_probs``) or per-query statistics from
+``softmax_one_jax.attention.first_token_stats`` / ``attention_stats``
+(``first_token_sums_from_flags`` / ``first_token_sums_from_stats``) that need no ``T x T`` array.
+
+Whether key 0 is a query's argmax follows the tie rule of ``softmax_one_jax.attention.stats``:
+its score is >= every visible key's (ties go to key 0), decided from the logits where the row max
+is computed, the same on the xla, chunked and Pallas paths. Probabilities cannot decide it: exp
+rounding can merge a near-tie, and a softmax-1 row that underflows to all zeros is all ties. So
+the model-level "probs" source takes the hits of queries whose document starts at key 0 from the
+logit-decided flags too; only queries of later documents (whose first key is not key 0, about
+which the statistics say nothing) fall back to the probabilities' argmax.
 
 Example:
   >>> m = outlier_metrics(model, tokens_bt)                         # doctest: +SKIP
@@ -56,13 +63,23 @@ ATTENTION_SOURCES = ("probs", "stats", "none")
 
 
 def first_token_sums_from_probs(
-    probs_lbnts: jax.Array, segment_ids_bt: jax.Array | None = None
+    probs_lbnts: jax.Array,
+    segment_ids_bt: jax.Array | None = None,
+    argmax_first_lbnt: jax.Array | None = None,
 ) -> Sums:
   """First-token attention sums from attention probabilities.
+
+  A query's hit: with ``argmax_first_lbnt``, where its document starts at key 0, the flag (key
+  0's logit >= every visible logit, ties to key 0: ``attention.first_token_stats``); elsewhere
+  ``argmax`` over its probabilities names its document's first token (ties go to the earliest
+  key, so a near-tie that exp rounding merged counts as a hit, and a row of all-zero
+  probabilities names key 0).
 
   Args:
     probs_lbnts: ``[L, B, N, T, T]`` attention probabilities (rows may sum to < 1: softmax-1).
     segment_ids_bt: optional ``[B, T]`` document ids (0 = padding).
+    argmax_first_lbnt: optional ``[L, B, N, T]`` bool, logit-decided key-0 argmax flags of the
+      same attention.
 
   Returns:
     ``ft_hits`` ``[L, N]`` (queries whose argmax key is their first token), ``ft_mass`` ``[L, N]``
@@ -78,6 +95,9 @@ def first_token_sums_from_probs(
   key_idx = first_key_bt[None, :, None, :, None]
   mass_lbnt = jnp.take_along_axis(probs_lbnts, key_idx, axis=-1)[..., 0].astype(jnp.float32)
   hit_lbnt = jnp.argmax(probs_lbnts, axis=-1) == first_key_bt[None, :, None, :]
+  if argmax_first_lbnt is not None:
+    from_logits_bt = (first_key_bt == 0)[None, :, None, :]
+    hit_lbnt = jnp.where(from_logits_bt, argmax_first_lbnt, hit_lbnt)
   w_lbnt = jnp.broadcast_to(counted_bt[None, :, None, :], hit_lbnt.shape).astype(jnp.float32)
   return {
       "ft_hits": jnp.sum(hit_lbnt * w_lbnt, axis=(1, 3)),
@@ -94,10 +114,13 @@ def first_token_sums_from_stats(
 ) -> Sums:
   """First-token attention sums from per-query kernel statistics (no ``T x T`` array).
 
-  The first key is the argmax exactly when its logit equals the row maximum over the keys the
-  query may see (ties go to the first key, as ``argmax`` does); its probability is
-  ``exp(first_logit - lse)`` where ``lse`` is the row's log-normaliser (for softmax-1 it includes
-  the virtual zero logit, ``log(1 + sum exp)``; for learned sinks the head's sink logit).
+  Tie rule: the first key is the argmax iff ``first_logit >= row_max`` (ties go to the first
+  key, as ``argmax`` does). ``attention.attention_stats`` returns its three arrays so that this
+  comparison reproduces the decision its implementation made from the scores themselves (see
+  its docstring); arrays from elsewhere should come from one computation of the logits. The
+  probability is ``exp(first_logit - lse)`` where ``lse`` is the row's log-normaliser (for
+  softmax-1 it includes the virtual zero logit, ``log(1 + sum exp)``; for learned sinks the
+  head's sink logit).
 
   ``softmax_one_jax.attention.attention_stats`` gives the logit of key 0, so with packed
   documents only queries of each row's first document (the one starting at key 0) are counted;
@@ -132,6 +155,9 @@ def first_token_sums_from_flags(
     segment_ids_bt: jax.Array | None = None,
 ) -> Sums:
   """First-token attention sums from per-query flags (``attention.first_token_stats`` output).
+
+  Nothing is decided here: the flags carry the tie rule of ``attention.stats`` (key 0's score
+  >= every visible key's, ties to key 0), decided where the row max was computed.
 
   Args:
     argmax_first_lbnt: ``[L, B, N, T]`` bool, key 0 is the query's argmax.
@@ -278,10 +304,11 @@ def model_batch_sums(
     batch: ``inputs`` ``[B, T]``; optional ``targets``, ``weights``, ``segment_ids``, ``positions``
       (``[B, T]``, as ``softmax_one_jax.data`` yields them). Without ``targets`` no perplexity.
     outliers: also compute the hidden-state and attention metrics (else logits only).
-    attention: "probs" (the ``attention_probs`` intermediate), "stats" (the ``attention_stats``
-      intermediate, no ``T x T`` array: a dict of ``argmax_first`` and ``prob_first``, or of
-      ``first_logit``, ``row_max`` and ``lse``, each ``[L, B, N, T]``) or "none" (no
-      first-token metrics).
+    attention: "probs" (the ``attention_probs`` intermediate for the mass, with the
+      ``attention_stats`` flags deciding the hits of queries whose document starts at key 0),
+      "stats" (the ``attention_stats`` intermediate, no ``T x T`` array: a dict of
+      ``argmax_first`` and ``prob_first``, or of ``first_logit``, ``row_max`` and ``lse``, each
+      ``[L, B, N, T]``) or "none" (no first-token metrics).
 
   Returns:
     A dict of sums (see ``hidden_state_sums``, ``first_token_sums_from_probs``, ``nll_sums``).
@@ -293,11 +320,14 @@ def model_batch_sums(
   kwargs = {"segment_ids": seg_bt, "positions": batch.get("positions")}
   sums: Sums = {}
   if outliers:
-    wanted = ("hidden",) + (() if attention == "none" else (f"attention_{attention}",))
+    # The probabilities path also takes the logit-decided flags: probabilities cannot break ties.
+    wanted = ("hidden",) + {"probs": ("attention_probs", "attention_stats"),
+                            "stats": ("attention_stats",), "none": ()}[attention]
     logits_btv, inter = model(tokens_bt, intermediates=wanted, **kwargs)
     sums.update(hidden_state_sums(inter["hidden"], seg_bt))
     if attention == "probs":
-      sums.update(first_token_sums_from_probs(inter["attention_probs"], seg_bt))
+      sums.update(first_token_sums_from_probs(inter["attention_probs"], seg_bt,
+                                              inter["attention_stats"]["argmax_first"]))
     elif attention == "stats":
       st = inter["attention_stats"]
       if "argmax_first" in st:  # attention.first_token_stats, stacked over layers

@@ -106,13 +106,18 @@ def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = Fals
   return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=allow_tf32)
 
 
-def _logits2(q, k, st: _Static, q_start, k_start, q_ids, kv_ids, masked: bool):
+def _logits2(q, k, st: _Static, q_start, k_start, q_ids, kv_ids, masked: bool,
+             scores: bool = False):
   """``[bq, bk]`` logits in log2 units (``s * log2(e)``), masked entries ``-inf``.
 
   ``masked`` (static) adds the causal mask; segment ids and key padding are always applied when
-  present, as they may cut any tile.
+  present, as they may cut any tile. With ``scores`` (static) it returns ``(s, d, k_pos)``:
+  ``d`` is the same tile's dot products ``q.k`` times the sign of the scale (exact, so their
+  order is the logits' order and no rounding of the scaling can merge two of them), masked
+  ``-inf``, and ``k_pos`` the ``[bq, bk]`` key index of each entry.
   """
-  s = _dot(q, k, trans_b=True) * (st.scale * _LOG2E)
+  dots = _dot(q, k, trans_b=True)
+  s = dots * (st.scale * _LOG2E)
   bq, bk = s.shape
   keep = None
   if q_ids is not None:
@@ -124,7 +129,17 @@ def _logits2(q, k, st: _Static, q_start, k_start, q_ids, kv_ids, masked: bool):
   if masked:
     ok = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0) >= k_pos
     keep = ok if keep is None else keep & ok
-  return s if keep is None else jnp.where(keep, s, -jnp.inf)
+  s = s if keep is None else jnp.where(keep, s, -jnp.inf)
+  if not scores:
+    return s
+  sign = _sign(st.scale)
+  d = dots if sign == 1.0 else dots * sign
+  return s, (d if keep is None else jnp.where(keep, d, -jnp.inf)), k_pos
+
+
+def _sign(scale: float) -> float:
+  """+1, -1 or 0: the factor that orders dot products as the logits ``scale * q.k`` are ordered."""
+  return 1.0 if scale > 0 else (-1.0 if scale < 0 else 0.0)
 
 
 def _causal_ranges(q_start, block_q: int, block_k: int, num_k_blocks: int):
@@ -142,6 +157,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs
   """One program: a query tile of one (batch, head); loops over key tiles.
 
   ``sinks_ref`` holds the head's sink logit repeated ``block_q`` times (None without a sink).
+  With ``with_max`` it also writes, per query, the largest score over the visible keys and key
+  0's score, both from the same tile products in the same units (see ``_logits2``'s ``d``), so
+  that comparing them decides whether key 0 is the argmax exactly.
   """
   bq, bk = st.block_q, st.block_k
   q_start = pl.program_id(0) * bq
@@ -156,13 +174,17 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs
     m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((bq,), jnp.float32)
   acc0 = jnp.zeros((bq, q.shape[-1]), jnp.float32)
-  mx0 = jnp.full((bq,), -jnp.inf, jnp.float32)
+  neg_inf = jnp.full((bq,), -jnp.inf, jnp.float32)
+  # With with_max: (largest score, key 0's score) per query, in the units of _logits2's d.
+  scores0 = (neg_inf, neg_inf) if with_max else ()
 
   def body(j, carry, masked):
-    acc, m, l, mx = carry
+    acc, m, l, scores = carry
     sl = pl.ds(j * bk, bk)
     kv_ids = None if kv_ids_ref is None else kv_ids_ref[sl]
-    s = _logits2(q, k_ref[sl, :], st, q_start, j * bk, q_ids, kv_ids, masked)
+    tile = _logits2(q, k_ref[sl, :], st, q_start, j * bk, q_ids, kv_ids, masked,
+                    scores=with_max)
+    s = tile[0] if with_max else tile
     s_max = jnp.max(s, axis=-1)
     m_new = jnp.maximum(m, s_max)
     # A finite sink keeps m finite; rows with nothing seen yet (no sink, or a sink of -inf) shift
@@ -174,17 +196,22 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs
     if with_out:
       v = v_ref[sl, :]
       acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    mx = jnp.maximum(mx, s_max) if with_max else mx
-    return acc, m_new, l, mx
+    if with_max:
+      _, d, k_pos = tile
+      top, first = scores
+      # Key 0 lies in tile 0 only: its column of this tile's products, -inf in the others.
+      scores = (jnp.maximum(top, jnp.max(d, axis=-1)),
+                jnp.maximum(first, jnp.max(jnp.where(k_pos == 0, d, -jnp.inf), axis=-1)))
+    return acc, m_new, l, scores
 
-  carry = (acc0, m0, l0, mx0)
+  carry = (acc0, m0, l0, scores0)
   if st.causal:
     n_full, n_end = _causal_ranges(q_start, bq, bk, num_k_blocks)
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
   else:
     carry = lax.fori_loop(0, num_k_blocks, functools.partial(body, masked=False), carry)
-  acc, m, l, mx = carry
+  acc, m, l, scores = carry
 
   refs = list(out_refs)
   if with_out:
@@ -194,12 +221,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs
   lse_ref = refs.pop(0)
   lse_ref[...] = (m + jnp.log2(l)) * _LN2  # -inf for an all-masked row without a sink
   if with_max:
-    refs.pop(0)[...] = mx * _LN2
+    refs.pop(0)[...] = scores[0]
+    refs.pop(0)[...] = scores[1]
 
 
 def _forward_call(q, k, v, ids, sinks, st: _Static, with_out: bool = True,
                   with_max: bool = False):
-  """pallas_call of the forward kernel on padded inputs: ``(o?, lse [B,N,T], rowmax? [B,N,T])``.
+  """pallas_call of the forward kernel on padded inputs.
+
+  Returns ``(o?, lse [B,N,T], top? [B,N,T], first? [B,N,T])``: ``top`` and ``first`` (with
+  ``with_max``) are the largest score and key 0's score in the units of ``_logits2``'s ``d``.
 
   ``sinks`` is ``[N]`` float32 when ``st.sink``, else None.
   """
@@ -231,8 +262,8 @@ def _forward_call(q, k, v, ids, sinks, st: _Static, with_out: bool = True,
   out_shape.append(row_shape)
   out_specs.append(row_spec)
   if with_max:
-    out_shape.append(row_shape)
-    out_specs.append(row_spec)
+    out_shape += [row_shape, row_shape]
+    out_specs += [row_spec, row_spec]
   return pl.pallas_call(
       functools.partial(_fwd_kernel, st=st, with_out=with_out, with_max=with_max),
       grid=(t // st.block_q, b, n),
@@ -495,6 +526,21 @@ def flash_attention(
   return _flash(q, k, v, ids, sinks, st)[:, :t, :, :h]
 
 
+def _row_stats(top, first, st: _Static, t: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(row_max, first_logit, argmax_first)`` ``[B, N, T]`` from the kernel's ``top`` / ``first``.
+
+  Tie rule: key 0 is the argmax iff its score is >= the score of every other key the query may
+  see (ties go to key 0, as ``argmax``'s first index). Decided here by ``first >= top``: both
+  come from the same tile products in the same units, no constant between them. The logits are
+  those products times ``|scale|``; ``-inf`` (nothing visible, key 0 masked) stays ``-inf``.
+  """
+  top, first = top[:, :, :t], first[:, :, :t]
+  size = abs(st.scale)
+  to_logit = lambda d: jnp.where(jnp.isneginf(d), -jnp.inf, d * size)  # noqa: E731
+  argmax_first = ~jnp.isneginf(first) & (first >= top)
+  return to_logit(top), to_logit(first), argmax_first
+
+
 def flash_stats(
     query: jax.Array,
     key: jax.Array,
@@ -506,22 +552,30 @@ def flash_stats(
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
     sinks: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """``(lse [B, N, T], row_max [B, N, T])`` from the forward kernel without the value product.
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(lse, row_max, first_logit, argmax_first)``, each ``[B, N, T]``, from the forward kernel
+  without the value product.
 
   ``lse`` is the log-normaliser (it includes the sink, so the sink's share is ``exp(c - lse)``,
   ``exp(-lse)`` for softmax-1); ``row_max`` is the largest real logit (``-inf`` for a query that
-  sees no key). Arguments as :func:`flash_attention`. Not differentiable (monitoring only).
+  sees no key); ``first_logit`` is key 0's logit (``-inf`` where masked); ``argmax_first``
+  (bool) says key 0's score is >= every visible key's (ties go to key 0), decided from two
+  outputs of the kernel's tile computation, the largest dot product ``q.k`` of the row and key
+  0's (times the sign of the scale), with no constant between them. Arguments as
+  :func:`flash_attention`. Not differentiable (monitoring only).
 
   Example:
-    >>> lse, row_max = flash_stats(jnp.ones((1, 16, 2, 64)), jnp.ones((1, 16, 2, 64)),
-    ...                            interpret=True)
+    >>> lse, row_max, first, hit = flash_stats(jnp.ones((1, 16, 2, 64)), jnp.ones((1, 16, 2, 64)),
+    ...                                        interpret=True)
+    >>> bool(hit.all())  # every score ties: key 0 wins
+    True
   """
   t = query.shape[1]
   q, k, v, ids, sinks, st = _prepare(query, key, key, softmax, sinks, is_causal, segment_ids,
                                      scale, block_sizes, interpret)
-  lse, row_max = _forward_call(q, k, v, ids, sinks, st, with_out=False, with_max=True)
-  return lax.stop_gradient(lse[:, :, :t]), lax.stop_gradient(row_max[:, :, :t])
+  lse, top, first = _forward_call(q, k, v, ids, sinks, st, with_out=False, with_max=True)
+  return (lax.stop_gradient(lse[:, :, :t]),) + _row_stats(lax.stop_gradient(top),
+                                                          lax.stop_gradient(first), st, t)
 
 
 def flash_attention_with_stats(
@@ -536,22 +590,22 @@ def flash_attention_with_stats(
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
     sinks: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(out [B, T, N, H], lse [B, N, T], row_max [B, N, T])`` from one forward pass.
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(out [B, T, N, H], lse, row_max, first_logit, argmax_first)`` from one forward pass.
 
-  The statistics cost two ``[block_q]`` registers per program and ``O(B N T)`` output, nothing
-  else; feed them to ``stats.first_token_stats``-style formulas for monitoring during evaluation.
-  Arguments as :func:`flash_attention`. Forward only: not differentiable (train with
-  :func:`flash_attention`).
+  The statistics (each ``[B, N, T]``, as :func:`flash_stats`) cost two more ``[block_q]``
+  registers per program (the largest score and key 0's) and ``O(B N T)`` output, nothing else;
+  ``stats.first_token_stats`` turns them into first-token shares during evaluation. Arguments as :func:`flash_attention`.
+  Forward only: not differentiable (train with :func:`flash_attention`).
 
   Example:
     >>> q = k = v = jnp.ones((1, 16, 2, 64))
-    >>> out, lse, row_max = flash_attention_with_stats(q, k, v, interpret=True)
+    >>> out, lse, row_max, first, hit = flash_attention_with_stats(q, k, v, interpret=True)
   """
   t, h = query.shape[1], query.shape[3]
   q, k, v, ids, sinks, st = _prepare(query, key, value, softmax, sinks, is_causal, segment_ids,
                                      scale, block_sizes, interpret)
   q, k, v = (lax.stop_gradient(x) for x in (q, k, v))
   sinks = None if sinks is None else lax.stop_gradient(sinks)
-  out, lse, row_max = _forward_call(q, k, v, ids, sinks, st, with_out=True, with_max=True)
-  return out[:, :t, :, :h], lse[:, :, :t], row_max[:, :, :t]
+  out, lse, top, first = _forward_call(q, k, v, ids, sinks, st, with_out=True, with_max=True)
+  return (out[:, :t, :, :h], lse[:, :, :t]) + _row_stats(top, first, st, t)

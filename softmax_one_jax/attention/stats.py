@@ -12,16 +12,27 @@ three follow from per-row numbers without any ``[T, S]`` probability matrix::
 where ``s_0`` is query ``t``'s scaled logit on key 0 (``-inf`` if masked). The null key is not a
 real key: ``argmax_first`` compares key 0 with the other keys only, for every kind.
 
+Tie rule: key 0 is the argmax iff its score is >= the score of every other key the query may
+see, so ties go to key 0 (``argmax``'s first-index rule); a masked key 0 is never the argmax.
+Every implementation decides it where it computes the row max, from the same computed dot
+products ``q.k`` (times the sign of the scale, which is exact): no path recomputes key 0's score
+separately, and none multiplies by the scale (or by ``log2(e)``) between the two compared
+scores, as that rounding could merge two different scores into a false tie. "xla" reads key 0's
+column of the dense matrix, "chunked" key 0's column of the first chunk inside the scan, and
+"pallas" key 0's column of the first key tile inside the GPU forward kernel. Where the dot
+products are exact in float32 (small integers, powers of two), all three give float64's answer,
+ties and one-ulp near-ties included; otherwise each decides on its own float32 products.
+
 Example:
   >>> q = k = jnp.ones((1, 8, 2, 16))
   >>> stats = first_token_stats(q, k, is_causal=True)
   >>> sorted(stats)
   ['argmax_first', 'null_mass', 'prob_first']
+  >>> bool(stats["argmax_first"].all())  # every score ties with key 0's: key 0 wins
+  True
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +45,6 @@ from softmax_one_jax.attention.reference import (
     attention_logits,
     check_shapes,
     combine_masks,
-    split_segment_ids,
 )
 from softmax_one_jax.sharding import target_platform
 from softmax_one_jax.softmax import resolve_sinks
@@ -42,27 +52,70 @@ from softmax_one_jax.softmax import resolve_sinks
 STATS_IMPLEMENTATIONS = (None, "xla", "chunked", "pallas")
 
 
+def _sign(scale: float) -> float:
+  """+1, -1 or 0: the factor that orders dot products as the logits ``scale * q.k`` are ordered."""
+  return 1.0 if scale > 0 else (-1.0 if scale < 0 else 0.0)
+
+
+def _scores(dots, where, scale: float):
+  """``(logits, d)``: ``scale * q.k`` and the decision scores ``sign(scale) * q.k`` (exact), both
+  ``-inf`` where ``where`` (None = nothing masked) is False."""
+  sign = _sign(scale)
+  d = dots if sign == 1.0 else dots * sign
+  logits = dots * scale
+  if where is None:
+    return logits, d
+  return jnp.where(where, logits, -jnp.inf), jnp.where(where, d, -jnp.inf)
+
+
+def _key0_max(d, k_pos):
+  """Per row, the largest of ``d [..., S]`` and its key-0 entry (``-inf`` if not in ``k_pos``).
+
+  Key 0's entry is picked by a masked reduction of the same array, not a slice: a slice of a
+  product may be rewritten by XLA into a separate, differently rounded product.
+  """
+  return jnp.max(d, axis=-1), jnp.max(jnp.where(k_pos == 0, d, -jnp.inf), axis=-1)
+
+
+def _decide(top, first, scale: float):
+  """``(row_max, first_logit, argmax_first)`` from the decision scores of one computation.
+
+  Tie rule: key 0 is the argmax iff its score is >= every visible key's (``first >= top``, ties
+  to key 0), compared in the units of the dot products, before any scaling rounds them.
+  """
+  size = abs(scale)
+  to_logit = lambda d: jnp.where(jnp.isneginf(d), -jnp.inf, d * size)  # noqa: E731
+  return to_logit(top), to_logit(first), ~jnp.isneginf(first) & (first >= top)
+
+
 def _xla_stats(query, key, sinks, is_causal, segment_ids, mask, scale):
-  """Dense reference: materialises the ``[B, N, T, S]`` logits. ``sinks``: ``[N]`` or None."""
-  logits = attention_logits(query, key, scale)
-  where = combine_masks(query.shape[1], key.shape[1], is_causal=is_causal, mask=mask,
-                        segment_ids=segment_ids)
+  """Dense reference: materialises the ``[B, N, T, S]`` logits. ``sinks``: ``[N]`` or None.
+
+  Returns ``(lse, row_max, first_logit, argmax_first)``.
+  """
+  t, s = query.shape[1], key.shape[1]
+  scale = _padding.resolve_scale(scale, query.shape[3])
+  dots = attention_logits(query, key, 1.0)  # q.k once; logits and decision both read it
+  where = combine_masks(t, s, is_causal=is_causal, mask=mask, segment_ids=segment_ids)
   if where is not None:
-    where = jnp.broadcast_to(where, logits.shape)
+    where = jnp.broadcast_to(where, dots.shape)
+  logits, d = _scores(dots, where, scale)
   lse = jax.nn.logsumexp(logits, axis=-1, where=where)  # -inf for a row with no key
   if sinks is not None:  # the null key joins the normaliser: log(exp(c) + sum_j exp(s_j))
     lse = jnp.logaddexp(sinks.astype(lse.dtype)[:, None], lse)
-  row_max = jnp.max(logits if where is None else jnp.where(where, logits, -jnp.inf), axis=-1)
-  return lse, row_max
+  return (lse,) + _decide(*_key0_max(d, jnp.arange(s)), scale)
 
 
 def _chunked_stats(query, key, sinks, is_causal, segment_ids, scale, chunk: int = 512):
   """Online logsumexp over key chunks (``lax.scan``): ``[B, N, T, chunk]`` at a time.
 
   ``sinks`` (``[N]`` or None) seed the running state as a key seen first: ``m = c, total = 1``.
+  The largest decision score and key 0's (found in the first chunk) ride in the scan's carry.
+  Returns ``(lse, row_max, first_logit, argmax_first)``.
   """
   b, t, n, h = query.shape
   s = key.shape[1]
+  scale = _padding.resolve_scale(scale, h)
   chunk = min(chunk, s)
   s_pad = _padding.round_up(s, chunk)
   ids = _padding.padded_segment_ids(segment_ids, b, t, s, t, s_pad)
@@ -72,44 +125,33 @@ def _chunked_stats(query, key, sinks, is_causal, segment_ids, scale, chunk: int 
   t_pos = jnp.arange(t)[:, None]
 
   def step(carry, xs):
-    m, total, row_max = carry
+    m, total, top, first = carry
     c, k_bskh, kv_ids_bs = xs
-    logits = attention_logits(query, k_bskh, _padding.resolve_scale(scale, h))
     k_pos = c * chunk + jnp.arange(chunk)[None, :]
     where = (k_pos < s)[None, None]
     if is_causal:
       where = where & (t_pos >= k_pos)[None, None]
     if ids is not None:
       where = where & (ids[0][:, :, None] == kv_ids_bs[:, None, :])[:, None]
-    logits = jnp.where(where, logits, -jnp.inf)
-    row_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
-    m_new = jnp.maximum(m, row_max)
+    dots = attention_logits(query, k_bskh, 1.0)
+    logits, d = _scores(dots, jnp.broadcast_to(where, dots.shape), scale)
+    chunk_top, chunk_first = _key0_max(d, k_pos)
+    top, first = jnp.maximum(top, chunk_top), jnp.maximum(first, chunk_first)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
     m_use = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
     total = total * jnp.exp(m - m_use) + jnp.sum(jnp.exp(logits - m_use[..., None]), axis=-1)
-    return (m_new, total, row_max), None
+    return (m_new, total, top, first), None
 
   shape = (b, n, t)
-  init = ((jnp.full(shape, -jnp.inf), jnp.zeros(shape)) if sinks is None else
+  neg_inf = jnp.full(shape, -jnp.inf)
+  init = ((neg_inf, jnp.zeros(shape)) if sinks is None else
           (jnp.broadcast_to(sinks.astype(jnp.float32)[:, None], shape), jnp.ones(shape)))
-  init += (jnp.full(shape, -jnp.inf),)
+  init += (neg_inf, neg_inf)
   xs = (jnp.arange(s_pad // chunk), k_cbskh,
         jnp.zeros((s_pad // chunk, b, chunk), jnp.int32) if kv_ids_cbs is None else kv_ids_cbs)
-  (m, total, row_max), _ = jax.lax.scan(step, init, xs)
-  return jnp.where(jnp.isneginf(m), 0.0, m) + jnp.log(total), row_max
-
-
-def _first_logit(query, key, is_causal, segment_ids, mask, scale):
-  """Scaled logit of every query on key 0, ``[B, N, T]`` float32, ``-inf`` where masked."""
-  t, h = query.shape[1], query.shape[3]
-  s0 = attention_logits(query, key[:, :1], _padding.resolve_scale(scale, h))[..., 0]
-  del is_causal  # top-left causal alignment: every query may see key 0
-  ids = split_segment_ids(segment_ids, t, key.shape[1])
-  if mask is not None:
-    mask = jnp.asarray(mask, bool)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)[..., :1]  # key 0's column
-  allowed = combine_masks(t, 1, mask=mask,
-                          segment_ids=None if ids is None else (ids[0], ids[1][:, :1]))
-  return s0 if allowed is None else jnp.where(allowed[..., 0], s0, -jnp.inf)
+  (m, total, top, first), _ = jax.lax.scan(step, init, xs)
+  lse = jnp.where(jnp.isneginf(m), 0.0, m) + jnp.log(total)
+  return (lse,) + _decide(top, first, scale)
 
 
 def _pick(implementation: str | None, mask) -> str:
@@ -121,6 +163,35 @@ def _pick(implementation: str | None, mask) -> str:
   if mask is not None:
     return "xla"
   return {"gpu": "pallas", "tpu": "chunked"}.get(target_platform(), "xla")
+
+
+def _stats(query, key, *, softmax, is_causal, segment_ids, mask, scale, implementation,
+           interpret, sharding, sinks):
+  """``(lse, row_max, first_logit, argmax_first)``, each ``[B, N, T]``, from one path."""
+  check_shapes(query, key, key)
+  sinks_n = resolve_sinks(softmax, sinks, (query.shape[2],))
+  impl = _pick(implementation, mask)
+  if mask is not None and impl != "xla":
+    raise ValueError(f"implementation={impl!r} takes is_causal and segment_ids, not a dense "
+                     "mask; pass implementation='xla' (or None) to use mask.")
+  query, key = jax.lax.stop_gradient(query), jax.lax.stop_gradient(key)
+  sinks_n = None if sinks_n is None else jax.lax.stop_gradient(sinks_n)
+  if impl == "xla":
+    return _xla_stats(query, key, sinks_n, is_causal, segment_ids, mask, scale)
+  if impl == "chunked":
+    return _chunked_stats(query, key, sinks_n, is_causal, segment_ids, scale)
+  from softmax_one_jax.attention import pallas_gpu  # pylint: disable=g-import-not-at-top
+  ids, ids_kinds, rebuild_ids = split_segment_arrays(segment_ids)
+  # Learned sinks travel as a per-head operand, split like the heads.
+  sink_args, sink_kinds = ((), ()) if sinks is None else ((sinks_n,), ("n",))
+
+  def local(q, k, *rest):
+    return pallas_gpu.flash_stats(
+        q, k, softmax=softmax, sinks=rest[0] if sink_args else None, is_causal=is_causal,
+        segment_ids=rebuild_ids(rest[len(sink_args):]), scale=scale, interpret=interpret)
+
+  return run_per_shard(local, sharding, (query, key, *sink_args, *ids),
+                       ("btnh", "btnh", *sink_kinds, *ids_kinds), ("bnt",) * 4)
 
 
 def attention_stats(
@@ -138,6 +209,11 @@ def attention_stats(
     sinks: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-query ``(lse, row_max, first_logit)``, each ``[B, N, T]`` float32.
+
+  A finite ``first_logit >= row_max`` holds exactly where key 0 is the argmax by the tie rule
+  of the module docstring, as decided inside the chosen implementation: where rounding the two
+  scores to logits made a lower key-0 score equal to the row max, ``first_logit`` is the
+  float32 just below ``row_max`` (a change of one ulp, within that rounding).
 
   Args:
     query: ``[B, T, N, H]``.
@@ -163,32 +239,12 @@ def attention_stats(
     >>> lse.shape
     (1, 2, 4)
   """
-  check_shapes(query, key, key)
-  sinks_n = resolve_sinks(softmax, sinks, (query.shape[2],))
-  impl = _pick(implementation, mask)
-  if mask is not None and impl != "xla":
-    raise ValueError(f"implementation={impl!r} takes is_causal and segment_ids, not a dense "
-                     "mask; pass implementation='xla' (or None) to use mask.")
-  query, key = jax.lax.stop_gradient(query), jax.lax.stop_gradient(key)
-  sinks_n = None if sinks_n is None else jax.lax.stop_gradient(sinks_n)
-  if impl == "xla":
-    lse, row_max = _xla_stats(query, key, sinks_n, is_causal, segment_ids, mask, scale)
-  elif impl == "chunked":
-    lse, row_max = _chunked_stats(query, key, sinks_n, is_causal, segment_ids, scale)
-  else:
-    from softmax_one_jax.attention import pallas_gpu  # pylint: disable=g-import-not-at-top
-    ids, ids_kinds, rebuild_ids = split_segment_arrays(segment_ids)
-    # Learned sinks travel as a per-head operand, split like the heads.
-    sink_args, sink_kinds = ((), ()) if sinks is None else ((sinks_n,), ("n",))
-
-    def local(q, k, *rest):
-      return pallas_gpu.flash_stats(
-          q, k, softmax=softmax, sinks=rest[0] if sink_args else None, is_causal=is_causal,
-          segment_ids=rebuild_ids(rest[len(sink_args):]), scale=scale, interpret=interpret)
-
-    lse, row_max = run_per_shard(local, sharding, (query, key, *sink_args, *ids),
-                                 ("btnh", "btnh", *sink_kinds, *ids_kinds), ("bnt", "bnt"))
-  return lse, row_max, _first_logit(query, key, is_causal, segment_ids, mask, scale)
+  lse, row_max, first, hit = _stats(
+      query, key, softmax=softmax, is_causal=is_causal, segment_ids=segment_ids, mask=mask,
+      scale=scale, implementation=implementation, interpret=interpret, sharding=sharding,
+      sinks=sinks)
+  below = jnp.minimum(first, jnp.nextafter(row_max, jnp.full_like(row_max, -jnp.inf)))
+  return lse, row_max, jnp.where(hit, first, below)
 
 
 def first_token_stats(
@@ -197,7 +253,13 @@ def first_token_stats(
     *,
     softmax: str = "softmax1",
     sinks: jax.Array | None = None,
-    **kwargs: Any,
+    is_causal: bool = False,
+    segment_ids: SegmentIds | None = None,
+    mask: jax.Array | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+    interpret: bool = False,
+    sharding: AttentionSharding | None = None,
 ) -> dict[str, jax.Array]:
   """Attention on the first token without probabilities: each value ``[B, N, T]``.
 
@@ -206,12 +268,13 @@ def first_token_stats(
     key: ``[B, S, K, H]``.
     softmax: "softmax1", "softmax" or "learned_sink" (needs ``sinks``).
     sinks: ``[N]`` sink logits for ``softmax="learned_sink"``.
-    **kwargs: ``is_causal``, ``segment_ids``, ``mask``, ``scale``, ``implementation``,
-      ``interpret``, ``sharding`` as in :func:`attention_stats`.
+    is_causal, segment_ids, mask, scale, implementation, interpret, sharding: as in
+      :func:`attention_stats`.
 
   Returns:
-    ``prob_first`` (float32, probability on key 0), ``argmax_first`` (bool, key 0 holds the
-    largest real logit, the null key not counted; False if key 0 is masked) and, for softmax-1
+    ``prob_first`` (float32, probability on key 0), ``argmax_first`` (bool, key 0's score is >=
+    every visible key's, ties to key 0, the null key not counted; False if key 0 is masked: the
+    tie rule of the module docstring, decided where the row max is computed) and, for softmax-1
     and learned sinks, ``null_mass`` (float32, the null key's share ``exp(c_n - lse)``,
     ``1 - sum_j p_j``).
 
@@ -220,13 +283,16 @@ def first_token_stats(
     >>> jnp.round(stats["prob_first"][0, 0], 4).tolist()
     [0.25, 0.25, 0.25, 0.25]
   """
-  lse, row_max, first = attention_stats(query, key, softmax=softmax, sinks=sinks, **kwargs)
+  lse, _, first, hit = _stats(
+      query, key, softmax=softmax, is_causal=is_causal, segment_ids=segment_ids, mask=mask,
+      scale=scale, implementation=implementation, interpret=interpret, sharding=sharding,
+      sinks=sinks)
   seen = ~jnp.isneginf(first)
   out = {
       # first <= lse exactly; in float32 the two roundings may put it a hair above: p <= 1.
       "prob_first": jnp.where(seen, jnp.exp(jnp.minimum(jnp.where(seen, first - lse, 0.0), 0.0)),
                               0.0),
-      "argmax_first": seen & (first >= row_max),
+      "argmax_first": hit,
   }
   sinks_n = resolve_sinks(softmax, sinks, (query.shape[2],))
   if sinks_n is not None:  # the null key's logit minus the log-normaliser (which includes it)

@@ -112,7 +112,8 @@ def test_null_mass_of_first_token_stats_is_the_missing_probability(softmax):
 # First-token argmax share: from logits, not probabilities.
 
 
-def test_first_token_stats_flags_an_underflowing_row_as_a_miss():
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "pallas"])
+def test_first_token_stats_flags_an_underflowing_row_as_a_miss(implementation):
   from softmax_one_jax.attention.stats import first_token_stats
 
   # Head dim 1, q = 1, scale 1: the logits of query t are the keys [-99, -100, -90][:t + 1].
@@ -120,7 +121,7 @@ def test_first_token_stats_flags_an_underflowing_row_as_a_miss():
   q = jnp.ones((1, 3, 1, 1))
   k = jnp.array([-99.0, -100.0, -90.0]).reshape(1, 3, 1, 1)
   st = first_token_stats(q, k, softmax="softmax1", is_causal=True, scale=1.0,
-                         implementation="xla")
+                         implementation=implementation, interpret=True)
   assert st["argmax_first"][0, 0].tolist() == [True, True, False]
   assert float(E.first_token_argmax_share(st["argmax_first"][None])) == 0.5
 
@@ -149,8 +150,12 @@ class _UnderflowModel(nnx.Module):
 
 def test_outlier_metrics_takes_the_first_token_share_from_logits():
   tokens = jnp.zeros((1, 3), jnp.int32)
+  # The probabilities alone would say 1.0 (all-zero rows: argmax names key 0); the "probs"
+  # source takes the hits from the logit-decided flags as well.
+  probs = _UnderflowModel()(tokens, intermediates=("attention_probs",))[1]["attention_probs"]
+  assert O.finalize(O.first_token_sums_from_probs(probs)).scalars["first_token_attention"] == 1.0
   via_probs = O.finalize(O.evaluate_sums(_UnderflowModel(), {"inputs": tokens[None]}))
-  assert via_probs.scalars["first_token_attention"] == 1.0  # all-zero rows: argmax says key 0
+  assert via_probs.scalars["first_token_attention"] == 0.5
   m = O.outlier_metrics(_UnderflowModel(), tokens)
   assert m["first_token_attention"] == 0.5  # query 1 hits, query 2 does not
   assert m["first_token_mass"] == 0.0 and m["null_mass"] == 1.0

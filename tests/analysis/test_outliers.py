@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from softmax_one_jax.analysis import extreme_tokens as E
 from softmax_one_jax.analysis import outliers as O
+from softmax_one_jax.analysis.layout import counted_queries
+from softmax_one_jax.attention import attention_stats, first_token_stats
+from tests.attention.reference_np import (assert_ties_present, np_decidable,
+                                          np_first_token, tie_case)
 
 
 def _np_kurtosis(x):
@@ -107,7 +112,18 @@ def _causal_probs(rng, l, b, n, t, seg=None, softmax1=False):
   return logits, mask, e / denom, lse
 
 
-def _np_first_token(probs, seg):
+def _assert_clear_argmax(logits, mask, gap=1e-3):
+  """The fixed draw has no near-tie: in every row the best visible logit beats the second by
+  more than ``gap``, far above float32 rounding, so float32 and float64 name the same argmax."""
+  z = np.sort(np.where(mask, logits, -np.inf), axis=-1)
+  with np.errstate(invalid="ignore"):
+    margin = z[..., -1] - z[..., -2]
+  assert np.all(~np.isfinite(margin) | (margin > gap)), "near-tie in the draw: pick another seed"
+
+
+def _np_first_token(probs, seg, argmax_first=None):
+  """Loop reference. A query's hit: ``argmax_first`` (logit-decided key-0 flags) where given and
+  its document starts at key 0, else argmax over its probabilities (first index on ties)."""
   l, b, n, t, _ = probs.shape
   first, is_first, valid = _np_layout(seg) if seg is not None else (
       np.zeros((b, t), int), np.arange(t)[None].repeat(b, 0) == 0, np.ones((b, t), bool))
@@ -121,7 +137,10 @@ def _np_first_token(probs, seg):
           if not valid[bi, ti] or is_first[bi, ti]:
             continue
           row = probs[li, bi, ni, ti]
-          hits[li, ni] += np.argmax(row) == first[bi, ti]
+          if argmax_first is not None and first[bi, ti] == 0:
+            hits[li, ni] += argmax_first[li, bi, ni, ti]
+          else:
+            hits[li, ni] += np.argmax(row) == first[bi, ti]
           mass[li, ni] += row[first[bi, ti]]
           count[li, ni] += 1
   return hits, mass, count
@@ -138,9 +157,11 @@ def test_first_token_sums_from_probs_match_loops(use_segments):
   sink = np.zeros((b, t, t))
   sink[np.arange(b)[:, None], np.arange(t)[None], first] = 0.97
   probs[1, :, 2] = sink
-  sums = O.first_token_sums_from_probs(jnp.asarray(probs, jnp.float32),
+  probs32 = probs.astype(np.float32)
+  sums = O.first_token_sums_from_probs(jnp.asarray(probs32),
                                        None if seg is None else jnp.asarray(seg))
-  hits, mass, count = _np_first_token(probs, seg)
+  # The judge reads the same float32 probabilities: ties (the planted rows) go to the first index.
+  hits, mass, count = _np_first_token(probs32.astype(np.float64), seg)
   np.testing.assert_allclose(sums["ft_hits"], hits)
   np.testing.assert_allclose(sums["ft_mass"], mass, rtol=1e-5)
   np.testing.assert_allclose(sums["ft_count"], count)
@@ -162,6 +183,7 @@ def test_first_token_from_stats_equals_probs_path(softmax1):
   rng = np.random.default_rng(5)
   l, b, n, t = 2, 2, 4, 10
   logits, mask, probs, lse = _causal_probs(rng, l, b, n, t, softmax1=softmax1)
+  _assert_clear_argmax(logits, mask)
   row_max = np.max(np.where(mask, logits, -np.inf), -1)
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
   stats = O.first_token_sums_from_stats(f32(logits[..., 0]), f32(row_max), f32(lse))
@@ -229,14 +251,16 @@ def test_evaluate_over_batches_matches_numpy_on_intermediates(tiny_model):
 
   @jax.jit
   def forward(state, tokens, seg):
-    return nnx.merge(graphdef, state)(tokens, segment_ids=seg,
-                                      intermediates=("hidden", "attention_probs"))
+    return nnx.merge(graphdef, state)(
+        tokens, segment_ids=seg, intermediates=("hidden", "attention_probs", "attention_stats"))
 
   for batch in batches:
     seg = batch["segment_ids"]
     logits, inter = forward(state, jnp.asarray(batch["inputs"]), jnp.asarray(seg))
     h, p = np.asarray(inter["hidden"], np.float64), np.asarray(inter["attention_probs"], np.float64)
-    bh, bm, bc = _np_first_token(p, seg)
+    # The decision itself is judged against float64 in test_model_first_token_metrics_agree_*.
+    flags = np.asarray(inter["attention_stats"]["argmax_first"])
+    bh, bm, bc = _np_first_token(p, seg, flags)
     hits, mass, count = hits + bh, mass + bm, count + bc
     _, is_first, valid = _np_layout(seg)
     k = _np_kurtosis(h)
@@ -284,6 +308,7 @@ def test_first_token_from_stats_with_segments_counts_the_first_document():
   l, b, n, t = 1, 2, 2, 12
   seg = _random_segments(rng, b, t)
   logits, mask, probs, lse = _causal_probs(rng, l, b, n, t, seg, softmax1=True)
+  _assert_clear_argmax(logits, mask)
   first_logit = np.where(mask[..., 0], logits[..., 0], -np.inf)
   row_max = np.max(np.where(mask, logits, -np.inf), -1)
   stats = O.first_token_sums_from_stats(jnp.asarray(first_logit, jnp.float32),
@@ -297,8 +322,6 @@ def test_first_token_from_stats_with_segments_counts_the_first_document():
 
 
 def test_first_token_flags_from_attention_stats_module_agree():
-  from softmax_one_jax.attention.stats import first_token_stats
-
   rng = np.random.default_rng(10)
   b, t, n, h = 2, 10, 4, 8
   q = jnp.asarray(rng.normal(size=(b, t, n, h)) * 2, jnp.float32)
@@ -309,33 +332,119 @@ def test_first_token_flags_from_attention_stats_module_agree():
   st = first_token_stats(q, k, softmax="softmax1", is_causal=True, implementation="xla")
   flags = O.first_token_sums_from_flags(st["argmax_first"][None], st["prob_first"][None])
   ref = O.first_token_sums_from_probs(probs[None])
+  # float64 judge; the fixed draw keeps every row's margin above float32's error bound.
+  assert np_decidable(np.asarray(q), np.asarray(k), is_causal=True).all()
+  want_hit, _, _ = np_first_token(np.asarray(q), np.asarray(k), is_causal=True)
+  np.testing.assert_array_equal(st["argmax_first"], want_hit)
   for key in ("ft_hits", "ft_count"):
     np.testing.assert_array_equal(flags[key], ref[key])
   np.testing.assert_allclose(flags["ft_mass"], ref["ft_mass"], rtol=1e-5)
 
 
-class _StatsIntermediate(nnx.Module):
-  """Stands in for the model's planned "attention_stats" intermediate (per-query flags only)."""
-
-  def __init__(self, inner):
-    self.inner = inner
-
-  def __call__(self, tokens, segment_ids=None, positions=None, *, intermediates=()):
-    if not intermediates:
-      return self.inner(tokens, segment_ids, positions)
-    want = tuple(i for i in intermediates if i != "attention_stats") + ("attention_probs",)
-    logits, inter = self.inner(tokens, segment_ids, positions, intermediates=want)
-    probs = inter.pop("attention_probs")
-    inter["attention_stats"] = {"argmax_first": jnp.argmax(probs, -1) == 0,
-                                "prob_first": probs[..., 0]}
-    return logits, inter
-
-
 def test_evaluate_with_attention_stats_equals_probs_path(tiny_model):
+  """The real "attention_stats" intermediate (first_token_stats in every layer) against the
+  probabilities: the mass is computed independently (exp(s_0 - lse) vs the probability matrix);
+  without documents both sources take the hits from the same logit-decided flags."""
   rng = np.random.default_rng(11)
   batches = _batches(rng, 2, 2, 16, 97, segments=False)
   via_probs = O.evaluate_sums(tiny_model, batches, attention="probs")
-  via_stats = O.evaluate_sums(_StatsIntermediate(tiny_model), batches, attention="stats")
+  via_stats = O.evaluate_sums(tiny_model, batches, attention="stats")
   assert set(via_probs) == set(via_stats)
   for key in via_probs:
     np.testing.assert_allclose(via_stats[key], via_probs[key], rtol=1e-5, err_msg=key)
+  np.testing.assert_array_equal(via_stats["ft_hits"], via_probs["ft_hits"])
+  assert 0 < via_stats["ft_hits"].sum() < via_stats["ft_count"].sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# One answer on every statistics path, at model level, with float64 as the judge.
+
+
+def test_first_token_sums_from_attention_stats_on_ties(np_rng):
+  """first_token_sums_from_stats on attention_stats' arrays: exact ties and one-ulp near-ties
+  (reference_np.tie_case), every path, at a scale that rounds key 0's score (14) and a rival's
+  one ulp above it (14 + 2^-20) to the same float32 logit: the rows key 0 loses by one ulp must
+  still count as misses."""
+  scale = 0.3
+  assert np.float32(14) * np.float32(scale) == np.float32(14 + 2.0**-20) * np.float32(scale)
+  q, k = tie_case(np_rng, b=1, t=16, s=16)
+  opts = dict(softmax="softmax1", is_causal=True, scale=scale)
+  assert_ties_present(q, k, is_causal=True, scale=scale)
+  want_hit, want_p, _ = np_first_token(q, k, **opts)
+  counted = np.arange(16) > 0
+  want_hits = (want_hit * counted).sum(axis=(0, 2))[None]
+  for impl in ("xla", "chunked", "pallas"):
+    lse, row_max, first = attention_stats(q, k, implementation=impl, interpret=True, **opts)
+    sums = O.first_token_sums_from_stats(first[None], row_max[None], lse[None])
+    np.testing.assert_array_equal(sums["ft_hits"], want_hits, err_msg=impl)
+    np.testing.assert_allclose(sums["ft_mass"], (want_p * counted).sum(axis=(0, 2))[None],
+                               rtol=1e-5, err_msg=impl)
+
+
+def _recorded_qk(impl, record):
+  """first_token_stats on one implementation path; on "xla" also hands each layer's (q, k) to
+  ``record`` (in call order) for the float64 judge."""
+  real = first_token_stats
+
+  def stats(q, k, **kwargs):
+    if record is not None:
+      jax.debug.callback(record, q, k, ordered=True)
+    return real(q, k, implementation=impl, interpret=True, **kwargs)
+
+  return stats
+
+
+def test_model_first_token_metrics_agree_across_stats_paths_and_float64(monkeypatch):
+  """A small learned-sink model whose attention statistics come from each implementation path
+  in turn (the model has no option for it: the layers' first_token_stats is swapped for the
+  same function with ``implementation`` set). The hit counts of every metric are identical on
+  every path and equal float64's on the layers' own q and k; mass and null mass agree."""
+  from softmax_one_jax.models import Transformer, layers, preset
+
+  cfg = preset("tiny", vocab_size=97, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
+               max_seq_len=32, softmax="learned_sink")
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  sinks = np.array([-2.0, 0.5, 1.0, 3.0], np.float32)
+  for block in model.blocks:
+    block.attn.sink_logits.value = jnp.asarray(sinks)
+  tokens = jnp.asarray(np.random.default_rng(12).integers(0, 97, (2, 16)), jnp.int32)
+  seg = np.array([[1] * 11 + [2] * 5, [1] * 14 + [0] * 2], np.int32)
+  batch = {"inputs": tokens, "segment_ids": jnp.asarray(seg)}
+  graphdef, state = nnx.split(model)
+  qk = []
+  got = {}
+  for impl in ("xla", "chunked", "pallas"):
+    record = (lambda q, k: qk.append((np.asarray(q), np.asarray(k)))) if impl == "xla" else None
+    monkeypatch.setattr(layers, "first_token_stats", _recorded_qk(impl, record))
+
+    @jax.jit
+    def metrics(state):
+      m = nnx.merge(graphdef, state)
+      return (O.model_batch_sums(m, batch, attention="stats"),
+              E.extreme_token_arrays(m, tokens, batch["segment_ids"], attention="probs"))
+
+    got[impl] = jax.device_get(metrics(state))
+  # float64 judge on the first forward pass's (q, k) per layer.
+  judge = [np_first_token(q, k, softmax="learned_sink", sinks=sinks, is_causal=True,
+                          segment_ids=seg) for q, k in qk[:cfg.num_layers]]
+  for q, k in qk[:cfg.num_layers]:
+    assert np_decidable(q, k, is_causal=True, segment_ids=seg).all()  # no near-tie in the draw
+  want_hit = np.stack([j[0] for j in judge])  # [L, B, N, T]
+  first_key, counted = counted_queries(jnp.asarray(seg), 2, 16)
+  w = (np.asarray(counted) & (np.asarray(first_key) == 0))[None, :, None, :]
+  want_hits = (want_hit * w).sum(axis=(1, 3))
+  assert 0 < want_hits.sum() < w.sum() * 4 * cfg.num_layers
+  for impl, (sums, extreme) in got.items():
+    np.testing.assert_array_equal(sums["ft_hits"], want_hits, err_msg=impl)
+    assert extreme["first_token_attention"] == pytest.approx(want_hits.sum() / (w.sum() * 8),
+                                                             rel=1e-6), impl
+    want_mass = (np.stack([j[1] for j in judge]) * w).sum(axis=(1, 3))
+    np.testing.assert_allclose(sums["ft_mass"], want_mass, rtol=1e-4, err_msg=impl)
+    for key in ("first_token_mass", "null_mass", "sink_rate"):
+      np.testing.assert_allclose(extreme[key], got["xla"][1][key], rtol=1e-5, err_msg=impl)
+    np.testing.assert_array_equal(sums["ft_hits"], got["xla"][0]["ft_hits"])
+    assert extreme["first_token_attention"] == got["xla"][1]["first_token_attention"]
+  want_null = np.stack([j[2] for j in judge])
+  w_all = np.asarray(counted)[None, :, None, :]
+  np.testing.assert_allclose(got["pallas"][1]["null_mass"],
+                             (want_null * w_all).sum() / (w_all.sum() * 8), rtol=1e-4)

@@ -124,3 +124,102 @@ def sink_grad_atol(w, out, rel=2e-6):
   w, out = np.asarray(w, np.float64), np.asarray(out, np.float64)
   return rel * float(np.max(np.sum(np.linalg.norm(w, axis=-1) * np.linalg.norm(out, axis=-1),
                                    axis=(0, 1))))
+
+
+def np_logits(q, k, *, is_causal=False, segment_ids=None, mask=None, scale=None):
+  """float64 ``[B, N, T, S]`` logits with ``-inf`` where masked, written out per head."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  scale = 1.0 / np.sqrt(h) if scale is None else scale
+  allowed = np_allowed(b, n, t, s, is_causal=is_causal, segment_ids=segment_ids, mask=mask)
+  logits = np.stack([np.einsum("bth,bsh->bts", q[:, :, ni], k[:, :, ni // (n // kh)]) * scale
+                     for ni in range(n)], axis=1)
+  return np.where(allowed, logits, -np.inf)
+
+
+def np_first_token(q, k, *, softmax="softmax1", sinks=None, **kwargs):
+  """float64 first-token statistics ``(argmax_first, prob_first, null_mass)``, each ``[B, N, T]``.
+
+  ``argmax_first``: key 0 is visible and its logit is >= every visible logit (ties go to key
+  0); the null key is not a key. ``null_mass`` is zeros for plain softmax. Keyword arguments as
+  ``np_attention_parts`` (``is_causal``, ``mask``, ``segment_ids``, ``scale``).
+  """
+  logits = np_logits(q, k, **kwargs)
+  with np.errstate(invalid="ignore"):
+    argmax_first = np.isfinite(logits[..., 0]) & (logits[..., 0] >= logits.max(axis=-1))
+  _, probs, null = np_attention_parts(q, k, np.zeros_like(k), softmax=softmax, sinks=sinks,
+                                      **kwargs)
+  return argmax_first, probs[..., 0], null
+
+
+def np_decidable(q, k, **kwargs):
+  """``[B, N, T]`` bool: rows whose first-token answer float32 arithmetic cannot get wrong.
+
+  A float32 dot product of length ``H`` is within ``H * eps * sum_h |q_h k_h|`` of the exact one,
+  so key 0's logit and the best other key's can swap only if their float64 margin is below
+  twice that (times ``|scale|``). Rows with key 0 masked or no other visible key are decidable.
+  Keyword arguments as ``np_logits``.
+  """
+  h = q.shape[-1]
+  eps = np.finfo(np.float32).eps
+  logits = np_logits(q, k, **kwargs)
+  size = np_logits(np.abs(q), np.abs(k), **{**kwargs, "scale": 1.0})
+  scale = abs(kwargs.get("scale") or 1.0 / np.sqrt(h))
+  bound = 2 * h * eps * scale * np.where(np.isfinite(size), size, 0.0).max(axis=-1)
+  with np.errstate(invalid="ignore"):
+    margin = logits[..., 0] - logits[..., 1:].max(axis=-1)
+  return ~np.isfinite(margin) | (np.abs(margin) > bound)
+
+
+# One float32 ulp of a score in [8, 16) is 2^-20 = STEP * STEP: a product of two powers of two,
+# exact in bfloat16 inputs and in any float32 accumulation order next to integer terms. Key 0
+# scores 14: in float32, 14 and 14 + 2^-20 both times 0.25 * log2(e) (the Pallas kernel's log2
+# units at the scale of head_dim 16) round to the same number, so a decision taken after that
+# scaling turns a one-ulp loss of key 0 into a false tie.
+STEP = 2.0**-10
+KEY0_SCORE = 14.0
+
+
+def tie_case(rng, b=2, t=20, s=20, n=4, kh=2, h=16):
+  """``q [B, T, N, H]``, ``k [B, S, K, H]`` float32 (exact in bfloat16) with exact ties and
+  one-ulp near-ties between key 0 and other keys, every dot product exact in float32.
+
+  Every query is ``(1, e, r)`` with ``e`` in ``{-STEP, 0, STEP}`` and ``r`` in ``{-1, 0, 1}``
+  (all zero for about a third of the queries); key 0 is ``(14, 0, 0)``, so its score is exactly
+  14 for every query. Each other key is:
+
+  * a rival ``(14, STEP, 0)``: score ``14 + e * STEP``, i.e. one float32 ulp above key 0
+    (``e > 0``), tied with it (``e = 0``) or one ulp below (``e < 0``);
+  * or ``(a, 0, u)`` with ``a`` in ``[0, 10]``, ``u`` in ``{-1, 0, 1}``: an integer score, at
+    times above 14 or exactly 14, never above 10 for a query whose ``r`` is zero (there key 0
+    and the rivals decide).
+
+  Scores stay below 32: a power-of-two scale (``1/4`` for ``h = 16``) keeps the logits exact.
+  """
+  q = rng.integers(-1, 2, (b, t, n, h)).astype(np.float32)
+  q[rng.random((b, t, n)) < 1 / 3] = 0.0
+  q[..., 0] = 1.0
+  q[..., 1] = rng.integers(-1, 2, (b, t, n)) * STEP
+  k = rng.integers(-1, 2, (b, s, kh, h)).astype(np.float32)
+  k[..., 0] = rng.integers(0, 11, (b, s, kh))
+  k[..., 1] = 0.0
+  key0 = np.zeros(h, np.float32)
+  key0[0] = KEY0_SCORE
+  rival = key0.copy()
+  rival[1] = STEP
+  k[rng.random((b, s, kh)) < 0.3] = rival
+  k[:, 0] = key0
+  return q, k
+
+
+def assert_ties_present(q, k, **kwargs):
+  """A ``tie_case`` draw holds exact ties and one-ulp near-ties on both sides (in float64), so a
+  test cannot pass on clear-cut rows only. Keyword arguments as ``np_logits``."""
+  logits = np_logits(q, k, **kwargs)
+  with np.errstate(invalid="ignore"):
+    margin = logits[..., 0] - logits[..., 1:].max(axis=-1)
+  one_ulp = 2.0**-20 * abs(kwargs.get("scale") or 1.0 / np.sqrt(q.shape[-1])) * 1.01
+  assert np.any(margin == 0), "no exact tie in the draw"
+  assert np.any((margin < 0) & (margin > -one_ulp)), "no near-tie with key 0 one ulp below"
+  assert np.any((margin > 0) & (margin < one_ulp)), "no near-tie with key 0 one ulp above"

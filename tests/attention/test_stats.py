@@ -1,25 +1,29 @@
-"""First-token statistics from (lse, row_max, first_logit) against float64 numpy probabilities."""
+"""First-token statistics from (lse, row_max, first_logit) against float64 numpy probabilities.
+
+The first-token decision is tested on inputs whose dot products are exact in float32 (and in
+bfloat16 inputs), so every path computes exactly the scores float64 computes and must give its
+answer on exact ties and one-ulp near-ties (``reference_np.tie_case``); on random inputs only
+rows whose float64 margin exceeds float32's error bound are compared.
+"""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from softmax_one_jax.attention import attention_stats, first_token_stats
+from softmax_one_jax.attention import pallas_gpu
 from softmax_one_jax.attention import stats as stats_lib
-from tests.attention.reference_np import (np_allowed, np_attention, np_attention_parts,
-                                          np_null_logits, random_sinks)
+from tests.attention.reference_np import (KEY0_SCORE, assert_ties_present, np_attention,
+                                          np_attention_parts, np_decidable, np_first_token,
+                                          np_logits, np_null_logits, random_sinks, tie_case)
 
-
-def np_logits(q, k, *, is_causal=False, segment_ids=None, mask=None, scale=None):
-  """float64 ``[B, N, T, S]`` logits with ``-inf`` where masked, written out per head."""
-  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
-  b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
-  scale = 1.0 / np.sqrt(h) if scale is None else scale
-  allowed = np_allowed(b, n, t, s, is_causal=is_causal, segment_ids=segment_ids, mask=mask)
-  logits = np.stack([np.einsum("bth,bsh->bts", q[:, :, ni], k[:, :, ni // (n // kh)]) * scale
-                     for ni in range(n)], axis=1)
-  return np.where(allowed, logits, -np.inf)
+IMPLEMENTATIONS = ("xla", "chunked", "pallas")
+EPS32 = float(np.finfo(np.float32).eps)
+# In float32, 14 * 0.3 == (14 + 2^-20) * 0.3: scaling merges key 0's score with a rival one
+# ulp above it, so only a decision taken before the scaling gets those rows right.
+MERGING_SCALE = 0.3
+assert np.float32(KEY0_SCORE) * np.float32(MERGING_SCALE) == (
+    np.float32(KEY0_SCORE + 2.0**-20) * np.float32(MERGING_SCALE))
 
 
 def np_stats(q, k, softmax, sinks=None, **kwargs):
@@ -58,6 +62,36 @@ def assert_stats_close(got, want):
     np.testing.assert_allclose(g[finite], w[finite], rtol=1e-5, atol=1e-5)
 
 
+def prob_tol(q, k, softmax, sinks=None, **kwargs):
+  """``[B, N, T]`` relative tolerance of ``prob_first`` and ``null_mass`` in float32.
+
+  ``p = exp(x - lse)`` with exact (or half-ulp) logits: ``lse`` sums ``S + 1`` exponentials,
+  each within about 2 ulps (relative error <= ``(S + 2) eps``), its log and the additions of the
+  row max (in log2 units on the Pallas path: two more roundings of a number of size ``1.44 L``)
+  add a few ulps of ``L = max(|lse|, |logits|, |c|)``; ``exp`` turns the absolute error of
+  ``x - lse`` into that relative error of ``p``, plus its own ulp. Twice that bound.
+  """
+  lse, row_max, _ = np_stats(q, k, softmax, sinks, **kwargs)
+  big = np.maximum(np.where(np.isfinite(lse), np.abs(lse), 0.0),
+                   np.where(np.isfinite(row_max), np.abs(row_max), 0.0))
+  null = np_null_logits(softmax, q.shape[2], sinks)
+  if null is not None:
+    big = np.maximum(big, np.abs(null)[None, :, None])
+  return 2 * EPS32 * (k.shape[1] + 4 + 6 * big)
+
+
+def tie_opts(rng, q, segments=None, **opts):
+  """Segment ids for a ``tie_case``: "self" (key 0 hidden from later segments) or "cross" (some
+  queries see no key at all)."""
+  b, t = q.shape[:2]
+  if segments == "self":
+    opts["segment_ids"] = np.sort(rng.integers(0, 2, (b, t)), axis=1).astype(np.int32)
+  elif segments == "cross":
+    opts["segment_ids"] = (np.sort(rng.integers(0, 3, (b, t)), axis=1).astype(np.int32),
+                           np.sort(rng.integers(1, 3, (b, t)), axis=1).astype(np.int32))
+  return opts
+
+
 @pytest.mark.parametrize("implementation", ["xla", "chunked", "pallas"])
 @pytest.mark.parametrize("softmax,is_causal,segments",
                          [("softmax1", True, "self"), ("softmax", False, "cross"),
@@ -78,7 +112,10 @@ def test_chunked_stats_over_many_chunks(np_rng, softmax):
   got = stats_lib._chunked_stats(jnp.asarray(q), jnp.asarray(k), jnp.asarray(sinks_n), True, ids,
                                  None, chunk=16)
   want = np_stats(q, k, softmax, sinks, is_causal=True, segment_ids=ids)
-  assert_stats_close(got + (want[2],), want)
+  assert_stats_close(got[:3], want)
+  want_hit, _, _ = np_first_token(q, k, is_causal=True, segment_ids=ids)
+  ok = np_decidable(q, k, is_causal=True, segment_ids=ids)
+  np.testing.assert_array_equal(np.asarray(got[3])[ok], want_hit[ok])
 
 
 @pytest.mark.parametrize("softmax", ["softmax1", "softmax", "learned_sink"])
@@ -93,10 +130,12 @@ def test_first_token_stats_match_probabilities(np_rng, softmax):
   _, probs, null = np_attention_parts(q, k, v, **opts)
   logits = np_logits(q, k, is_causal=True, segment_ids=ids, mask=mask, scale=0.3)
   np.testing.assert_allclose(got["prob_first"], probs[..., 0], rtol=1e-5, atol=1e-6)
-  # The argmax is over real keys only: the null key never counts, whatever its logit.
+  # The argmax is over real keys only: the null key never counts, whatever its logit. Rows
+  # closer to a tie than float32 can resolve are left to the exact-score tests.
   want_argmax = np.isfinite(logits[..., 0]) & (logits[..., 0] >= logits.max(axis=-1))
-  assert want_argmax.any() and not want_argmax.all()
-  np.testing.assert_array_equal(got["argmax_first"], want_argmax)
+  ok = np_decidable(q, k, is_causal=True, segment_ids=ids, mask=mask, scale=0.3)
+  assert want_argmax[ok].any() and not want_argmax[ok].all() and ok.mean() > 0.95
+  np.testing.assert_array_equal(np.asarray(got["argmax_first"])[ok], want_argmax[ok])
   if softmax == "softmax":
     assert "null_mass" not in got
   else:  # the null key's share: exp(c - lse) = 1 - sum_j p_j
@@ -138,8 +177,94 @@ def test_forward_kernel_returns_output_and_stats_in_one_pass(np_rng, softmax):
   v = np_rng.standard_normal(k.shape).astype(np.float32)
   sinks = random_sinks(np_rng, q.shape[2]) if softmax == "learned_sink" else None
   opts = dict(softmax=softmax, sinks=sinks, is_causal=True, segment_ids=ids)
-  out, lse, row_max = pallas_gpu.flash_attention_with_stats(q, k, v, interpret=True, **opts)
+  out, lse, row_max, first, hit = pallas_gpu.flash_attention_with_stats(q, k, v, interpret=True,
+                                                                        **opts)
   want_out, _ = np_attention(q, k, v, **opts)
   np.testing.assert_allclose(out, want_out, rtol=2e-5, atol=2e-5)
-  want_lse, want_max, _ = np_stats(q, k, softmax, sinks, is_causal=True, segment_ids=ids)
-  assert_stats_close((lse, row_max), (want_lse, want_max))
+  assert_stats_close((lse, row_max, first), np_stats(q, k, softmax, sinks, is_causal=True,
+                                                     segment_ids=ids))
+  want_hit, _, _ = np_first_token(q, k, is_causal=True, segment_ids=ids)
+  ok = np_decidable(q, k, is_causal=True, segment_ids=ids)
+  np.testing.assert_array_equal(np.asarray(hit)[ok], want_hit[ok])
+
+
+# ----------------------------------------------------------------------------------------------
+# One answer on every path: exact scores, exact ties and one-ulp near-ties, float64 as the judge.
+
+
+TIE_CASES = [
+    ("softmax1", dict(is_causal=True)),
+    ("softmax", dict(segments="cross")),  # not causal; some queries see no key, or not key 0
+    ("learned_sink", dict(is_causal=True, segments="self")),
+    ("softmax1", dict(scale=MERGING_SCALE)),  # rounding the scaled scores ties 14 and 14 + ulp
+    ("softmax", dict(is_causal=True, scale=-0.25)),  # the argmax is the smallest product
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("softmax,opts", TIE_CASES,
+                         ids=["softmax1-causal", "softmax-cross", "sink-causal-self",
+                              "merging-scale", "negative-scale"])
+def test_first_token_stats_agree_with_float64_on_ties(np_rng, dtype, softmax, opts):
+  """Hits equal float64's exactly on every path (so across paths), prob_first and null_mass
+  within ``prob_tol``, and attention_stats' ``first_logit >= row_max`` is the same decision."""
+  q, k = tie_case(np_rng)
+  opts = tie_opts(np_rng, q, **opts)
+  if opts.get("scale", 0.25) > 0:  # a negative scale turns the ties into the row's minimum
+    assert_ties_present(q, k, **opts)
+  sinks = random_sinks(np_rng, q.shape[2]) if softmax == "learned_sink" else None
+  want_hit, want_p, want_null = np_first_token(q, k, softmax=softmax, sinks=sinks, **opts)
+  tol = prob_tol(q, k, softmax, sinks, **opts)
+  assert want_hit.any() and not want_hit.all()
+  qx, kx = jnp.asarray(q, dtype), jnp.asarray(k, dtype)
+  assert np.array_equal(np.asarray(qx, np.float32), q)  # exact in bfloat16 too
+  hits = {}
+  for impl in IMPLEMENTATIONS:
+    kw = dict(softmax=softmax, sinks=sinks, implementation=impl, interpret=True, **opts)
+    got = first_token_stats(qx, kx, **kw)
+    hits[impl] = np.asarray(got["argmax_first"])
+    np.testing.assert_array_equal(hits[impl], want_hit, err_msg=impl)
+    p = np.asarray(got["prob_first"], np.float64)
+    assert np.all(np.abs(p - want_p) <= tol * want_p + 1e-30), impl
+    if softmax == "softmax":
+      assert "null_mass" not in got
+    else:
+      null = np.asarray(got["null_mass"], np.float64)
+      assert np.all(np.abs(null - want_null) <= tol * want_null + 1e-30), impl
+    # attention_stats' contract: a finite first_logit >= row_max is the same decision.
+    _, row_max, first = attention_stats(qx, kx, **kw)
+    first, row_max = np.asarray(first), np.asarray(row_max)
+    np.testing.assert_array_equal(np.isfinite(first) & (first >= row_max), want_hit,
+                                  err_msg=impl)
+  assert all(np.array_equal(hits["xla"], h) for h in hits.values())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_decision_spans_chunks_and_key_tiles(np_rng, dtype):
+  """Key 0 sits in the first chunk / key tile while the row max is often in a later one."""
+  q, k = tie_case(np_rng, t=40, s=40)
+  opts = tie_opts(np_rng, q, segments="self", is_causal=True)
+  assert_ties_present(q, k, **opts)
+  logits = np_logits(q, k, **opts)
+  want_hit, _, _ = np_first_token(q, k, **opts)
+  want_max, want_first = logits.max(axis=-1), logits[..., 0]
+  qx, kx = jnp.asarray(q, dtype), jnp.asarray(k, dtype)
+  sinks0 = jnp.zeros(q.shape[2])
+  chunked = stats_lib._chunked_stats(qx, kx, sinks0, True, opts["segment_ids"], None, chunk=8)
+  tiles = pallas_gpu.BlockSizes(block_q=16, block_k=16)
+  pallas = pallas_gpu.flash_stats(qx, kx, block_sizes=tiles, interpret=True, **opts)
+  for name, (_, row_max, first, hit) in (("chunked", chunked), ("pallas", pallas)):
+    np.testing.assert_array_equal(hit, want_hit, err_msg=name)
+    np.testing.assert_array_equal(row_max, want_max, err_msg=name)  # exact scores, scale 1/4
+    np.testing.assert_array_equal(first, want_first, err_msg=name)
+
+
+def test_dense_mask_decision_on_xla(np_rng):
+  """A dense mask hides key 0 from some queries and the best key from others."""
+  q, k = tie_case(np_rng)
+  mask = np_rng.random((2, 1, 20, 20)) < 0.7
+  assert_ties_present(q, k, mask=mask)
+  want_hit, want_p, _ = np_first_token(q, k, softmax="softmax", mask=mask)
+  got = first_token_stats(q, k, softmax="softmax", mask=mask, implementation="xla")
+  np.testing.assert_array_equal(got["argmax_first"], want_hit)
+  np.testing.assert_allclose(got["prob_first"], want_p, rtol=1e-5, atol=0)
