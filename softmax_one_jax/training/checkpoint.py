@@ -25,15 +25,17 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 from grain.checkpoint import CheckpointRestore, CheckpointSave
 
-from softmax_one_jax.training.state import TrainState
+from softmax_one_jax.training.state import TrainState, abstract_model, param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -126,27 +128,77 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState,
   Raises:
     RuntimeError: checkpoints exist but none could be read.
   """
+  snapshot = _IteratorSnapshot()
+
+  def args() -> ocp.args.Composite:
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = CheckpointRestore(snapshot)
+    return ocp.args.Composite(**items)
+
+  found = _restore_newest_readable(manager, args, step)
+  if found is None:
+    return None
+  restored, s = found
+  if data_iterator is not None:
+    _apply_snapshot(data_iterator, snapshot)
+  return restored["state"], s
+
+
+def restore_params(workdir: str | pathlib.Path, abstract_params: Any,
+                   step: int | None = None) -> tuple[Any, int] | None:
+  """Only the parameters of a run's newest readable step (or ``step``): no optimizer is built.
+
+  The optimizer state on disk is not read, so a checkpoint whose optimizer state no longer
+  matches today's optimizer code still yields its weights. Unreadable steps fall back as in
+  ``restore_latest``. Opens its own read-only manager (Orbax binds one handler type per item and
+  manager, and this read uses a partial one).
+
+  Args:
+    workdir: the run directory.
+    abstract_params: ``nnx.State`` of ``jax.ShapeDtypeStruct`` with shardings.
+    step: a specific step (no fallback), or None for the newest readable one.
+
+  Returns:
+    ``(params, step)``, or None when there is no checkpoint.
+
+  Example:
+    >>> params, step = restore_params("runs/tiny", abstract_params)  # doctest: +SKIP
+  """
+  item = {"params": abstract_params}
+
+  def args() -> ocp.args.Composite:
+    return ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+
+  manager = make_manager(workdir, read_only=True, async_save=False)
+  try:
+    found = _restore_newest_readable(manager, args, step)
+  finally:
+    manager.close()
+  return None if found is None else (found[0]["state"]["params"], found[1])
+
+
+def _restore_newest_readable(manager: ocp.CheckpointManager,
+                             args: Callable[[], ocp.args.Composite],
+                             step: int | None) -> tuple[Any, int] | None:
+  """``manager.restore`` of the newest step that reads (or of ``step``), warning on the others."""
   manager.reload()
   steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
   errors = []
   for s in steps:
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    snapshot = _IteratorSnapshot()
-    if data_iterator is not None:
-      items["data"] = CheckpointRestore(snapshot)
     try:
-      restored = manager.restore(s, args=ocp.args.Composite(**items))
+      restored = manager.restore(s, args=args())
     except Exception as e:  # pylint: disable=broad-except  # any failure: try the previous step
       msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
       log.warning("Checkpoint step %d in %s is unreadable or partial (%s); trying the previous "
                   "step.", s, manager.directory, msg)
       errors.append(f"step {s}: {msg}")
       continue
-    if data_iterator is not None:
-      _apply_snapshot(data_iterator, snapshot)
     if errors:
       log.warning("Resumed from step %d after skipping unreadable steps: %s", s, "; ".join(errors))
-    return restored["state"], int(s)
+    return restored, int(s)
   if errors:
     raise RuntimeError(
         f"No readable checkpoint in {manager.directory}: " + "; ".join(errors) +
@@ -190,20 +242,17 @@ def load_model(workdir: str | pathlib.Path, step: int | None = None) -> tuple[An
   """
   from softmax_one_jax.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from softmax_one_jax.training.config import model_config_from  # pylint: disable=import-outside-toplevel
-  from softmax_one_jax.training.state import merge_model, setup_for_run  # pylint: disable=import-outside-toplevel
   config = read_config(workdir)
   model_cfg = model_config_from(config, config.model.vocab_size)
   mesh = mesh_lib.make_mesh(1, -1, 1)
-  # OrthoAdam's state shapes follow the training mesh's shards (config.json records its shape),
-  # which this host need not have: the rotations are built for an abstract mesh of that shape.
-  setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, config.seed,
-                        rotation_mesh=mesh_lib.recorded_mesh(config))
-  manager = make_manager(workdir, read_only=True, async_save=False)
-  try:
-    restored = restore_latest(manager, setup.abstract_state, None, step)
-  finally:
-    manager.close()
+  graphdef, abstract_params, abstract_rest = abstract_model(model_cfg)
+  if jax.tree.leaves(abstract_rest):
+    raise NotImplementedError("the model holds non-parameter state; load_model restores "
+                              "parameters only.")
+  target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        abstract_params, param_shardings(abstract_params, mesh))
+  restored = restore_params(workdir, target, step)
   if restored is None:
     raise FileNotFoundError(f"No checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}.")
-  state, _ = restored
-  return merge_model(setup, state.params), config
+  params, _ = restored
+  return nnx.merge(graphdef, params, abstract_rest), config
