@@ -16,13 +16,15 @@ Definitions (``counted`` queries are real and not their document's first, see
   median norm of the other tokens' block outputs.
 * **first_token_attention**: share of counted queries whose largest *real logit* is on the
   first token, ties going to the first token (the tie rule of ``softmax_one_jax.attention.stats``:
-  key 0's score >= every visible key's, decided where the row max is computed, the same on the
-  xla, chunked and Pallas paths). Taken from logits, not probabilities: exp rounding can merge a
-  near-tie, and a softmax-1 row whose probabilities all underflow to 0 is all ties.
+  the score of the query's first visible key >= every visible key's, decided where the row max
+  is computed, the same on the xla, chunked and Pallas paths). Taken from logits, not
+  probabilities: exp rounding can merge a near-tie, and a softmax-1 row whose probabilities all
+  underflow to 0 is all ties.
 
-The attention statistics of the model (``attention_stats``) describe key 0 only, so the
-first-token share, and the mass when read from them, count the queries of each row's first
-document; the mass read from ``attention_probs`` counts every document.
+The attention statistics of the model (``attention_stats``) are about each query's first visible
+key, which under the model's causal, document-masked attention is the first token of the query's
+document: every metric counts every document, whether read from ``attention_stats`` or from
+``attention_probs`` (documents are runs of equal segment ids, as packed data yields them).
 
 Example:
   >>> m = extreme_token_metrics(model, tokens_bt)                   # doctest: +SKIP
@@ -169,16 +171,17 @@ def null_mass(null_mass_lbnt: jax.Array, counted_bt: jax.Array) -> jax.Array:
 
 def first_token_argmax_share(argmax_first_lbnt: jax.Array, segment_ids_bt: jax.Array | None = None
                              ) -> jax.Array:
-  """Share of counted queries whose largest real logit is on key 0 (the statistics path).
+  """Share of counted queries whose largest real logit is on their document's first token.
 
-  Nothing is decided here: the flags carry the tie rule of ``attention.stats`` (key 0's score >=
-  every visible key's, ties to key 0).
+  Nothing is decided here: the flags carry the tie rule of ``attention.stats`` (the query's
+  first visible key's score >= every visible key's, ties to it).
 
   Args:
-    argmax_first_lbnt: ``[L, B, N, T]`` bool from ``attention.first_token_stats`` (decided from
-      the real logits where the row max is computed, so underflowing probabilities do not
-      matter).
-    segment_ids_bt: optional ``[B, T]``; only queries of each row's first document count.
+    argmax_first_lbnt: ``[L, B, N, T]`` bool from ``attention.first_token_stats`` of causal,
+      document-masked attention (decided from the real logits where the row max is computed, so
+      underflowing probabilities do not matter).
+    segment_ids_bt: optional ``[B, T]`` document ids (0 = padding); every document's queries
+      count except its first (``layout.counted_queries``).
 
   Returns:
     Scalar float32.
@@ -188,9 +191,9 @@ def first_token_argmax_share(argmax_first_lbnt: jax.Array, segment_ids_bt: jax.A
     0.5
   """
   _, b, _, t = argmax_first_lbnt.shape
-  first_key_bt, counted_bt = counted_queries(segment_ids_bt, b, t)
-  w_bt = counted_bt & (first_key_bt == 0)
-  return _masked_mean(argmax_first_lbnt.astype(jnp.float32), w_bt[None, :, None], (0, 1, 2, 3))
+  _, counted_bt = counted_queries(segment_ids_bt, b, t)
+  return _masked_mean(argmax_first_lbnt.astype(jnp.float32), counted_bt[None, :, None],
+                      (0, 1, 2, 3))
 
 
 def _first_vs_rest_norms(x_lbtf: jax.Array, segment_ids_bt: jax.Array | None):
@@ -305,17 +308,15 @@ def extreme_token_arrays(
   out: dict[str, jax.Array] = {}
   if attention != "none":
     st = inter["attention_stats"]
-    first_key_bt, counted_bt = counted_queries(segment_ids, *tokens_bt.shape)
-    if attention == "probs":
-      prob_first = first_token_probs(inter["attention_probs"], segment_ids)
-    else:  # statistics are about key 0: count the queries of each row's first document
-      prob_first, counted_bt = st["prob_first"], counted_bt & (first_key_bt == 0)
+    _, counted_bt = counted_queries(segment_ids, *tokens_bt.shape)
+    # Both sources give each query's probability on its document's first token.
+    prob_first = (first_token_probs(inter["attention_probs"], segment_ids)
+                  if attention == "probs" else st["prob_first"])
     out.update(first_token_mass(prob_first, counted_bt, trigger_bt))
     out["sink_rate_per_layer"] = sink_rate(head_first_token_mass(prob_first, counted_bt))
     out["first_token_attention"] = first_token_argmax_share(st["argmax_first"], segment_ids)
     if "null_mass" in st:
-      out["null_mass"] = null_mass(st["null_mass"], counted_queries(segment_ids,
-                                                                    *tokens_bt.shape)[1])
+      out["null_mass"] = null_mass(st["null_mass"], counted_bt)
   if hasattr(model, "blocks") and hasattr(model, "_embed"):
     values = value_states(model, tokens_bt, hidden, segment_ids, positions)
     out["value_drain_ratio_per_layer"] = value_drain_ratio(values, segment_ids)
@@ -348,9 +349,10 @@ def extreme_token_metrics(
     segment_ids: optional ``[B, T]`` document ids (0 = padding).
     positions: optional ``[B, T]`` positions within each document.
     trigger_positions: optional ``[B, T]`` bool, trigger query positions (splits the mass).
-    attention: "probs" (mass per document from ``attention_probs``), "stats" (mass from
-      ``attention_stats``, first documents only, no ``T x T`` array) or "none" (no attention
-      metrics).
+    attention: "probs" (mass from ``attention_probs``), "stats" (mass from
+      ``attention_stats``, no ``T x T`` array) or "none" (no attention metrics); the first-token
+      share comes from the logit-decided flags of ``attention_stats`` on both, every document
+      counted.
 
   Returns:
     ``first_token_mass`` (``_trigger`` / ``_non_trigger`` with triggers), ``sink_rate``,

@@ -25,13 +25,16 @@ means once at the end (``finalize``), so many validation batches run in one jitt
 ``softmax_one_jax.attention.first_token_stats`` / ``attention_stats``
 (``first_token_sums_from_flags`` / ``first_token_sums_from_stats``) that need no ``T x T`` array.
 
-Whether key 0 is a query's argmax follows the tie rule of ``softmax_one_jax.attention.stats``:
-its score is >= every visible key's (ties go to key 0), decided from the logits where the row max
-is computed, the same on the xla, chunked and Pallas paths. Probabilities cannot decide it: exp
-rounding can merge a near-tie, and a softmax-1 row that underflows to all zeros is all ties. So
-the model-level "probs" source takes the hits of queries whose document starts at key 0 from the
-logit-decided flags too; only queries of later documents (whose first key is not key 0, about
-which the statistics say nothing) fall back to the probabilities' argmax.
+Whether the first token is a query's argmax follows the tie rule of
+``softmax_one_jax.attention.stats``: the score of the query's first visible key (under the
+model's causal, document-masked attention: the first token of its document) is >= every visible
+key's (ties go to it), decided from the logits where the row max is computed, the same on the
+xla, chunked and Pallas paths. Probabilities cannot decide it: exp rounding can merge a
+near-tie, and a softmax-1 row that underflows to all zeros is all ties. So both model-level
+sources take every counted query's hit from those logit-decided flags; the "probs" source reads
+only the mass from the probabilities. The two sources therefore count the same hits on the same
+queries, every document included (documents are runs of equal segment ids, as packed data
+yields them: the first token of a run is the first key its queries may see).
 
 Example:
   >>> m = outlier_metrics(model, tokens_bt)                         # doctest: +SKIP
@@ -51,7 +54,7 @@ import numpy as np
 from flax import nnx
 
 from softmax_one_jax.analysis import extreme_tokens
-from softmax_one_jax.analysis.layout import counted_queries, document_layout
+from softmax_one_jax.analysis.layout import counted_queries, document_layout, first_token_chance
 from softmax_one_jax.models.loss import weighted_cross_entropy
 
 Sums = dict[str, jax.Array]
@@ -69,17 +72,18 @@ def first_token_sums_from_probs(
 ) -> Sums:
   """First-token attention sums from attention probabilities.
 
-  A query's hit: with ``argmax_first_lbnt``, where its document starts at key 0, the flag (key
-  0's logit >= every visible logit, ties to key 0: ``attention.first_token_stats``); elsewhere
-  ``argmax`` over its probabilities names its document's first token (ties go to the earliest
-  key, so a near-tie that exp rounding merged counts as a hit, and a row of all-zero
-  probabilities names key 0).
+  A query's hit: with ``argmax_first_lbnt``, its flag (its first visible key, the first token
+  of its document, has a logit >= every visible logit, ties to it:
+  ``attention.first_token_stats``); without, ``argmax`` over its probabilities names its
+  document's first token (ties go to the earliest key, so a near-tie that exp rounding merged
+  counts as a hit, and a row of all-zero probabilities names key 0). The mass is always the
+  probability on the document's first token.
 
   Args:
     probs_lbnts: ``[L, B, N, T, T]`` attention probabilities (rows may sum to < 1: softmax-1).
     segment_ids_bt: optional ``[B, T]`` document ids (0 = padding).
-    argmax_first_lbnt: optional ``[L, B, N, T]`` bool, logit-decided key-0 argmax flags of the
-      same attention.
+    argmax_first_lbnt: optional ``[L, B, N, T]`` bool, the logit-decided first-key argmax flags
+      of the same attention; they decide every query's hit.
 
   Returns:
     ``ft_hits`` ``[L, N]`` (queries whose argmax key is their first token), ``ft_mass`` ``[L, N]``
@@ -94,10 +98,10 @@ def first_token_sums_from_probs(
   first_key_bt, counted_bt = counted_queries(segment_ids_bt, b, t)
   key_idx = first_key_bt[None, :, None, :, None]
   mass_lbnt = jnp.take_along_axis(probs_lbnts, key_idx, axis=-1)[..., 0].astype(jnp.float32)
-  hit_lbnt = jnp.argmax(probs_lbnts, axis=-1) == first_key_bt[None, :, None, :]
-  if argmax_first_lbnt is not None:
-    from_logits_bt = (first_key_bt == 0)[None, :, None, :]
-    hit_lbnt = jnp.where(from_logits_bt, argmax_first_lbnt, hit_lbnt)
+  if argmax_first_lbnt is None:
+    hit_lbnt = jnp.argmax(probs_lbnts, axis=-1) == first_key_bt[None, :, None, :]
+  else:
+    hit_lbnt = argmax_first_lbnt
   w_lbnt = jnp.broadcast_to(counted_bt[None, :, None, :], hit_lbnt.shape).astype(jnp.float32)
   return {
       "ft_hits": jnp.sum(hit_lbnt * w_lbnt, axis=(1, 3)),
@@ -114,20 +118,20 @@ def first_token_sums_from_stats(
 ) -> Sums:
   """First-token attention sums from per-query kernel statistics (no ``T x T`` array).
 
-  Tie rule: the first key is the argmax iff ``first_logit >= row_max`` (ties go to the first
-  key, as ``argmax`` does). ``attention.attention_stats`` returns its three arrays so that this
-  comparison reproduces the decision its implementation made from the scores themselves (see
-  its docstring); arrays from elsewhere should come from one computation of the logits. The
-  probability is ``exp(first_logit - lse)`` where ``lse`` is the row's log-normaliser (for
-  softmax-1 it includes the virtual zero logit, ``log(1 + sum exp)``; for learned sinks the
-  head's sink logit).
+  Tie rule: the query's first visible key (the first token of its document) is the argmax iff
+  ``first_logit >= row_max`` (ties go to it, as ``argmax`` does). ``attention.attention_stats``
+  returns its three arrays so that this comparison reproduces the decision its implementation
+  made from the scores themselves (see its docstring); arrays from elsewhere should come from
+  one computation of the logits. The probability is ``exp(first_logit - lse)`` where ``lse`` is
+  the row's log-normaliser (for softmax-1 it includes the virtual zero logit,
+  ``log(1 + sum exp)``; for learned sinks the head's sink logit).
 
-  ``softmax_one_jax.attention.attention_stats`` gives the logit of key 0, so with packed
-  documents only queries of each row's first document (the one starting at key 0) are counted;
-  ``first_token_sums_from_probs`` counts every document. Without ``segment_ids`` the two agree.
+  ``softmax_one_jax.attention.attention_stats`` gives the logit on each query's first visible
+  key, which under causal attention with ``segment_ids`` is the first token of its document:
+  every document's queries are counted, as in ``first_token_sums_from_probs``.
 
   Args:
-    first_logit_lbnt: ``[L, B, N, T]`` logit of each query on key 0.
+    first_logit_lbnt: ``[L, B, N, T]`` logit of each query on its first visible key.
     row_max_lbnt: ``[L, B, N, T]`` maximum logit over the visible keys (not counting the null key).
     lse_lbnt: ``[L, B, N, T]`` log-normaliser of each row.
     segment_ids_bt: optional ``[B, T]`` document ids (0 = padding).
@@ -156,14 +160,16 @@ def first_token_sums_from_flags(
 ) -> Sums:
   """First-token attention sums from per-query flags (``attention.first_token_stats`` output).
 
-  Nothing is decided here: the flags carry the tie rule of ``attention.stats`` (key 0's score
-  >= every visible key's, ties to key 0), decided where the row max was computed.
+  Nothing is decided here: the flags carry the tie rule of ``attention.stats`` (the query's
+  first visible key's score >= every visible key's, ties to it), decided where the row max was
+  computed.
 
   Args:
-    argmax_first_lbnt: ``[L, B, N, T]`` bool, key 0 is the query's argmax.
-    prob_first_lbnt: ``[L, B, N, T]`` probability on key 0.
-    segment_ids_bt: optional ``[B, T]``; only queries of each row's first document count (as in
-      ``first_token_sums_from_stats``).
+    argmax_first_lbnt: ``[L, B, N, T]`` bool, the query's first visible key (the first token of
+      its document) is its argmax.
+    prob_first_lbnt: ``[L, B, N, T]`` probability on that key.
+    segment_ids_bt: optional ``[B, T]`` document ids (0 = padding); every document's queries
+      count except its first (``layout.counted_queries``).
 
   Returns:
     ``ft_hits`` / ``ft_mass`` / ``ft_count`` ``[L, N]``.
@@ -174,8 +180,7 @@ def first_token_sums_from_flags(
     [[2.0]]
   """
   _, b, _, t = argmax_first_lbnt.shape
-  first_key_bt, counted_bt = counted_queries(segment_ids_bt, b, t)
-  counted_bt = counted_bt & (first_key_bt == 0)  # the statistics are about key 0
+  _, counted_bt = counted_queries(segment_ids_bt, b, t)
   w_lbnt = jnp.broadcast_to(counted_bt[None, :, None, :], argmax_first_lbnt.shape)
   w_lbnt = w_lbnt.astype(jnp.float32)
   return {
@@ -305,7 +310,7 @@ def model_batch_sums(
       (``[B, T]``, as ``softmax_one_jax.data`` yields them). Without ``targets`` no perplexity.
     outliers: also compute the hidden-state and attention metrics (else logits only).
     attention: "probs" (the ``attention_probs`` intermediate for the mass, with the
-      ``attention_stats`` flags deciding the hits of queries whose document starts at key 0),
+      ``attention_stats`` flags deciding every query's hit),
       "stats" (the ``attention_stats`` intermediate, no ``T x T`` array: a dict of
       ``argmax_first`` and ``prob_first``, or of ``first_logit``, ``row_max`` and ``lse``, each
       ``[L, B, N, T]``) or "none" (no first-token metrics).
@@ -504,10 +509,12 @@ def outlier_metrics(
 ) -> dict[str, Any]:
   """The paper's outlier metrics and the extreme-token metrics of one batch, as floats.
 
-  ``first_token_attention`` comes from the logits (``extreme_tokens.first_token_argmax_share``
-  on the model's ``attention_stats``): with packed documents it counts the queries of each
-  row's first document. ``first_token_mass`` is the same mean as ``first_token_prob``; it comes
-  with the trigger split.
+  ``first_token_attention`` is the share of counted queries (every document's, each document's
+  first query and padding excepted) whose first-token argmax flag, decided from the logits, is
+  set: the same on every ``attention`` source and the same number ``softmax-one analyze``
+  reports. ``first_token_chance`` is its chance level on this token layout
+  (``layout.first_token_chance``). ``first_token_mass`` is the same mean as
+  ``first_token_prob``; it comes with the trigger split.
 
   Args:
     model: the Transformer.
@@ -522,7 +529,8 @@ def outlier_metrics(
     per_layer: also return the ``*_per_layer`` lists (else floats only, as training logs them).
 
   Returns:
-    ``first_token_attention``, ``first_token_prob``, ``kurtosis_first``, ``kurtosis_rest``,
+    ``first_token_attention``, ``first_token_prob`` (and ``first_token_chance`` unless
+    ``attention="none"``), ``kurtosis_first``, ``kurtosis_rest``,
     ``max_abs_first``, ``max_abs_rest``, ``first_token_mass``, ``sink_rate``, ``null_mass``
     (softmax-1, learned sinks), ``value_drain_ratio``, ``residual_peak_ratio`` (and
     ``perplexity``, ``nll`` with targets; see ``extreme_tokens`` for the definitions).
@@ -534,8 +542,14 @@ def outlier_metrics(
            "targets": targets, "weights": weights}
   batch = {k: jnp.asarray(v)[None] for k, v in batch.items() if v is not None}
   out: dict[str, Any] = dict(finalize(evaluate_sums(model, batch, attention=attention)).scalars)
+  if "first_token_attention" in out:
+    b, t = jnp.shape(tokens_bt)
+    seg = None if segment_ids is None else jnp.asarray(segment_ids)
+    out["first_token_chance"] = float(first_token_chance(seg, b, t))
   extreme = extreme_tokens.extreme_token_metrics(
       model, tokens_bt, segment_ids, positions=positions, trigger_positions=trigger_positions,
       attention=attention)
-  out.update({k: v for k, v in extreme.items() if per_layer or not k.endswith("_per_layer")})
+  # extreme_tokens' first_token_attention is the same share of the same flags: keep this one.
+  out.update({k: v for k, v in extreme.items()
+              if k != "first_token_attention" and (per_layer or not k.endswith("_per_layer"))})
   return out

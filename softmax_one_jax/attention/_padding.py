@@ -1,4 +1,5 @@
-"""Shared wrapper logic of the fused kernels: argument checks, padding to blocks, segment ids.
+"""Shared wrapper logic of the fused kernels: argument checks, padding to blocks, segment ids,
+and the per-row score reduction of the first-token statistics (``max_and_first``).
 
 The kernels see block-multiple sequence lengths and a power-of-two head_dim; this module pads the
 inputs (zeros: zero q/k columns leave the logits unchanged, zero v columns add zero output
@@ -102,3 +103,23 @@ def padded_segment_ids(
   kv_ids = jnp.concatenate([kv_ids, jnp.broadcast_to(floor - 1, (batch, kv_pad - kv_len))],
                            axis=1)
   return q_ids, kv_ids
+
+
+def max_and_first(d: jax.Array, k_pos: jax.Array, none: int) -> tuple[jax.Array, jax.Array]:
+  """Per row, the largest of the scores ``d [..., S]`` and the score of the first visible key.
+
+  A key is visible where its score is not ``-inf`` (masked scores are ``-inf``; a dot product of
+  finite inputs is finite); the first visible key is the one of smallest ``k_pos`` (``[..., S]``
+  key indices, broadcastable to ``d``). Both come from ``d`` itself by masked reductions, not by
+  a slice or a second product that XLA or Triton could round differently. Rows with nothing
+  visible give ``-inf`` twice. ``none``: an index above every key's (the number of keys). Used
+  by the statistics paths: dense logits, a key chunk or a kernel key tile.
+
+  Example:
+    >>> d = jnp.array([[-jnp.inf, 3.0, 5.0], [1.0, 2.0, 0.0]])
+    >>> [x.tolist() for x in max_and_first(d, jnp.arange(3)[None, :], 3)]
+    [[5.0, 2.0], [3.0, 1.0]]
+  """
+  first_pos = jnp.min(jnp.where(d == -jnp.inf, none, k_pos), axis=-1)  # plain ops: Triton
+  first = jnp.max(jnp.where(k_pos == first_pos[..., None], d, -jnp.inf), axis=-1)
+  return jnp.max(d, axis=-1), first

@@ -157,9 +157,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs
   """One program: a query tile of one (batch, head); loops over key tiles.
 
   ``sinks_ref`` holds the head's sink logit repeated ``block_q`` times (None without a sink).
-  With ``with_max`` it also writes, per query, the largest score over the visible keys and key
-  0's score, both from the same tile products in the same units (see ``_logits2``'s ``d``), so
-  that comparing them decides whether key 0 is the argmax exactly.
+  With ``with_max`` it also writes, per query, the largest score over the visible keys and the
+  score of the first visible key (smallest index the query may see), both from the same tile
+  products in the same units (see ``_logits2``'s ``d``), so that comparing them decides whether
+  the first visible key is the argmax exactly.
   """
   bq, bk = st.block_q, st.block_k
   q_start = pl.program_id(0) * bq
@@ -175,7 +176,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs
     l0 = jnp.zeros((bq,), jnp.float32)
   acc0 = jnp.zeros((bq, q.shape[-1]), jnp.float32)
   neg_inf = jnp.full((bq,), -jnp.inf, jnp.float32)
-  # With with_max: (largest score, key 0's score) per query, in the units of _logits2's d.
+  # With with_max: (largest score, first visible key's score) per query, in _logits2's d units.
   scores0 = (neg_inf, neg_inf) if with_max else ()
 
   def body(j, carry, masked):
@@ -199,9 +200,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs
     if with_max:
       _, d, k_pos = tile
       top, first = scores
-      # Key 0 lies in tile 0 only: its column of this tile's products, -inf in the others.
-      scores = (jnp.maximum(top, jnp.max(d, axis=-1)),
-                jnp.maximum(first, jnp.max(jnp.where(k_pos == 0, d, -jnp.inf), axis=-1)))
+      tile_top, tile_first = _padding.max_and_first(d, k_pos, st.kv_pad)
+      # Tiles come in ascending key order: the first tile in which a row sees any key gives its
+      # first visible key; until then first is -inf (a visible score is finite), then it stays.
+      scores = (jnp.maximum(top, tile_top),
+                jnp.where(first == -jnp.inf, tile_first, first))
     return acc, m_new, l, scores
 
   carry = (acc0, m0, l0, scores0)
@@ -230,7 +233,8 @@ def _forward_call(q, k, v, ids, sinks, st: _Static, with_out: bool = True,
   """pallas_call of the forward kernel on padded inputs.
 
   Returns ``(o?, lse [B,N,T], top? [B,N,T], first? [B,N,T])``: ``top`` and ``first`` (with
-  ``with_max``) are the largest score and key 0's score in the units of ``_logits2``'s ``d``.
+  ``with_max``) are the largest score and the first visible key's score in the units of
+  ``_logits2``'s ``d``.
 
   ``sinks`` is ``[N]`` float32 when ``st.sink``, else None.
   """
@@ -529,10 +533,11 @@ def flash_attention(
 def _row_stats(top, first, st: _Static, t: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(row_max, first_logit, argmax_first)`` ``[B, N, T]`` from the kernel's ``top`` / ``first``.
 
-  Tie rule: key 0 is the argmax iff its score is >= the score of every other key the query may
-  see (ties go to key 0, as ``argmax``'s first index). Decided here by ``first >= top``: both
-  come from the same tile products in the same units, no constant between them. The logits are
-  those products times ``|scale|``; ``-inf`` (nothing visible, key 0 masked) stays ``-inf``.
+  Tie rule: the query's first visible key is the argmax iff its score is >= the score of every
+  other key the query may see (ties go to it, as ``argmax``'s first index). Decided here by
+  ``first >= top``: both come from the same tile products in the same units, no constant
+  between them. The logits are those products times ``|scale|``; ``-inf`` (nothing visible)
+  stays ``-inf``.
   """
   top, first = top[:, :, :t], first[:, :, :t]
   size = abs(st.scale)
@@ -558,11 +563,13 @@ def flash_stats(
 
   ``lse`` is the log-normaliser (it includes the sink, so the sink's share is ``exp(c - lse)``,
   ``exp(-lse)`` for softmax-1); ``row_max`` is the largest real logit (``-inf`` for a query that
-  sees no key); ``first_logit`` is key 0's logit (``-inf`` where masked); ``argmax_first``
-  (bool) says key 0's score is >= every visible key's (ties go to key 0), decided from two
-  outputs of the kernel's tile computation, the largest dot product ``q.k`` of the row and key
-  0's (times the sign of the scale), with no constant between them. Arguments as
-  :func:`flash_attention`. Not differentiable (monitoring only).
+  sees no key); ``first_logit`` is the logit on the query's first visible key (the first token
+  of its document under causal attention with ``segment_ids``, key 0 without them; ``-inf`` if
+  it sees none); ``argmax_first`` (bool) says that key's score is >= every visible key's (ties
+  go to it), decided from two outputs of the kernel's tile computation, the largest dot product
+  ``q.k`` of the row and the first visible key's (times the sign of the scale), with no
+  constant between them. Arguments as :func:`flash_attention`. Not differentiable (monitoring
+  only).
 
   Example:
     >>> lse, row_max, first, hit = flash_stats(jnp.ones((1, 16, 2, 64)), jnp.ones((1, 16, 2, 64)),
@@ -594,8 +601,9 @@ def flash_attention_with_stats(
   """``(out [B, T, N, H], lse, row_max, first_logit, argmax_first)`` from one forward pass.
 
   The statistics (each ``[B, N, T]``, as :func:`flash_stats`) cost two more ``[block_q]``
-  registers per program (the largest score and key 0's) and ``O(B N T)`` output, nothing else;
-  ``stats.first_token_stats`` turns them into first-token shares during evaluation. Arguments as :func:`flash_attention`.
+  registers per program (the largest score and the first visible key's), three more row
+  reductions per key tile and ``O(B N T)`` output, nothing else; ``stats.first_token_stats``
+  turns them into first-token shares during evaluation. Arguments as :func:`flash_attention`.
   Forward only: not differentiable (train with :func:`flash_attention`).
 
   Example:

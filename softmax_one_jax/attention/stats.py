@@ -1,27 +1,33 @@
-"""First-token attention statistics in O(seq) memory: logsumexp, row max and the key-0 logit.
+"""First-token attention statistics in O(seq) memory: logsumexp, row max, the first key's logit.
 
 The paper's diagnostics ask, per query, how much attention goes to the first token and whether
 it is the argmax; for softmax-1 and learned sinks also how much goes nowhere (the null key). All
 three follow from per-row numbers without any ``[T, S]`` probability matrix::
 
-  prob_first   = exp(s_0 - lse)       (lse includes the null key: softmax-1, learned sinks)
-  argmax_first = s_0 >= row_max       (row_max over the real, unmasked logits)
+  prob_first   = exp(s_f - lse)       (lse includes the null key: softmax-1, learned sinks)
+  argmax_first = s_f >= row_max       (row_max over the real, unmasked logits)
   null_mass    = exp(c_n - lse)       (the null key's share; c_n = 0 for softmax-1, the head's
                                        sink logit for learned sinks)
 
-where ``s_0`` is query ``t``'s scaled logit on key 0 (``-inf`` if masked). The null key is not a
-real key: ``argmax_first`` compares key 0 with the other keys only, for every kind.
+where ``s_f`` is query ``t``'s scaled logit on its *first visible key* ``f``: the key of smallest
+index the query may attend to (``-inf`` if it sees none). With causal attention and packed
+documents (``segment_ids``) that is the first token of the query's own document; without
+segment ids it is key 0; with a dense ``mask`` (xla path) the first key the mask allows. The
+null key is not a real key: ``argmax_first`` compares the first visible key with the other
+keys only, for every kind.
 
-Tie rule: key 0 is the argmax iff its score is >= the score of every other key the query may
-see, so ties go to key 0 (``argmax``'s first-index rule); a masked key 0 is never the argmax.
-Every implementation decides it where it computes the row max, from the same computed dot
-products ``q.k`` (times the sign of the scale, which is exact): no path recomputes key 0's score
-separately, and none multiplies by the scale (or by ``log2(e)``) between the two compared
-scores, as that rounding could merge two different scores into a false tie. "xla" reads key 0's
-column of the dense matrix, "chunked" key 0's column of the first chunk inside the scan, and
-"pallas" key 0's column of the first key tile inside the GPU forward kernel. Where the dot
-products are exact in float32 (small integers, powers of two), all three give float64's answer,
-ties and one-ulp near-ties included; otherwise each decides on its own float32 products.
+Tie rule: the first visible key is the argmax iff its score is >= the score of every other key
+the query may see, so ties go to it (``argmax``'s first-index rule); a query that sees no key
+has no argmax. Every implementation decides it where it computes the row max, from the same
+computed dot products ``q.k`` (times the sign of the scale, which is exact): the first visible
+key's score is picked out of those products, never recomputed, and nothing multiplies by the
+scale (or by ``log2(e)``) between the two compared scores, as that rounding could merge two
+different scores into a false tie. "xla" takes the first visible column of each row of the
+dense matrix; "chunked" keeps, in the scan's carry, the first visible column of the first chunk
+in which the row sees a key; "pallas" does the same across key tiles inside the GPU forward
+kernel (tiles are visited in ascending key order). Where the dot products are exact in float32
+(small integers, powers of two), all three give float64's answer, ties and one-ulp near-ties
+included; otherwise each decides on its own float32 products.
 
 Example:
   >>> q = k = jnp.ones((1, 8, 2, 16))
@@ -30,6 +36,12 @@ Example:
   ['argmax_first', 'null_mass', 'prob_first']
   >>> bool(stats["argmax_first"].all())  # every score ties with key 0's: key 0 wins
   True
+  >>> ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2]])  # the second document starts at key 3
+  >>> stats = first_token_stats(q, k, is_causal=True, segment_ids=ids)
+  >>> bool(stats["argmax_first"].all())  # query 4 sees keys 3, 4: key 3 is its first key
+  True
+  >>> round(stats["prob_first"][0, 0, 4].item(), 4)  # e^4 / (1 + 2 e^4): softmax-1
+  0.4955
 """
 
 from __future__ import annotations
@@ -68,20 +80,12 @@ def _scores(dots, where, scale: float):
   return jnp.where(where, logits, -jnp.inf), jnp.where(where, d, -jnp.inf)
 
 
-def _key0_max(d, k_pos):
-  """Per row, the largest of ``d [..., S]`` and its key-0 entry (``-inf`` if not in ``k_pos``).
-
-  Key 0's entry is picked by a masked reduction of the same array, not a slice: a slice of a
-  product may be rewritten by XLA into a separate, differently rounded product.
-  """
-  return jnp.max(d, axis=-1), jnp.max(jnp.where(k_pos == 0, d, -jnp.inf), axis=-1)
-
-
 def _decide(top, first, scale: float):
   """``(row_max, first_logit, argmax_first)`` from the decision scores of one computation.
 
-  Tie rule: key 0 is the argmax iff its score is >= every visible key's (``first >= top``, ties
-  to key 0), compared in the units of the dot products, before any scaling rounds them.
+  Tie rule: the first visible key is the argmax iff its score is >= every visible key's
+  (``first >= top``, ties to it), compared in the units of the dot products, before any scaling
+  rounds them; ``first = -inf`` (nothing visible) is never the argmax.
   """
   size = abs(scale)
   to_logit = lambda d: jnp.where(jnp.isneginf(d), -jnp.inf, d * size)  # noqa: E731
@@ -103,14 +107,17 @@ def _xla_stats(query, key, sinks, is_causal, segment_ids, mask, scale):
   lse = jax.nn.logsumexp(logits, axis=-1, where=where)  # -inf for a row with no key
   if sinks is not None:  # the null key joins the normaliser: log(exp(c) + sum_j exp(s_j))
     lse = jnp.logaddexp(sinks.astype(lse.dtype)[:, None], lse)
-  return (lse,) + _decide(*_key0_max(d, jnp.arange(s)), scale)
+  # Each row's first allowed column, picked from the same decision scores as the row max.
+  return (lse,) + _decide(*_padding.max_and_first(d, jnp.arange(s), s), scale)
 
 
 def _chunked_stats(query, key, sinks, is_causal, segment_ids, scale, chunk: int = 512):
   """Online logsumexp over key chunks (``lax.scan``): ``[B, N, T, chunk]`` at a time.
 
   ``sinks`` (``[N]`` or None) seed the running state as a key seen first: ``m = c, total = 1``.
-  The largest decision score and key 0's (found in the first chunk) ride in the scan's carry.
+  The largest decision score and the first visible key's ride in the scan's carry: chunks come
+  in ascending key order, so the first chunk in which a row sees any key holds its first
+  visible key, and later chunks leave that score alone.
   Returns ``(lse, row_max, first_logit, argmax_first)``.
   """
   b, t, n, h = query.shape
@@ -135,8 +142,9 @@ def _chunked_stats(query, key, sinks, is_causal, segment_ids, scale, chunk: int 
       where = where & (ids[0][:, :, None] == kv_ids_bs[:, None, :])[:, None]
     dots = attention_logits(query, k_bskh, 1.0)
     logits, d = _scores(dots, jnp.broadcast_to(where, dots.shape), scale)
-    chunk_top, chunk_first = _key0_max(d, k_pos)
-    top, first = jnp.maximum(top, chunk_top), jnp.maximum(first, chunk_first)
+    chunk_top, chunk_first = _padding.max_and_first(d, k_pos, s_pad)
+    # -inf until the row has seen a key (a visible score is finite): then it is kept.
+    top, first = jnp.maximum(top, chunk_top), jnp.where(jnp.isneginf(first), chunk_first, first)
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
     m_use = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
     total = total * jnp.exp(m - m_use) + jnp.sum(jnp.exp(logits - m_use[..., None]), axis=-1)
@@ -210,10 +218,13 @@ def attention_stats(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-query ``(lse, row_max, first_logit)``, each ``[B, N, T]`` float32.
 
-  A finite ``first_logit >= row_max`` holds exactly where key 0 is the argmax by the tie rule
-  of the module docstring, as decided inside the chosen implementation: where rounding the two
-  scores to logits made a lower key-0 score equal to the row max, ``first_logit`` is the
-  float32 just below ``row_max`` (a change of one ulp, within that rounding).
+  ``first_logit`` is the logit on the query's first visible key (the first token of its
+  document under causal attention with ``segment_ids``; key 0 without them; see the module
+  docstring). A finite ``first_logit >= row_max`` holds exactly where that key is the argmax by
+  the tie rule of the module docstring, as decided inside the chosen implementation: where
+  rounding the two scores to logits made a lower first-key score equal to the row max,
+  ``first_logit`` is the float32 just below ``row_max`` (a change of one ulp, within that
+  rounding).
 
   Args:
     query: ``[B, T, N, H]``.
@@ -231,7 +242,8 @@ def attention_stats(
 
   Returns:
     ``lse``: log-normaliser (``-inf`` for a softmax row that sees no key); ``row_max``: largest
-    unmasked logit (``-inf`` if none); ``first_logit``: logit on key 0 (``-inf`` if masked).
+    unmasked logit (``-inf`` if none); ``first_logit``: logit on the query's first visible key
+    (``-inf`` if it sees none).
     Not differentiated through (monitoring).
 
   Example:
@@ -261,7 +273,7 @@ def first_token_stats(
     interpret: bool = False,
     sharding: AttentionSharding | None = None,
 ) -> dict[str, jax.Array]:
-  """Attention on the first token without probabilities: each value ``[B, N, T]``.
+  """Attention on each query's first visible key without probabilities: each value ``[B, N, T]``.
 
   Args:
     query: ``[B, T, N, H]``.
@@ -272,11 +284,12 @@ def first_token_stats(
       :func:`attention_stats`.
 
   Returns:
-    ``prob_first`` (float32, probability on key 0), ``argmax_first`` (bool, key 0's score is >=
-    every visible key's, ties to key 0, the null key not counted; False if key 0 is masked: the
-    tie rule of the module docstring, decided where the row max is computed) and, for softmax-1
-    and learned sinks, ``null_mass`` (float32, the null key's share ``exp(c_n - lse)``,
-    ``1 - sum_j p_j``).
+    ``prob_first`` (float32, probability on the query's first visible key: the first token of
+    its document under causal attention with ``segment_ids``, key 0 without them),
+    ``argmax_first`` (bool, that key's score is >= every visible key's, ties to it, the null key
+    not counted; False for a query that sees no key: the tie rule of the module docstring,
+    decided where the row max is computed) and, for softmax-1 and learned sinks, ``null_mass``
+    (float32, the null key's share ``exp(c_n - lse)``, ``1 - sum_j p_j``).
 
   Example:
     >>> stats = first_token_stats(jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 8)), softmax="softmax")

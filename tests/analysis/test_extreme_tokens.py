@@ -126,6 +126,16 @@ def test_first_token_stats_flags_an_underflowing_row_as_a_miss(implementation):
   assert float(E.first_token_argmax_share(st["argmax_first"][None])) == 0.5
 
 
+def test_first_token_argmax_share_counts_every_document():
+  # Documents [0, 1, 2] and [3, 4]: counted queries 1, 2 and 4 (each document's first query and
+  # the padding at 5 excluded); the flags are about each query's own document's first token.
+  flags = jnp.array([True, True, False, True, True, True]).reshape(1, 1, 1, 6)
+  seg = jnp.array([[1, 1, 1, 2, 2, 0]])
+  assert float(E.first_token_argmax_share(flags, seg)) == pytest.approx(2 / 3)
+  sums = O.first_token_sums_from_flags(flags, jnp.zeros((1, 1, 1, 6)), seg)
+  assert O.finalize(sums).scalars["first_token_attention"] == pytest.approx(2 / 3)
+
+
 class _UnderflowModel(nnx.Module):
   """Returns hand-made intermediates: softmax-1 rows whose probabilities all underflowed to 0.
 
@@ -242,3 +252,21 @@ def test_outlier_metrics_new_keys_exist_and_are_in_range(tiny_model, attention):
   plain = O.outlier_metrics(tiny_model, tokens, seg, attention=attention)
   assert all(isinstance(v, float) for v in plain.values())  # training logs float(v) of each
   assert "first_token_mass_trigger" not in plain
+  # (8 + 6 + 13) counted queries: 1/2 + ... + 1/9, 1/2 + ... + 1/7 and 1/2 + ... + 1/14.
+  harmonic = lambda n: sum(1 / i for i in range(2, n + 1))  # noqa: E731
+  want_chance = (harmonic(9) + harmonic(7) + harmonic(14)) / (8 + 6 + 13)
+  assert plain["first_token_chance"] == pytest.approx(want_chance, rel=1e-6)
+
+
+def test_outlier_metrics_sources_report_one_first_token_share(tiny_model):
+  """On a packed batch the "probs" and "stats" sources give the same first_token_attention
+  (every document counted, from the same flags) and the same mass on the first tokens."""
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(0, 97, (2, 16)), jnp.int32)
+  seg = jnp.asarray(np.array([[1] * 4 + [2] * 5 + [3] * 7, [1] * 6 + [2] * 8 + [0] * 2]))
+  via_probs = O.outlier_metrics(tiny_model, tokens, seg, attention="probs")
+  via_stats = O.outlier_metrics(tiny_model, tokens, seg, attention="stats")
+  assert via_probs["first_token_attention"] == via_stats["first_token_attention"]
+  assert 0.0 < via_probs["first_token_attention"] < 1.0
+  for key in ("first_token_prob", "first_token_mass", "null_mass", "sink_rate"):
+    assert via_probs[key] == pytest.approx(via_stats[key], rel=1e-5, abs=1e-7), key

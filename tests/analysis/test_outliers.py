@@ -122,8 +122,9 @@ def _assert_clear_argmax(logits, mask, gap=1e-3):
 
 
 def _np_first_token(probs, seg, argmax_first=None):
-  """Loop reference. A query's hit: ``argmax_first`` (logit-decided key-0 flags) where given and
-  its document starts at key 0, else argmax over its probabilities (first index on ties)."""
+  """Loop reference. A query's hit: ``argmax_first`` (logit-decided first-key flags) where
+  given, else argmax over its probabilities (first index on ties); the mass is the probability
+  on its document's first token."""
   l, b, n, t, _ = probs.shape
   first, is_first, valid = _np_layout(seg) if seg is not None else (
       np.zeros((b, t), int), np.arange(t)[None].repeat(b, 0) == 0, np.ones((b, t), bool))
@@ -137,7 +138,7 @@ def _np_first_token(probs, seg, argmax_first=None):
           if not valid[bi, ti] or is_first[bi, ti]:
             continue
           row = probs[li, bi, ni, ti]
-          if argmax_first is not None and first[bi, ti] == 0:
+          if argmax_first is not None:
             hits[li, ni] += argmax_first[li, bi, ni, ti]
           else:
             hits[li, ni] += np.argmax(row) == first[bi, ti]
@@ -303,22 +304,44 @@ def test_stack_batches_errors():
     O.stack_batches([{"targets": np.zeros((1, 2))}])
 
 
-def test_first_token_from_stats_with_segments_counts_the_first_document():
+def test_first_token_from_stats_with_segments_counts_every_document():
+  """Statistics about each query's first visible key (its document's first token) count every
+  document, with the hits and mass of the probabilities path."""
   rng = np.random.default_rng(9)
   l, b, n, t = 1, 2, 2, 12
   seg = _random_segments(rng, b, t)
   logits, mask, probs, lse = _causal_probs(rng, l, b, n, t, seg, softmax1=True)
   _assert_clear_argmax(logits, mask)
-  first_logit = np.where(mask[..., 0], logits[..., 0], -np.inf)
+  first_key = _np_layout(seg)[0]
+  first_logit = np.take_along_axis(logits, first_key[None, :, None, :, None], -1)[..., 0]
   row_max = np.max(np.where(mask, logits, -np.inf), -1)
   stats = O.first_token_sums_from_stats(jnp.asarray(first_logit, jnp.float32),
                                         jnp.asarray(row_max, jnp.float32),
                                         jnp.asarray(lse, jnp.float32), jnp.asarray(seg))
-  only_first_doc = np.where(seg == 1, seg, 0)  # the other documents become padding
-  ref = O.first_token_sums_from_probs(jnp.asarray(probs, jnp.float32), jnp.asarray(only_first_doc))
+  ref = O.first_token_sums_from_probs(jnp.asarray(probs, jnp.float32), jnp.asarray(seg))
   for key in ("ft_hits", "ft_count"):
     np.testing.assert_array_equal(stats[key], ref[key])
   np.testing.assert_allclose(stats["ft_mass"], ref["ft_mass"], rtol=1e-5)
+  _, counted = counted_queries(jnp.asarray(seg), b, t)
+  later = np.asarray(counted) & (first_key > 0)
+  assert later.any() and float(stats["ft_count"].sum()) == np.asarray(counted).sum() * l * n
+  assert np.any(later[None, :, None] & (first_logit >= row_max))  # later documents add hits
+
+
+def test_probs_source_takes_every_hit_from_the_flags():
+  """Two documents ([0, 1, 2], [3, 4, 5]); every row of probabilities is all zeros (softmax-1
+  underflow: argmax names key 0, a hit for the first document's queries and a miss for the
+  second's). The flags, decided from the logits, say otherwise in both documents."""
+  seg = jnp.array([[1, 1, 1, 2, 2, 2]])
+  probs = jnp.zeros((1, 1, 1, 6, 6))
+  flags = jnp.array([True, False, False, True, True, False]).reshape(1, 1, 1, 6)
+  from_argmax = O.first_token_sums_from_probs(probs, seg)
+  assert from_argmax["ft_hits"].tolist() == [[2.0]]  # queries 1 and 2: argmax names key 0
+  sums = O.first_token_sums_from_probs(probs, seg, flags)
+  assert sums["ft_hits"].tolist() == [[1.0]]  # query 4 only (1, 2 and 5 are misses)
+  assert sums["ft_count"].tolist() == [[4.0]]
+  flags_only = O.first_token_sums_from_flags(flags, jnp.zeros((1, 1, 1, 6)), seg)
+  assert flags_only["ft_hits"].tolist() == [[1.0]] and flags_only["ft_count"].tolist() == [[4.0]]
 
 
 def test_first_token_flags_from_attention_stats_module_agree():
@@ -341,18 +364,21 @@ def test_first_token_flags_from_attention_stats_module_agree():
   np.testing.assert_allclose(flags["ft_mass"], ref["ft_mass"], rtol=1e-5)
 
 
-def test_evaluate_with_attention_stats_equals_probs_path(tiny_model):
+@pytest.mark.parametrize("segments", [False, True], ids=["rows", "packed"])
+def test_evaluate_with_attention_stats_equals_probs_path(tiny_model, segments):
   """The real "attention_stats" intermediate (first_token_stats in every layer) against the
-  probabilities: the mass is computed independently (exp(s_0 - lse) vs the probability matrix);
-  without documents both sources take the hits from the same logit-decided flags."""
+  probabilities: the mass is computed independently (exp(s_f - lse) vs the probability matrix
+  at each document's first token); both sources take every hit from the same logit-decided
+  flags, packed documents included."""
   rng = np.random.default_rng(11)
-  batches = _batches(rng, 2, 2, 16, 97, segments=False)
+  batches = _batches(rng, 2, 2, 16, 97, segments=segments)
   via_probs = O.evaluate_sums(tiny_model, batches, attention="probs")
   via_stats = O.evaluate_sums(tiny_model, batches, attention="stats")
   assert set(via_probs) == set(via_stats)
   for key in via_probs:
     np.testing.assert_allclose(via_stats[key], via_probs[key], rtol=1e-5, err_msg=key)
   np.testing.assert_array_equal(via_stats["ft_hits"], via_probs["ft_hits"])
+  np.testing.assert_array_equal(via_stats["ft_count"], via_probs["ft_count"])
   assert 0 < via_stats["ft_hits"].sum() < via_stats["ft_count"].sum()
 
 
@@ -395,10 +421,13 @@ def _recorded_qk(impl, record):
 
 
 def test_model_first_token_metrics_agree_across_stats_paths_and_float64(monkeypatch):
-  """A small learned-sink model whose attention statistics come from each implementation path
-  in turn (the model has no option for it: the layers' first_token_stats is swapped for the
-  same function with ``implementation`` set). The hit counts of every metric are identical on
-  every path and equal float64's on the layers' own q and k; mass and null mass agree."""
+  """A small learned-sink model on a packed batch (several documents per row, padding) whose
+  attention statistics come from each implementation path in turn (the model has no option for
+  it: the layers' first_token_stats is swapped for the same function with ``implementation``
+  set). On every path, the "probs" and "stats" sources and the extreme-token share count the
+  same hits, equal to float64's on the layers' own q and k over every document; then
+  ``outlier_metrics`` (what training logs) reports that same share. Mass and null mass agree."""
+  from softmax_one_jax.analysis.layout import first_token_chance
   from softmax_one_jax.models import Transformer, layers, preset
 
   cfg = preset("tiny", vocab_size=97, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
@@ -408,7 +437,7 @@ def test_model_first_token_metrics_agree_across_stats_paths_and_float64(monkeypa
   for block in model.blocks:
     block.attn.sink_logits.value = jnp.asarray(sinks)
   tokens = jnp.asarray(np.random.default_rng(12).integers(0, 97, (2, 16)), jnp.int32)
-  seg = np.array([[1] * 11 + [2] * 5, [1] * 14 + [0] * 2], np.int32)
+  seg = np.array([[1] * 5 + [2] * 6 + [3] * 5, [1] * 4 + [2] * 10 + [0] * 2], np.int32)
   batch = {"inputs": tokens, "segment_ids": jnp.asarray(seg)}
   graphdef, state = nnx.split(model)
   qk = []
@@ -421,30 +450,43 @@ def test_model_first_token_metrics_agree_across_stats_paths_and_float64(monkeypa
     def metrics(state):
       m = nnx.merge(graphdef, state)
       return (O.model_batch_sums(m, batch, attention="stats"),
+              O.model_batch_sums(m, batch, attention="probs"),
+              E.extreme_token_arrays(m, tokens, batch["segment_ids"], attention="stats"),
               E.extreme_token_arrays(m, tokens, batch["segment_ids"], attention="probs"))
 
     got[impl] = jax.device_get(metrics(state))
+  monkeypatch.undo()
   # float64 judge on the first forward pass's (q, k) per layer.
   judge = [np_first_token(q, k, softmax="learned_sink", sinks=sinks, is_causal=True,
                           segment_ids=seg) for q, k in qk[:cfg.num_layers]]
   for q, k in qk[:cfg.num_layers]:
     assert np_decidable(q, k, is_causal=True, segment_ids=seg).all()  # no near-tie in the draw
   want_hit = np.stack([j[0] for j in judge])  # [L, B, N, T]
-  first_key, counted = counted_queries(jnp.asarray(seg), 2, 16)
-  w = (np.asarray(counted) & (np.asarray(first_key) == 0))[None, :, None, :]
+  first_key, counted = (np.asarray(a) for a in counted_queries(jnp.asarray(seg), 2, 16))
+  w = counted[None, :, None, :]  # every document's queries
   want_hits = (want_hit * w).sum(axis=(1, 3))
-  assert 0 < want_hits.sum() < w.sum() * 4 * cfg.num_layers
-  for impl, (sums, extreme) in got.items():
-    np.testing.assert_array_equal(sums["ft_hits"], want_hits, err_msg=impl)
-    assert extreme["first_token_attention"] == pytest.approx(want_hits.sum() / (w.sum() * 8),
-                                                             rel=1e-6), impl
-    want_mass = (np.stack([j[1] for j in judge]) * w).sum(axis=(1, 3))
-    np.testing.assert_allclose(sums["ft_mass"], want_mass, rtol=1e-4, err_msg=impl)
-    for key in ("first_token_mass", "null_mass", "sink_rate"):
-      np.testing.assert_allclose(extreme[key], got["xla"][1][key], rtol=1e-5, err_msg=impl)
-    np.testing.assert_array_equal(sums["ft_hits"], got["xla"][0]["ft_hits"])
-    assert extreme["first_token_attention"] == got["xla"][1]["first_token_attention"]
+  total = w.sum() * 4 * cfg.num_layers
+  assert 0 < want_hits.sum() < total
+  later = w & (first_key > 0)[None, :, None, :]  # queries of documents after the first
+  assert 0 < (want_hit * later).sum() < later.sum() * 4 * cfg.num_layers
+  want_share = want_hits.sum() / total
+  want_mass = (np.stack([j[1] for j in judge]) * w).sum(axis=(1, 3))
+  for impl, (via_stats, via_probs, extreme_stats, extreme_probs) in got.items():
+    for name, sums in (("stats", via_stats), ("probs", via_probs)):
+      np.testing.assert_array_equal(sums["ft_hits"], want_hits, err_msg=f"{impl} {name}")
+      np.testing.assert_array_equal(sums["ft_count"], w.sum() * np.ones((2, 4)))
+      np.testing.assert_allclose(sums["ft_mass"], want_mass, rtol=1e-4, err_msg=f"{impl} {name}")
+    for extreme in (extreme_stats, extreme_probs):
+      assert extreme["first_token_attention"] == pytest.approx(want_share, rel=1e-6), impl
+      for key in ("first_token_mass", "null_mass", "sink_rate"):
+        np.testing.assert_allclose(extreme[key], got["xla"][3][key], rtol=1e-5, err_msg=impl)
   want_null = np.stack([j[2] for j in judge])
-  w_all = np.asarray(counted)[None, :, None, :]
-  np.testing.assert_allclose(got["pallas"][1]["null_mass"],
-                             (want_null * w_all).sum() / (w_all.sum() * 8), rtol=1e-4)
+  np.testing.assert_allclose(got["pallas"][2]["null_mass"], (want_null * w).sum() / total,
+                             rtol=1e-4)
+  # What training logs: one first_token_attention, the same share, with its chance level.
+  for attention in ("probs", "stats"):
+    m = O.outlier_metrics(model, tokens, jnp.asarray(seg), attention=attention)
+    assert m["first_token_attention"] == want_share, attention  # integer sums, float64 ratio
+    assert m["first_token_prob"] == pytest.approx(want_mass.sum() / total, rel=1e-4)
+    assert m["first_token_chance"] == pytest.approx(
+        float(first_token_chance(jnp.asarray(seg), 2, 16)), rel=1e-6)

@@ -138,28 +138,49 @@ def np_logits(q, k, *, is_causal=False, segment_ids=None, mask=None, scale=None)
   return np.where(allowed, logits, -np.inf)
 
 
+def np_first_visible(logits):
+  """``(first_pos, seen)``, each ``[B, N, T]``: per row of ``[B, N, T, S]`` logits (``-inf`` where
+  masked) the index of the first visible key (0 where none is visible) and whether any is."""
+  visible = np.isfinite(logits)
+  return np.argmax(visible, axis=-1), visible.any(axis=-1)
+
+
+def np_first_and_rest(logits):
+  """``(first, rest_max)``, each ``[B, N, T]``: the first visible key's logit and the largest
+  logit of the other visible keys (``-inf`` where there is none)."""
+  pos, seen = np_first_visible(logits)
+  first = np.where(seen, np.take_along_axis(logits, pos[..., None], -1)[..., 0], -np.inf)
+  others = logits.copy()
+  np.put_along_axis(others, pos[..., None], -np.inf, axis=-1)
+  return first, others.max(axis=-1)
+
+
 def np_first_token(q, k, *, softmax="softmax1", sinks=None, **kwargs):
   """float64 first-token statistics ``(argmax_first, prob_first, null_mass)``, each ``[B, N, T]``.
 
-  ``argmax_first``: key 0 is visible and its logit is >= every visible logit (ties go to key
-  0); the null key is not a key. ``null_mass`` is zeros for plain softmax. Keyword arguments as
-  ``np_attention_parts`` (``is_causal``, ``mask``, ``segment_ids``, ``scale``).
+  "First" is the query's first visible key: the visible key of smallest index (with causal
+  attention and segment ids the first token of the query's document; key 0 without them).
+  ``argmax_first``: the query sees a key and the first one's logit is >= every visible logit
+  (ties go to it); the null key is not a key. ``prob_first`` is 0 for a query that sees no key;
+  ``null_mass`` is zeros for plain softmax. Keyword arguments as ``np_attention_parts``
+  (``is_causal``, ``mask``, ``segment_ids``, ``scale``).
   """
   logits = np_logits(q, k, **kwargs)
-  with np.errstate(invalid="ignore"):
-    argmax_first = np.isfinite(logits[..., 0]) & (logits[..., 0] >= logits.max(axis=-1))
+  first, rest = np_first_and_rest(logits)
+  argmax_first = np.isfinite(first) & (first >= rest)
   _, probs, null = np_attention_parts(q, k, np.zeros_like(k), softmax=softmax, sinks=sinks,
                                       **kwargs)
-  return argmax_first, probs[..., 0], null
+  pos, _ = np_first_visible(logits)
+  return argmax_first, np.take_along_axis(probs, pos[..., None], -1)[..., 0], null
 
 
 def np_decidable(q, k, **kwargs):
   """``[B, N, T]`` bool: rows whose first-token answer float32 arithmetic cannot get wrong.
 
   A float32 dot product of length ``H`` is within ``H * eps * sum_h |q_h k_h|`` of the exact one,
-  so key 0's logit and the best other key's can swap only if their float64 margin is below
-  twice that (times ``|scale|``). Rows with key 0 masked or no other visible key are decidable.
-  Keyword arguments as ``np_logits``.
+  so the first visible key's logit and the best other key's can swap only if their float64
+  margin is below twice that (times ``|scale|``). Rows with no visible key or no other visible
+  key are decidable. Keyword arguments as ``np_logits``.
   """
   h = q.shape[-1]
   eps = np.finfo(np.float32).eps
@@ -168,32 +189,57 @@ def np_decidable(q, k, **kwargs):
   scale = abs(kwargs.get("scale") or 1.0 / np.sqrt(h))
   bound = 2 * h * eps * scale * np.where(np.isfinite(size), size, 0.0).max(axis=-1)
   with np.errstate(invalid="ignore"):
-    margin = logits[..., 0] - logits[..., 1:].max(axis=-1)
+    margin = np.subtract(*np_first_and_rest(logits))
   return ~np.isfinite(margin) | (np.abs(margin) > bound)
 
 
 # One float32 ulp of a score in [8, 16) is 2^-20 = STEP * STEP: a product of two powers of two,
-# exact in bfloat16 inputs and in any float32 accumulation order next to integer terms. Key 0
-# scores 14: in float32, 14 and 14 + 2^-20 both times 0.25 * log2(e) (the Pallas kernel's log2
-# units at the scale of head_dim 16) round to the same number, so a decision taken after that
-# scaling turns a one-ulp loss of key 0 into a false tie.
+# exact in bfloat16 inputs and in any float32 accumulation order next to integer terms. Each
+# document's first key scores 14: in float32, 14 and 14 + 2^-20 both times 0.25 * log2(e) (the
+# Pallas kernel's log2 units at the scale of head_dim 16) round to the same number, so a
+# decision taken after that scaling turns a one-ulp loss of the first key into a false tie.
 STEP = 2.0**-10
 KEY0_SCORE = 14.0
 
 
-def tie_case(rng, b=2, t=20, s=20, n=4, kh=2, h=16):
+def document_starts(segment_ids, b, s):
+  """``[B, S]`` bool: key 0 and every key whose (key-side) segment id differs from the previous
+  key's; None segment ids: key 0 only."""
+  starts = np.zeros((b, s), bool)
+  starts[:, 0] = True
+  if segment_ids is not None:
+    kv_ids = segment_ids[1] if isinstance(segment_ids, tuple) else segment_ids
+    kv_ids = np.broadcast_to(np.asarray(kv_ids), (b, s))
+    starts[:, 1:] = kv_ids[:, 1:] != kv_ids[:, :-1]
+  return starts
+
+
+def packed_segment_ids(rng, b, t, docs=4, padding=True):
+  """``[B, T]`` int32 ids of ``docs`` packed documents per row (ids 1, 2, ..., lengths >= 2 at
+  random), the last 0-3 tokens padding (id 0) with ``padding``."""
+  ids = np.zeros((b, t), np.int32)
+  for i in range(b):
+    end = t - (rng.integers(0, 4) if padding else 0)
+    cuts = np.sort(rng.choice(np.arange(2, end - 1, 2), size=docs - 1, replace=False))
+    ids[i, :end] = np.searchsorted(cuts, np.arange(end), side="right") + 1
+  return ids
+
+
+def tie_case(rng, b=2, t=20, s=20, n=4, kh=2, h=16, segment_ids=None):
   """``q [B, T, N, H]``, ``k [B, S, K, H]`` float32 (exact in bfloat16) with exact ties and
-  one-ulp near-ties between key 0 and other keys, every dot product exact in float32.
+  one-ulp near-ties between each document's first key and other keys, every dot product exact
+  in float32.
 
   Every query is ``(1, e, r)`` with ``e`` in ``{-STEP, 0, STEP}`` and ``r`` in ``{-1, 0, 1}``
-  (all zero for about a third of the queries); key 0 is ``(14, 0, 0)``, so its score is exactly
-  14 for every query. Each other key is:
+  (all zero for about a third of the queries); each document's first key (key 0, and with
+  ``segment_ids`` every key that starts a run of ids, see ``document_starts``) is
+  ``(14, 0, 0)``, so its score is exactly 14 for every query. Each other key is:
 
-  * a rival ``(14, STEP, 0)``: score ``14 + e * STEP``, i.e. one float32 ulp above key 0
-    (``e > 0``), tied with it (``e = 0``) or one ulp below (``e < 0``);
+  * a rival ``(14, STEP, 0)``: score ``14 + e * STEP``, i.e. one float32 ulp above the first
+    key (``e > 0``), tied with it (``e = 0``) or one ulp below (``e < 0``);
   * or ``(a, 0, u)`` with ``a`` in ``[0, 10]``, ``u`` in ``{-1, 0, 1}``: an integer score, at
-    times above 14 or exactly 14, never above 10 for a query whose ``r`` is zero (there key 0
-    and the rivals decide).
+    times above 14 or exactly 14, never above 10 for a query whose ``r`` is zero (there the
+    first key and the rivals decide).
 
   Scores stay below 32: a power-of-two scale (``1/4`` for ``h = 16``) keeps the logits exact.
   """
@@ -209,17 +255,21 @@ def tie_case(rng, b=2, t=20, s=20, n=4, kh=2, h=16):
   rival = key0.copy()
   rival[1] = STEP
   k[rng.random((b, s, kh)) < 0.3] = rival
-  k[:, 0] = key0
+  k[document_starts(segment_ids, b, s)] = key0
   return q, k
 
 
-def assert_ties_present(q, k, **kwargs):
-  """A ``tie_case`` draw holds exact ties and one-ulp near-ties on both sides (in float64), so a
-  test cannot pass on clear-cut rows only. Keyword arguments as ``np_logits``."""
+def assert_ties_present(q, k, later_documents=False, **kwargs):
+  """A ``tie_case`` draw holds exact ties and one-ulp near-ties on both sides (in float64)
+  between a query's first visible key and its best other key, so a test cannot pass on
+  clear-cut rows only. ``later_documents``: among queries whose first visible key is not key 0.
+  Keyword arguments as ``np_logits``."""
   logits = np_logits(q, k, **kwargs)
   with np.errstate(invalid="ignore"):
-    margin = logits[..., 0] - logits[..., 1:].max(axis=-1)
+    margin = np.subtract(*np_first_and_rest(logits))
+  if later_documents:
+    margin = np.where(np_first_visible(logits)[0] > 0, margin, np.nan)
   one_ulp = 2.0**-20 * abs(kwargs.get("scale") or 1.0 / np.sqrt(q.shape[-1])) * 1.01
   assert np.any(margin == 0), "no exact tie in the draw"
-  assert np.any((margin < 0) & (margin > -one_ulp)), "no near-tie with key 0 one ulp below"
-  assert np.any((margin > 0) & (margin < one_ulp)), "no near-tie with key 0 one ulp above"
+  assert np.any((margin < 0) & (margin > -one_ulp)), "no near-tie with the first key one ulp below"
+  assert np.any((margin > 0) & (margin < one_ulp)), "no near-tie with the first key one ulp above"

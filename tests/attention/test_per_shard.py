@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 
 from softmax_one_jax.attention import AttentionSharding, attention_stats, dot_product_attention
+from tests.attention.reference_np import np_first_visible, np_logits
 from tests.attention.reference_np import (np_attention, np_attention_grads, random_sinks,
                                           sink_grad_atol)
 from tests.attention.test_pallas_gpu import random_case
@@ -98,9 +99,12 @@ def test_statistics_kernel_per_shard_matches_numpy(mesh, np_rng, softmax):
   scale = 1.0 / np.sqrt(q.shape[-1])
   _, probs = np_attention(q, k, k, softmax=softmax, is_causal=True,
                           segment_ids=np.asarray(ids), scale=scale, sinks=sinks)
-  # p_first = exp(s_0 - lse) wherever key 0 is visible: the kernel's lse against numpy's p.
+  # p_first = exp(s_f - lse) on each query's first visible key (its segment's first token):
+  # the kernel's lse and first logit against numpy's p.
+  pos, _ = np_first_visible(np_logits(q, k, is_causal=True, segment_ids=np.asarray(ids)))
   np.testing.assert_allclose(np.exp(np.asarray(first, np.float64) - np.asarray(lse, np.float64)),
-                             probs[..., 0], rtol=1e-4, atol=1e-6)
+                             np.take_along_axis(probs, pos[..., None], -1)[..., 0],
+                             rtol=1e-4, atol=1e-6)
   assert lse.shape == row_max.shape == (4, 4, 24)
 
 

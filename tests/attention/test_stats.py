@@ -1,9 +1,11 @@
 """First-token statistics from (lse, row_max, first_logit) against float64 numpy probabilities.
 
-The first-token decision is tested on inputs whose dot products are exact in float32 (and in
+"First" is each query's first visible key: with packed documents the first token of its own
+document. The decision is tested on inputs whose dot products are exact in float32 (and in
 bfloat16 inputs), so every path computes exactly the scores float64 computes and must give its
-answer on exact ties and one-ulp near-ties (``reference_np.tie_case``); on random inputs only
-rows whose float64 margin exceeds float32's error bound are compared.
+answer on exact ties and one-ulp near-ties (``reference_np.tie_case``, which gives every
+document's first key the same tie-prone score); on random inputs only rows whose float64 margin
+exceeds float32's error bound are compared.
 """
 
 import jax.numpy as jnp
@@ -14,8 +16,10 @@ from softmax_one_jax.attention import attention_stats, first_token_stats
 from softmax_one_jax.attention import pallas_gpu
 from softmax_one_jax.attention import stats as stats_lib
 from tests.attention.reference_np import (KEY0_SCORE, assert_ties_present, np_attention,
-                                          np_attention_parts, np_decidable, np_first_token,
-                                          np_logits, np_null_logits, random_sinks, tie_case)
+                                          np_attention_parts, np_decidable, np_first_and_rest,
+                                          np_first_token, np_first_visible, np_logits,
+                                          np_null_logits, packed_segment_ids, random_sinks,
+                                          tie_case)
 
 IMPLEMENTATIONS = ("xla", "chunked", "pallas")
 EPS32 = float(np.finfo(np.float32).eps)
@@ -28,7 +32,8 @@ assert np.float32(KEY0_SCORE) * np.float32(MERGING_SCALE) == (
 
 def np_stats(q, k, softmax, sinks=None, **kwargs):
   """float64 ``(lse, row_max, first_logit)``; the null key (softmax-1, learned sinks) is an
-  explicit extra column of ``lse``, never of ``row_max``."""
+  explicit extra column of ``lse``, never of ``row_max``; ``first_logit`` is the first visible
+  key's."""
   logits = np_logits(q, k, **kwargs)
   row_max = logits.max(axis=-1)
   null = np_null_logits(softmax, logits.shape[1], sinks)
@@ -38,7 +43,7 @@ def np_stats(q, k, softmax, sinks=None, **kwargs):
       lse = np.logaddexp.reduce(np.concatenate([null_col, logits], -1), axis=-1)
     else:
       lse = np.logaddexp.reduce(logits, axis=-1)
-  return lse, row_max, logits[..., 0]
+  return lse, row_max, np_first_and_rest(logits)[0]
 
 
 def case(rng, b=2, t=20, s=20, n=4, kh=2, h=32, segments="self"):
@@ -80,16 +85,19 @@ def prob_tol(q, k, softmax, sinks=None, **kwargs):
   return 2 * EPS32 * (k.shape[1] + 4 + 6 * big)
 
 
-def tie_opts(rng, q, segments=None, **opts):
-  """Segment ids for a ``tie_case``: "self" (key 0 hidden from later segments) or "cross" (some
-  queries see no key at all)."""
-  b, t = q.shape[:2]
+def tie_inputs(rng, b=2, t=20, segments=None, **opts):
+  """``(q, k, opts)``: a ``tie_case`` whose documents' first keys all score 14, with segment ids
+  in ``opts``: "self" (two documents), "packed" (four documents and some padding per row) or
+  "cross" (query and key ids differ: some queries see no key at all)."""
   if segments == "self":
     opts["segment_ids"] = np.sort(rng.integers(0, 2, (b, t)), axis=1).astype(np.int32)
+  elif segments == "packed":
+    opts["segment_ids"] = packed_segment_ids(rng, b, t)
   elif segments == "cross":
     opts["segment_ids"] = (np.sort(rng.integers(0, 3, (b, t)), axis=1).astype(np.int32),
                            np.sort(rng.integers(1, 3, (b, t)), axis=1).astype(np.int32))
-  return opts
+  q, k = tie_case(rng, b=b, t=t, s=t, segment_ids=opts.get("segment_ids"))
+  return q, k, opts
 
 
 @pytest.mark.parametrize("implementation", ["xla", "chunked", "pallas"])
@@ -129,12 +137,17 @@ def test_first_token_stats_match_probabilities(np_rng, softmax):
   got = first_token_stats(q, k, **opts)
   _, probs, null = np_attention_parts(q, k, v, **opts)
   logits = np_logits(q, k, is_causal=True, segment_ids=ids, mask=mask, scale=0.3)
-  np.testing.assert_allclose(got["prob_first"], probs[..., 0], rtol=1e-5, atol=1e-6)
+  pos, _ = np_first_visible(logits)  # the mask hides key 0 (and others) from some queries
+  assert (pos > 0).any()
+  want_p = np.take_along_axis(probs, pos[..., None], -1)[..., 0]
+  np.testing.assert_allclose(got["prob_first"], want_p, rtol=1e-5, atol=1e-6)
   # The argmax is over real keys only: the null key never counts, whatever its logit. Rows
   # closer to a tie than float32 can resolve are left to the exact-score tests.
-  want_argmax = np.isfinite(logits[..., 0]) & (logits[..., 0] >= logits.max(axis=-1))
+  first, rest = np_first_and_rest(logits)
+  want_argmax = np.isfinite(first) & (first >= rest)
   ok = np_decidable(q, k, is_causal=True, segment_ids=ids, mask=mask, scale=0.3)
   assert want_argmax[ok].any() and not want_argmax[ok].all() and ok.mean() > 0.95
+  assert want_argmax[ok & (pos > 0)].any()
   np.testing.assert_array_equal(np.asarray(got["argmax_first"])[ok], want_argmax[ok])
   if softmax == "softmax":
     assert "null_mass" not in got
@@ -149,7 +162,9 @@ def test_pallas_stats_through_first_token_stats(np_rng):
   got = first_token_stats(q, k, is_causal=True, segment_ids=ids, implementation="pallas",
                           interpret=True)
   _, probs = np_attention(q, k, v, is_causal=True, segment_ids=ids)
-  # p = exp(s_0 - lse): the kernel's lse and the XLA logit s_0 are float32, rounded on separate
+  pos, _ = np_first_visible(np_logits(q, k, is_causal=True, segment_ids=ids))
+  probs_first = np.take_along_axis(probs, pos[..., None], -1)[..., 0]  # the document's first key
+  # p = exp(s_f - lse): the kernel's lse and its logit s_f are float32, rounded on separate
   # paths (the kernel works in base 2). A float32 dot product q.k is exact to a few ulps of
   # sum_h |q_h k_h|, so s_0 - lse carries an absolute error of a few ulps of the row's largest
   # such sum (or of |lse|), and p that error relative to itself.
@@ -158,8 +173,8 @@ def test_pallas_stats_through_first_token_stats(np_rng):
   size = np.maximum(np.nan_to_num(np.abs(lse), posinf=0.0),
                     np.where(np.isinf(abs_logits), 0.0, abs_logits).max(axis=-1))
   ulps = 8 * np.finfo(np.float32).eps * size
-  tol = 1e-6 + probs[..., 0] * ulps
-  assert np.all(np.abs(np.asarray(got["prob_first"], np.float64) - probs[..., 0]) <= tol)
+  tol = 1e-6 + probs_first * ulps
+  assert np.all(np.abs(np.asarray(got["prob_first"], np.float64) - probs_first) <= tol)
   np.testing.assert_allclose(got["null_mass"], 1.0 - probs.sum(axis=-1), rtol=1e-5, atol=1e-6)
 
 
@@ -208,8 +223,7 @@ TIE_CASES = [
 def test_first_token_stats_agree_with_float64_on_ties(np_rng, dtype, softmax, opts):
   """Hits equal float64's exactly on every path (so across paths), prob_first and null_mass
   within ``prob_tol``, and attention_stats' ``first_logit >= row_max`` is the same decision."""
-  q, k = tie_case(np_rng)
-  opts = tie_opts(np_rng, q, **opts)
+  q, k, opts = tie_inputs(np_rng, **opts)
   if opts.get("scale", 0.25) > 0:  # a negative scale turns the ties into the row's minimum
     assert_ties_present(q, k, **opts)
   sinks = random_sinks(np_rng, q.shape[2]) if softmax == "learned_sink" else None
@@ -240,31 +254,60 @@ def test_first_token_stats_agree_with_float64_on_ties(np_rng, dtype, softmax, op
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_decision_spans_chunks_and_key_tiles(np_rng, dtype):
-  """Key 0 sits in the first chunk / key tile while the row max is often in a later one."""
-  q, k = tie_case(np_rng, t=40, s=40)
-  opts = tie_opts(np_rng, q, segments="self", is_causal=True)
-  assert_ties_present(q, k, **opts)
+@pytest.mark.parametrize("softmax", ["softmax", "softmax1", "learned_sink"])
+def test_packed_documents_decide_on_each_documents_first_key(np_rng, dtype, softmax):
+  """Causal attention over four packed documents per row (and padding): each query's first key
+  is its own document's, which ties or near-ties (one ulp) other keys of that document. The
+  documents span several chunks / key tiles (8 / 16 keys), so the first key often lies in an
+  earlier chunk or tile than the row max, and later documents start inside a chunk or tile.
+  Every path gives float64's hits, and its row max and first logit exactly (exact scores)."""
+  q, k, opts = tie_inputs(np_rng, t=40, segments="packed", is_causal=True)
+  assert_ties_present(q, k, later_documents=True, **opts)
+  sinks = random_sinks(np_rng, q.shape[2]) if softmax == "learned_sink" else None
   logits = np_logits(q, k, **opts)
-  want_hit, _, _ = np_first_token(q, k, **opts)
-  want_max, want_first = logits.max(axis=-1), logits[..., 0]
+  pos, _ = np_first_visible(logits)
+  want_hit, want_p, want_null = np_first_token(q, k, softmax=softmax, sinks=sinks, **opts)
+  later = pos > 0  # queries of a document that does not start at key 0
+  assert want_hit[later].any() and not want_hit[later].all()
+  want_max, want_first = logits.max(axis=-1), np_first_and_rest(logits)[0]
   qx, kx = jnp.asarray(q, dtype), jnp.asarray(k, dtype)
-  sinks0 = jnp.zeros(q.shape[2])
-  chunked = stats_lib._chunked_stats(qx, kx, sinks0, True, opts["segment_ids"], None, chunk=8)
-  tiles = pallas_gpu.BlockSizes(block_q=16, block_k=16)
-  pallas = pallas_gpu.flash_stats(qx, kx, block_sizes=tiles, interpret=True, **opts)
-  for name, (_, row_max, first, hit) in (("chunked", chunked), ("pallas", pallas)):
+  ids = opts["segment_ids"]
+  sinks_n = {"softmax": None, "softmax1": jnp.zeros(q.shape[2]),
+             "learned_sink": None if sinks is None else jnp.asarray(sinks)}[softmax]
+  paths = {
+      "xla": stats_lib._xla_stats(qx, kx, sinks_n, True, ids, None, None),
+      "chunked": stats_lib._chunked_stats(qx, kx, sinks_n, True, ids, None, chunk=8),
+      "pallas": pallas_gpu.flash_stats(qx, kx, softmax=softmax, sinks=sinks, interpret=True,
+                                       block_sizes=pallas_gpu.BlockSizes(block_q=16, block_k=16),
+                                       **opts),
+  }
+  for name, (_, row_max, first, hit) in paths.items():
     np.testing.assert_array_equal(hit, want_hit, err_msg=name)
     np.testing.assert_array_equal(row_max, want_max, err_msg=name)  # exact scores, scale 1/4
     np.testing.assert_array_equal(first, want_first, err_msg=name)
+  # Through the public entry with each path's default chunk / tiles: the same hits, and the
+  # probability on each document's first key.
+  tol = prob_tol(q, k, softmax, sinks, **opts)
+  for impl in IMPLEMENTATIONS:
+    got = first_token_stats(qx, kx, softmax=softmax, sinks=sinks, implementation=impl,
+                            interpret=True, **opts)
+    np.testing.assert_array_equal(got["argmax_first"], want_hit, err_msg=impl)
+    p = np.asarray(got["prob_first"], np.float64)
+    assert np.all(np.abs(p - want_p) <= tol * want_p + 1e-30), impl
+    if softmax != "softmax":
+      null = np.asarray(got["null_mass"], np.float64)
+      assert np.all(np.abs(null - want_null) <= tol * want_null + 1e-30), impl
 
 
 def test_dense_mask_decision_on_xla(np_rng):
-  """A dense mask hides key 0 from some queries and the best key from others."""
+  """A dense mask hides key 0 from some queries (their first key is the first one the mask
+  allows) and the best key from others."""
   q, k = tie_case(np_rng)
   mask = np_rng.random((2, 1, 20, 20)) < 0.7
   assert_ties_present(q, k, mask=mask)
   want_hit, want_p, _ = np_first_token(q, k, softmax="softmax", mask=mask)
+  pos, _ = np_first_visible(np_logits(q, k, mask=mask))
+  assert want_hit[pos > 0].any() and not want_hit[pos > 0].all()
   got = first_token_stats(q, k, softmax="softmax", mask=mask, implementation="xla")
   np.testing.assert_array_equal(got["argmax_first"], want_hit)
   np.testing.assert_allclose(got["prob_first"], want_p, rtol=1e-5, atol=0)
