@@ -15,9 +15,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 
 from softmax_one_jax.attention import AttentionSharding, attention_stats, dot_product_attention
-from tests.attention.reference_np import np_first_visible, np_logits
-from tests.attention.reference_np import (np_attention, np_attention_grads, random_sinks,
-                                          sink_grad_atol)
+from tests.attention.reference_np import (np_attention, np_attention_grads, np_first_visible,
+                                          np_logits, random_sinks, sink_grad_atol)
 from tests.attention.test_pallas_gpu import random_case
 
 SHARDING = AttentionSharding(batch=("data", "fsdp"), heads="tensor")
