@@ -464,19 +464,24 @@ def compare_main(
     return {n: np.mean([np.asarray(r.per_layer[metric]) for r in rs], axis=0)
             for n, rs in reps.items()}
 
+  seeded = any(g.n > 1 for g in groups)
+  of_seeds = " (mean over seeds)" if seeded else ""
   paths = {"table": out_dir / "table.md"}
   paths["table"].write_text(_tables_markdown(table))
   paths["first_token"] = report.plot_per_layer(
       per_layer("first_token_attention"), out_dir / "first_token_per_layer.png",
-      ylabel="% of queries", percent=True, title="argmax attention on the first token")
+      ylabel="% of queries", percent=True,
+      title=f"argmax attention on the first token{of_seeds}")
   paths["kurtosis"] = report.plot_per_layer(
       per_layer("kurtosis_rest"), out_dir / "kurtosis_per_layer.png",
-      ylabel="kurtosis (non-first tokens)", logy=True, title="hidden-state kurtosis")
+      ylabel="kurtosis (non-first tokens)", logy=True, title=f"hidden-state kurtosis{of_seeds}")
   paths["max_abs"] = report.plot_per_layer(
       per_layer("max_abs_rest"), out_dir / "max_abs_per_layer.png",
-      ylabel="max |activation| (non-first tokens)", logy=True, title="max |activation|")
+      ylabel="max |activation| (non-first tokens)", logy=True,
+      title=f"max |activation|{of_seeds}")
   paths["channels"] = report.plot_channel_max_abs(
-      {n: np.maximum(rs[0].per_channel["max_abs_first"], rs[0].per_channel["max_abs_rest"])
+      {n + (" (first seed)" if seeded else ""):
+       np.maximum(rs[0].per_channel["max_abs_first"], rs[0].per_channel["max_abs_rest"])
        for n, rs in reps.items()}, out_dir / "max_abs_channels.png", ncols=2)
   summary = {g.label: _group_summary(g) for g in groups}
   (out_dir / "metrics.json").write_text(json.dumps(

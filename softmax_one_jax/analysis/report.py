@@ -58,7 +58,8 @@ def _fmt(value: Value, kind: str = "num") -> str:
     if len(values) < 2:
       return _fmt(values[0] if values else None, kind)
     mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
-    return f"{_fmt(mean, kind)} ± {_fmt(std, 'pct' if kind == 'pct' else 'num')}"
+    spread = f"{100.0 * std:.2f}" if kind == "pct" else _fmt(std)
+    return f"{_fmt(mean, kind)} ± {spread}"
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return "–"
   if kind == "pct":
