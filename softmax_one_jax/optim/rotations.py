@@ -11,24 +11,25 @@ family          Q (x: the parameter's array, n = x.size, d_i = x.shape[i])     s
 ``"dense"``     the paper's Haar ``Q`` over ``vec(x)``                         n^2 / n^2
 ``"kronecker"`` ``Q_0 (x) Q_1 (x) ...``: one Haar matrix per axis              sum d_i^2 / n sum d_i
 ``"block"``     block-diagonal Haar over ``vec(x)``, blocks of ``size``       n b / n b
-``"hadamard"``  ``H_0 P_0 D_0 (x) H_1 P_1 D_1 (x) ...``: per axis, random      sum d_i / n log n
-                signs ``D_i``, a normalised Walsh-Hadamard ``H_i`` and, if
-                ``d_i`` is not a power of two, a random permutation ``P_i``
+``"hadamard"``  ``Q_0 (x) Q_1 (x) ...``, per axis of length ``d_i = m_i 2^k``   sum d_i + m_i^2 /
+                (``m_i`` odd): ``Q_i = (R_i (x) H_{2^k}) D_i``, random signs   n log n + n m_i
+                ``D_i``, a normalised Walsh-Hadamard ``H_{2^k}`` and a small
+                Haar ``R_i`` (none when ``m_i = 1``)
 ``"identity"``  ``I``: plain Adam(W)                                           0 / 0
 ==============  ===========================================================  ==================
 
 Haar matrices follow Mezzadri (2007): ``Q, R = qr(G)`` for a standard Gaussian ``G``, then
 the columns of ``Q`` are multiplied by ``sign(diag(R))``.
 
-Hadamard on any axis length: block-diagonal Sylvester blocks whose sizes are the binary digits of
-the axis length, computed in ``O(n log n)`` (``softmax_one_jax.optim.hadamard``). The random
-permutation before it decides which coordinates share a block. The family and its state live in
-``hadamard_rotation.py``.
-
 "hadamard" is a Kronecker product of per-axis randomized Hadamard matrices: like "kronecker", every
 entry of ``Q`` is nonzero (``+-1/sqrt(n)`` on power-of-two shapes), so no rotated coordinate lines
-up with a coordinate of the parameter, but its state is ``sum d_i`` small integers instead of
-``sum d_i^2`` floats, and the Hadamard costs ``log2 n`` additions per element.
+up with a coordinate of the parameter, but its state is ``sum d_i`` int8 signs plus an
+``m_i x m_i`` float32 ``R_i`` per axis whose length is not a power of two (``m_i`` = 3 for 768 and
+3072, 43 for 11008, 393 for 50304) instead of ``sum d_i^2`` floats, and it costs ``log2 n``
+additions plus ``2 m_i`` multiply-adds per element. An axis whose odd part ``m_i`` exceeds
+``hadamard_rotation.MAX_MIX_DIM`` (1024; e.g. 50257) gets a random permutation and a
+block-diagonal Hadamard instead (blocks: the binary digits of ``d_i``), which is *not* dense. The
+family and its state live in ``hadamard_rotation.py``, the Hadamard transform in ``hadamard.py``.
 
 "kronecker" and "hadamard" take per-axis block counts, ``Hadamard(blocks=(4, 1))``: axis ``i`` is
 cut into ``blocks[i]`` equal contiguous blocks and ``Q_i`` is block-diagonal, an independent
@@ -321,8 +322,8 @@ def rotation_state_bytes(shape: Shape, family: str | RotationFamily) -> int:
   """Bytes of the rotation state for one parameter, computed without building it.
 
   Example:
-    >>> rotation_state_bytes((4096, 11008), "hadamard")
-    103168
+    >>> rotation_state_bytes((4096, 11008), "hadamard")   # int8 signs 4096 + 11008, R 43 x 43
+    22500
   """
   fam = get_family(family)
   abstract = jax.eval_shape(lambda: fam.init(jax.random.key(0), tuple(shape)))

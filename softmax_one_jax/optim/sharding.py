@@ -13,8 +13,9 @@ arrays that are not parameter-shaped (rotation matrices). Here:
   ``KroneckerRotation`` factor ``i`` (``[d_i, d_i]`` or blocked ``[k_i, b_i, b_i]``): leading
                        axis sharded like param axis ``i`` (each device holds its blocks)
   ``BlockRotation``    the block axis sharded over all the param's mesh axes when divisible
-  ``HadamardRotation`` one-block ``[d_i]`` signs and permutations replicated (tiny); blocked
-                       ``[k_i, b_i]`` ones: leading axis sharded like param axis ``i``
+  ``HadamardRotation`` one-block ``[d_i]`` signs, permutations and ``[m_i, m_i]`` mixes
+                       replicated (small); blocked ``[k_i, b_i]`` / ``[k_i, m_i, m_i]`` ones:
+                       leading axis sharded like param axis ``i``
   ==================  ======================================================================
 
   and a mesh axis is dropped from a dimension it does not divide;
@@ -69,9 +70,12 @@ def rotation_shardings(rotation: Any, param_sharding: jax.sharding.Sharding) -> 
         tuple(named(_fit(mesh, (spec[i],), f.shape)) for i, f in enumerate(rotation.factors))
     )
   if isinstance(rotation, rot_lib.HadamardRotation):
-    # A blocked axis's [k_i, b_i] arrays: block j on the device holding block j of the param.
+    # A blocked axis's arrays ([k_i, b_i] signs / permutations, [k_i, m_i, m_i] mixes) lead with
+    # the block axis: block j on the device holding block j of the param.
+    counts = rotation.block_counts()
     return jax.tree.map(
-        lambda x, axis: named(_fit(mesh, (spec[axis],), x.shape)) if x.ndim == 2 else replicated,
+        lambda x, axis: (named(_fit(mesh, (spec[axis],), x.shape)) if counts[axis] > 1
+                         else replicated),
         rotation, rotation.leaf_axes(),
     )
   if isinstance(rotation, rot_lib.BlockRotation):

@@ -1,6 +1,7 @@
 """Rotation families: each is orthogonal, matches an independent numpy matrix, is deterministic."""
 
 import functools
+import hashlib
 import math
 
 import jax
@@ -8,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.stats
 
 from softmax_one_jax.optim import hadamard as H
+from softmax_one_jax.optim import hadamard_rotation as HR
+from softmax_one_jax.optim import orthoadam
 from softmax_one_jax.optim import rotations as R
 
 SHAPES = [(), (5,), (4, 6), (3, 11, 7)]
@@ -17,7 +21,8 @@ FAMILIES = ["identity", "dense", "kronecker", R.Block(size=4), "hadamard"]
 
 
 def _np_hadamard_axis(dim: int) -> np.ndarray:
-  """Block-diagonal normalised Hadamard: blocks are the binary digits of dim, largest first."""
+  """Block-diagonal normalised Hadamard: blocks are the binary digits of dim, largest first (one
+  Sylvester block ``H_dim / sqrt(dim)`` for a power of two)."""
   sizes = [1 << b for b in reversed(range(dim.bit_length())) if dim >> b & 1]
   return scipy.linalg.block_diag(*[scipy.linalg.hadamard(s) / math.sqrt(s) for s in sizes])
 
@@ -40,16 +45,22 @@ def explicit_matrix(rot, shape) -> np.ndarray:
     return scipy.linalg.block_diag(*blocks)
   if isinstance(rot, R.HadamardRotation):
     mats = []
-    perms = iter(rot.perms)
+    perms, mixes = iter(rot.perms), iter(rot.mixes)
     for signs in rot.signs:
-      # Signs [b] (one block) or [k, b] (k blocks of length b, each its own H P D).
+      # Signs [b] (one block) or [k, b] (k blocks of length b, each its own randomized Hadamard).
       signs = np.asarray(signs, np.float64).reshape(-1, np.shape(signs)[-1])
       b = signs.shape[1]
-      perm = np.asarray(next(perms)).reshape(signs.shape) if b & (b - 1) else None
+      m = b // (b & -b)  # b = m 2^k, m odd.
+      mixed, permuted = 1 < m <= HR.MAX_MIX_DIM, m > HR.MAX_MIX_DIM
+      perm = np.asarray(next(perms)).reshape(signs.shape) if permuted else None
+      r = np.asarray(next(mixes), np.float64).reshape(-1, m, m) if mixed else None
       blocks = []
       for j in range(signs.shape[0]):
+        if mixed:  # (R (x) H_{2^k} / sqrt(2^k)) D: R on the major part of [m, 2^k].
+          blocks.append(np.kron(r[j], _np_hadamard_axis(b // m)) @ np.diag(signs[j]))
+          continue
         p_bb = np.eye(b)
-        if perm is not None:  # Only blocks whose length is not a power of two are permuted.
+        if permuted:  # Blocks whose odd part exceeds MAX_MIX_DIM: H P D, H block-diagonal.
           p_bb = np.zeros((b, b))
           p_bb[np.arange(b), perm[j]] = 1.0  # (P x)[i] = x[perm[i]]
         blocks.append(_np_hadamard_axis(b) @ p_bb @ np.diag(signs[j]))
@@ -170,3 +181,163 @@ def test_hadamard_implementation_does_not_change_the_matrix(monkeypatch, impl):
   y = np.asarray(jax.jit(lambda r, x: r.rotate(x))(rot, jnp.asarray(x)))
   q_nn = explicit_matrix(rot, (128, 6, 4))
   np.testing.assert_allclose(y.reshape(-1), q_nn @ x.reshape(-1).astype(np.float64), atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- dense default Q
+
+
+def _q_by_rotating_the_basis(rot, dim: int) -> np.ndarray:
+  """float64 [dim, dim] Q that the fast path applies to a [dim] parameter: column j = Q e_j."""
+  q = jax.jit(jax.vmap(lambda r, e: r.rotate(e), in_axes=(None, 0)))(
+      rot, jnp.eye(dim, dtype=jnp.float32))
+  return np.asarray(q, np.float64).T
+
+
+def _np_mixed_axis(r_mm: np.ndarray, signs_d: np.ndarray) -> np.ndarray:
+  """(R (x) H_{2^k} / sqrt(2^k)) D in float64 numpy: the axis viewed as [m, 2^k], row-major."""
+  m, dim = r_mm.shape[0], signs_d.shape[0]
+  h = scipy.linalg.hadamard(dim // m) / math.sqrt(dim // m)
+  return np.kron(np.asarray(r_mm, np.float64), h) @ np.diag(np.asarray(signs_d, np.float64))
+
+
+@pytest.mark.parametrize("dim,m", [(768, 3), (3072, 3)])
+def test_default_rotation_is_dense_orthogonal_and_matches_numpy_kronecker(dim, m):
+  # 768 = 3 * 256 and 3072 = 3 * 1024, the paper's widths: Q = (R (x) H) D is dense (a
+  # block-diagonal Hadamard with binary-digit blocks, 512 + 256, would leave 44% of it zero).
+  rot = init_rotation("hadamard", jax.random.key(dim), (dim,))
+  assert rot.perms == () and [r.shape for r in rot.mixes] == [(m, m)]
+  q = _q_by_rotating_the_basis(rot, dim)
+  assert np.count_nonzero(q == 0) == 0, "every entry of Q is nonzero"
+  np.testing.assert_allclose(q @ q.T, np.eye(dim), atol=2e-6)
+  np.testing.assert_allclose(q, _np_mixed_axis(np.asarray(rot.mixes[0]), np.asarray(rot.signs[0])),
+                             atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(11008,), (50304,), (12, 11008 // 8)], ids=str)
+def test_default_rotation_at_7b_and_vocabulary_lengths_matches_numpy(shape):
+  # Too large to build Q at 11008 = 43 * 256 or 50304 = 393 * 128: Q x against numpy's
+  # R X H^T D (X: x viewed [m, 2^k]) for a random x, and R dense and orthogonal.
+  rot = init_rotation("hadamard", jax.random.key(5), shape)
+  x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  y = np.asarray(_round_trip(rot, jnp.asarray(x))[0])
+  want = x.astype(np.float64)
+  for axis, (signs, r_mm) in enumerate(zip(rot.signs, rot.mixes)):
+    r_mm, d = np.asarray(r_mm, np.float64), shape[axis]
+    assert np.count_nonzero(r_mm == 0) == 0
+    np.testing.assert_allclose(r_mm @ r_mm.T, np.eye(d // (d & -d)), atol=5e-6)
+    h = scipy.linalg.hadamard(d & -d) / math.sqrt(d & -d)
+    x_axis = np.moveaxis(want, axis, -1) * np.asarray(signs, np.float64)
+    x_axis = x_axis.reshape(x_axis.shape[:-1] + (r_mm.shape[0], d & -d))
+    x_axis = np.einsum("ab,...bj,ij->...ai", r_mm, x_axis, h).reshape(x_axis.shape[:-2] + (d,))
+    want = np.moveaxis(x_axis, -1, axis)
+  np.testing.assert_allclose(y, want, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(_round_trip(rot, jnp.asarray(y))[1]), x, atol=2e-5)
+
+
+def test_large_odd_part_keeps_the_permuted_block_hadamard():
+  # 1031 is prime (> MAX_MIX_DIM): no m x m R, the random permutation and block-diagonal
+  # Hadamard (1024 + 4 + 2 + 1) instead; Q is then not dense.
+  rot = init_rotation("hadamard", jax.random.key(2), (1031,))
+  assert rot.mixes == () and [p.shape for p in rot.perms] == [(1031,)]
+  q = _q_by_rotating_the_basis(rot, 1031)
+  np.testing.assert_allclose(q, explicit_matrix(rot, (1031,)), atol=1e-6)
+  assert np.count_nonzero(q == 0) == 1031**2 - (1024**2 + 4**2 + 2**2 + 1)
+
+
+def _np_haar_by_reflections(g_dd: np.ndarray) -> np.ndarray:
+  """Householder reflections of the rows of G in float64 (``haar_by_reflections``'s recipe)."""
+  dim = g_dd.shape[0]
+  q, s = np.eye(dim), np.ones(dim)
+  for k in range(dim - 1):
+    x = np.where(np.arange(dim) >= k, g_dd[k], 0.0)
+    sign = 1.0 if x[k] >= 0 else -1.0
+    v = x.copy()
+    v[k] += sign * np.linalg.norm(x)
+    q = q - 2.0 * np.outer(q @ v, v) / (v @ v)
+    s[k] = -sign
+  s[-1] = 1.0 if g_dd[-1, -1] >= 0 else -1.0
+  return q * s[None, :]
+
+
+@pytest.mark.parametrize("dim", [3, 43])
+def test_haar_by_reflections_matches_numpy(dim):
+  key = jax.random.key(dim)
+  g = np.asarray(jax.random.normal(key, (dim, dim)), np.float64)
+  got = np.asarray(jax.jit(HR.haar_by_reflections, static_argnums=1)(key, dim), np.float64)
+  np.testing.assert_allclose(got, _np_haar_by_reflections(g), atol=2e-6)
+  np.testing.assert_allclose(got @ got.T, np.eye(dim), atol=2e-6)
+
+
+def test_haar_by_reflections_is_haar_distributed():
+  # For Haar Q on O(3), each entry is uniform on [-1, 1] (a coordinate of a uniform point on the
+  # sphere S^2) and det Q = +-1 with probability 1/2 each. 4000 draws: the KS statistic's 0.1%
+  # critical value is 1.95 / sqrt(4000) = 0.031; the det share's 5 sigma is 0.04.
+  qs = np.asarray(jax.jit(jax.vmap(lambda k: HR.haar_by_reflections(k, 3)))(
+      jax.random.split(jax.random.key(0), 4000)), np.float64)
+  for i, j in ((0, 0), (1, 2), (2, 1)):
+    assert scipy.stats.kstest(qs[:, i, j], scipy.stats.uniform(-1, 2).cdf).statistic < 0.031
+  assert abs(np.mean(np.linalg.det(qs) > 0) - 0.5) < 0.04
+  assert np.abs(qs.mean(axis=0)).max() < 0.05
+
+
+# Pinned "hadamard" rotations of power-of-two shapes: checkpoints of power-of-two models must
+# restore and continue on the same Q, so their signs, their RNG use and the transform stay fixed.
+# Outputs of an integer input are exact (sums of +-integers, then 1/sqrt of a power of 4 or
+# 2 * 4^j).
+_PINNED = {  # name: (shape, blocks, signs, rotate(x) * scale, scale)
+    "plain": ((16, 4), (),
+              [[1, 1, 1, 1, -1, 1, -1, 1, -1, -1, 1, -1, -1, 1, 1, 1], [-1, -1, -1, -1]],
+              [19, 1, -19, 7, 25, 27, 19, -7, -19, -1, 19, -7, 7, 13, 5, 7, -3, 7, -21, -7, 3, 9,
+               25, -21, 19, -7, 21, 7, 21, 7, 7, -35, 25, -13, -5, -7, -5, -15, 5, 7, 7, -27,
+               -19, 7, 5, 15, -5, -7, -21, 9, 25, 35, 21, 7, 35, -7, -3, 7, 7, 21, -5, -7, -35,
+               7], 8),
+    "blocked": ((4, 16), (1, 4),
+                [[1, 1, 1, 1], [[-1, -1, -1, -1], [1, 1, 1, -1], [1, 1, 1, -1], [-1, 1, 1, 1]]],
+                [4, -6, 2, 0, 4, 6, -2, 0, -6, -4, 2, -4, 1, 1, 7, -5, 2, 0, 0, 14, 6, -8, -8, -6,
+                 6, -8, 6, 8, -1, -13, 1, 1, 4, 14, 14, 0, 12, -2, -2, 16, -2, 12, -2, -12, -9,
+                 -5, 9, 9, 14, 0, 0, -14, 14, 0, 0, -14, -14, 0, -14, 0, -7, -7, 7, -21], 4),
+    "3d": ((4, 4, 16), (),
+           [[1, 1, 1, 1], [-1, -1, -1, -1],
+            [1, -1, 1, -1, -1, 1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1]], None, None),
+}
+# sha256 prefixes of rotate / unrotate of a float32 standard normal input (numpy seed 0) on CPU.
+_PINNED_SHA = {"plain": ("53a21596ca593e46", "00188f89a3f23ec8"),
+               "blocked": ("8d73b6db3c010fe0", "947e5462fe706356"),
+               "3d": ("596b3909fa2ea4fb", "08bc506dabca2cfe")}
+_PINNED_TREE = {  # orthoadam(seed=7).init on {"a": (16, 4), "b": (16, 4), "c": (64,)}: the signs.
+    "a": [[1, -1, -1, -1, -1, 1, -1, -1, 1, 1, -1, 1, -1, 1, 1, 1], [-1, 1, 1, -1]],
+    "b": [[-1, -1, -1, -1, -1, 1, 1, -1, -1, -1, 1, 1, 1, 1, 1, -1], [-1, 1, -1, -1]],
+    "c": [[-1, -1, -1, 1, -1, 1, 1, -1, -1, -1, -1, -1, 1, -1, 1, 1, -1, -1, -1, 1, -1, 1, 1, -1,
+           1, -1, 1, 1, 1, -1, -1, 1, 1, -1, -1, -1, -1, 1, 1, 1, -1, -1, 1, 1, -1, -1, -1, -1,
+           1, 1, 1, -1, 1, 1, 1, -1, -1, -1, -1, 1, -1, -1, -1, -1]],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PINNED))
+def test_power_of_two_rotation_is_bit_identical_to_the_recorded_one(name):
+  shape, blocks, signs, scaled, scale = _PINNED[name]
+  fam = R.Hadamard(blocks=blocks)
+  rot = jax.jit(lambda k: fam.init(k, shape, "p"))(jax.random.key(2024))
+  assert [np.asarray(s).tolist() for s in rot.signs] == signs
+  # The pytree keeps the three fields checkpoints were written with (no empty "mixes").
+  keys = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      rot, is_leaf=lambda x: isinstance(x, tuple) and not x)[0]]
+  assert keys == [f".signs[{i}]" for i in range(len(shape))] + [".perms", ".inv_perms"]
+  n = math.prod(shape)
+  rotate = jax.jit(lambda r, x: r.rotate(x))
+  if scaled is not None:
+    x_int = jnp.asarray((np.arange(n) % 7 - 3).reshape(shape), jnp.float32)
+    assert (np.asarray(rotate(rot, x_int)) * scale).reshape(-1).tolist() == scaled
+  if jax.default_backend() == "cpu":  # Float rounding is the backend's Hadamard's.
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    sha = lambda a: hashlib.sha256(np.asarray(a).tobytes()).hexdigest()[:16]
+    unrotate = jax.jit(lambda r, y: r.unrotate(y))
+    assert (sha(rotate(rot, x)), sha(unrotate(rot, x))) == _PINNED_SHA[name]
+
+
+def test_power_of_two_rotations_through_orthoadam_are_the_recorded_ones():
+  # Same RNG consumption: per-parameter keys from (seed, path), shape groups drawn in one vmap.
+  params = {"a": jnp.zeros((16, 4)), "b": jnp.zeros((16, 4)), "c": jnp.zeros((64,))}
+  rots = jax.jit(orthoadam(1e-2, seed=7).init)(params)[0].rotations
+  assert {k: [np.asarray(s).tolist() for s in r.signs] for k, r in rots.items()} == _PINNED_TREE
+  assert all(r.perms == () and r.mixes == () for r in rots.values())

@@ -80,25 +80,26 @@ def test_blocked_rotation_is_orthogonal_block_diagonal_and_matches_numpy(cls, sh
   same = _same_block(shape, blocks)
   assert np.all(q[~same] == 0), "Q mixes coordinates of different blocks"
   block_lengths = [d // k for d, k in zip(shape, blocks)]
-  if cls is Kronecker:
-    assert np.all(np.abs(q[same]) > 1e-9)
-  elif all(H.is_power_of_two(b) for b in block_lengths):
-    # Every coordinate of a block mixes with every other: |Q_rc| = 1/sqrt(block size).
+  # Every coordinate of a block mixes with every other (any block length for both families).
+  assert np.all(q[same] != 0), "Q is sparse within a block"
+  if cls is Hadamard and all(H.is_power_of_two(b) for b in block_lengths):
+    # |Q_rc| = 1/sqrt(block size).
     np.testing.assert_allclose(np.abs(q[same]), 1 / math.sqrt(math.prod(block_lengths)),
                                rtol=1e-6)
   # Blocks are independent draws, not one matrix repeated.
-  blocked_ndim = 3 if cls is Kronecker else 2
-  blocked = [np.asarray(x) for x in jax.tree.leaves(rot) if x.ndim == blocked_ndim]
+  counts = rot.block_counts()
+  blocked = [np.asarray(x) for x, axis in zip(jax.tree.leaves(rot),
+                                                jax.tree.leaves(rot.leaf_axes()))
+             if counts[axis] > 1]
   assert blocked and all(any(not np.array_equal(x[j], x[0]) for j in range(1, len(x)))
                          for x in blocked)
 
 
 def test_no_blocks_is_the_unblocked_rotation_bit_for_bit():
-  # Values of the rotation before per-axis blocks existed (key 11, shape (3, 4)).
+  # Pinned signs (key 11, shape (3, 4)); the length-3 axis also draws a 3 x 3 mix R.
   rot = _init(Hadamard(), (3, 4), key=11)
   assert [np.asarray(s).tolist() for s in rot.signs] == [[-1, -1, 1], [1, -1, 1, 1]]
-  assert [np.asarray(p).tolist() for p in rot.perms] == [[1, 2, 0]]
-  assert [np.asarray(p).tolist() for p in rot.inv_perms] == [[2, 0, 1]]
+  assert rot.perms == () and rot.inv_perms == () and [r.shape for r in rot.mixes] == [(3, 3)]
 
   @jax.jit
   def draws(key):
@@ -120,9 +121,9 @@ def test_block_counts_are_in_the_state_shapes_and_a_checkpoint_refuses_another(t
 
   shapes = lambda fam: [x.shape for x in jax.tree.leaves(
       jax.eval_shape(lambda: fam.init(jax.random.key(0), (8, 12))))]
-  assert shapes(Hadamard()) == [(8,), (12,), (12,), (12,)]
-  assert shapes(Hadamard(blocks=(4, 1))) == [(4, 2), (12,), (12,), (12,)]
-  assert shapes(Hadamard(blocks=(2, 2))) == [(2, 4), (2, 6), (2, 6), (2, 6)]
+  assert shapes(Hadamard()) == [(8,), (12,), (3, 3)]  # Signs, signs, R of 12 = 3 * 4.
+  assert shapes(Hadamard(blocks=(4, 1))) == [(4, 2), (12,), (3, 3)]
+  assert shapes(Hadamard(blocks=(2, 2))) == [(2, 4), (2, 6), (2, 3, 3)]
   assert shapes(Kronecker(blocks=(4, 3))) == [(4, 2, 2), (3, 4, 4)]
   params = {"w": jnp.zeros((8, 12))}
   state = jax.jit(orthoadam(1e-3, rotation=Hadamard(blocks=(4,))).init)(params)
@@ -208,10 +209,11 @@ def test_blocked_rotation_states_are_sharded_with_their_blocks(mesh):
                        "u": [P(None, None), P(("data", "fsdp"), None, None)],
                        "m": [P("data", None, None), P("fsdp", None, None)],
                        "b": [P("fsdp", None, None)]}
-    else:  # Blocked [k_i, b_i] signs / perms likewise; unblocked [d_i] ones replicated.
-      assert specs == {"w": [P("fsdp", None), P(), P(), P()],
-                       "u": [P(), P(("data", "fsdp"), None)] + [P()] * 2,
-                       "m": [P("data", None), P("fsdp", None)], "b": [P("fsdp", None)] * 3}
+    else:  # Blocked [k_i, b_i] signs, [k_i, m_i, m_i] mixes likewise; unblocked ones replicated.
+      assert specs == {"w": [P("fsdp", None), P(), P()],
+                       "u": [P(), P(("data", "fsdp"), None), P()],
+                       "m": [P("data", None), P("fsdp", None)],
+                       "b": [P("fsdp", None), P("fsdp", None, None)]}
 
 
 def _numpy_adamw_in_basis(qs, params, grads, lr, b1, b2, eps, wd, max_norm):
@@ -267,7 +269,7 @@ def test_shard_local_orthoadam_sharded_equals_one_device_and_numpy(mesh):
   rots = [x for x in jax.tree.leaves(os_, is_leaf=lambda x: isinstance(x, ScaleByOrthoAdamState))
           if isinstance(x, ScaleByOrthoAdamState)][0].rotations
   assert isinstance(rots["m"], R.KroneckerRotation) and rots["m"].factors[1].shape == (4, 4, 4)
-  assert isinstance(rots["b"], R.HadamardRotation) and rots["b"].perms[0].shape == (4, 6)
+  assert isinstance(rots["b"], R.HadamardRotation) and rots["b"].mixes[0].shape == (4, 3, 3)
   # Q from the state arrays by numpy alone (checked above against rotating the identity basis).
   qs = {k: explicit_matrix(rots[k], a.shape) for k, a in abstract.items()}
   want = _numpy_adamw_in_basis(qs, params, grads, lr, b1, b2, eps, wd, max_norm=1.0)

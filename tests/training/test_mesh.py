@@ -44,7 +44,7 @@ def test_rules_map_logical_names_and_fall_back_to_replication():
 
 
 def test_model_parameters_get_shardings_from_their_annotations():
-  cfg = model_config_from(micro_config(), 512)
+  cfg = model_config_from(micro_config(norm="scalar_rmsnorm"), 512)
   _, abstract, _ = abstract_model(cfg)
   mesh = mesh_lib.make_mesh(1, 4, 2)
   shardings = param_shardings(abstract, mesh)
