@@ -4,12 +4,15 @@ A checkpoint step holds two items: ``state`` (the ``TrainState`` pytree: params,
 with OrthoAdam rotations, step, RNG, non-finite counters) and ``data`` (each process's Grain
 iterator state, through Grain's Orbax handler). Saves are asynchronous (Orbax copies arrays to host
 before ``save`` returns, so the next step may donate them); the last ``max_to_keep`` steps are kept.
-A step that cannot be read is reported and the previous one is used.
+A step that cannot be read is reported and the previous one is used; a training resume also moves
+it aside (renamed into ``workdir/checkpoints_damaged/``, never deleted) so the run can save that
+step again.
 
 Workdir layout (shared with analysis)::
 
   workdir/config.json        the run's full, resolved config
   workdir/checkpoints/<step>/{state,data}/
+  workdir/checkpoints_damaged/<step>-<UTC time>/   unreadable steps a training resume moved aside
   workdir/metrics.jsonl      one JSON object per logged step
   workdir/tensorboard/       event files
 
@@ -22,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import pathlib
@@ -32,6 +36,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from grain.checkpoint import CheckpointRestore, CheckpointSave
 
@@ -40,6 +45,7 @@ from softmax_one_jax.training.state import TrainState, abstract_model, param_sha
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"
 CONFIG_FILE = "config.json"
 
 
@@ -109,24 +115,33 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState,
-                   data_iterator: Any | None = None, step: int | None = None
-                   ) -> tuple[TrainState, int] | None:
+                   data_iterator: Any | None = None, step: int | None = None,
+                   move_aside_unreadable: bool = False) -> tuple[TrainState, int] | None:
   """Restores the newest readable step (or ``step``); sets the data iterator's state.
 
   An unreadable or partial step is reported with a warning naming the step and the error, and
-  the previous step is tried.
+  the previous step is tried. With ``move_aside_unreadable`` (a training resume, which will save
+  those steps again) the steps newer than the one restored that could not be read, and step
+  directories Orbax never finalized, are renamed to ``workdir/checkpoints_damaged/<step>-<UTC
+  time>`` by process 0 (all processes wait for it); nothing is moved when no step reads.
 
   Args:
     manager: from ``make_manager``.
     abstract_state: ``TrainState`` of ``jax.ShapeDtypeStruct`` with shardings (restore target).
     data_iterator: the Grain train iterator to restore in place, or None to skip the data item.
     step: a specific step (no fallback), or None for the newest readable one.
+    move_aside_unreadable: move unreadable steps out of the manager's directory (only with
+      ``step=None``); read-only users leave it False.
 
   Returns:
     ``(state, step)``, or None when there is no checkpoint.
 
   Raises:
     RuntimeError: checkpoints exist but none could be read.
+
+  Example:
+    >>> state, step = restore_latest(manager, abstract_state, train_iter,
+    ...                              move_aside_unreadable=True)  # doctest: +SKIP
   """
   snapshot = _IteratorSnapshot()
 
@@ -136,7 +151,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState,
       items["data"] = CheckpointRestore(snapshot)
     return ocp.args.Composite(**items)
 
-  found = _restore_newest_readable(manager, args, step)
+  found = _restore_newest_readable(manager, args, step, move_aside_unreadable)
   if found is None:
     return None
   restored, s = found
@@ -182,11 +197,16 @@ def restore_params(workdir: str | pathlib.Path, abstract_params: Any,
 
 def _restore_newest_readable(manager: ocp.CheckpointManager,
                              args: Callable[[], ocp.args.Composite],
-                             step: int | None) -> tuple[Any, int] | None:
-  """``manager.restore`` of the newest step that reads (or of ``step``), warning on the others."""
+                             step: int | None, move_aside: bool = False
+                             ) -> tuple[Any, int] | None:
+  """``manager.restore`` of the newest step that reads (or of ``step``), warning on the others.
+
+  With ``move_aside`` (and ``step`` None), once a step reads, the unreadable newer ones and the
+  unfinalized step directories are moved out of the manager's step namespace (``_move_aside``).
+  """
   manager.reload()
   steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-  errors = []
+  errors, unreadable = [], []
   for s in steps:
     try:
       restored = manager.restore(s, args=args())
@@ -195,15 +215,58 @@ def _restore_newest_readable(manager: ocp.CheckpointManager,
       log.warning("Checkpoint step %d in %s is unreadable or partial (%s); trying the previous "
                   "step.", s, manager.directory, msg)
       errors.append(f"step {s}: {msg}")
+      unreadable.append(int(s))
       continue
     if errors:
       log.warning("Resumed from step %d after skipping unreadable steps: %s", s, "; ".join(errors))
+    if move_aside and step is None:
+      _move_aside(manager, unreadable)
     return restored, int(s)
   if errors:
     raise RuntimeError(
         f"No readable checkpoint in {manager.directory}: " + "; ".join(errors) +
         ". Move the directory away to start afresh, or pass an explicit step.")
+  if move_aside and step is None:
+    _move_aside(manager, [])
   return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, unreadable: list[int]) -> None:
+  """Renames ``unreadable`` steps and unfinalized step directories into ``DAMAGED_DIR``.
+
+  A step directory left in place blocks saving that step again (``StepAlreadyExistsError``), so a
+  resumed run could not pass it; renaming keeps the files for inspection. Unfinalized step
+  directories (a numeric name that ``all_steps`` does not list, e.g. no ``commit_success`` on
+  object stores after a killed save) are moved too; Orbax's ``*.orbax-checkpoint-tmp-*``
+  directories are not steps and are left to ``cleanup_tmp_directories`` (``make_manager``).
+  Process 0 renames; the others wait at a barrier, then every process reloads the step list.
+
+  Example:
+    >>> _move_aside(manager, [60])  # doctest: +SKIP
+  """
+  directory = epath.Path(manager.directory)
+  finalized = set(manager.all_steps())
+  names = {str(s) for s in unreadable}
+  if directory.exists():
+    names |= {p.name for p in directory.iterdir()
+              if p.name.isdigit() and p.is_dir() and int(p.name) not in finalized}
+  if not names:
+    return
+  if jax.process_index() == 0:
+    damaged = directory.parent / DAMAGED_DIR
+    damaged.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    for name in sorted(names, key=int):
+      source, target = directory / name, damaged / f"{name}-{stamp}"
+      if not source.exists():
+        continue
+      source.rename(target)
+      log.warning("Moved unreadable checkpoint step %s from %s to %s (kept, not deleted); training "
+                  "continues through that step and saves it again.", name, source, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("softmax_one_jax.checkpoint.move_aside")
+  manager.reload()
 
 
 def write_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:

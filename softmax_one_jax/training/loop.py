@@ -238,7 +238,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   train_iter = ShardedIterator(config, tokenizer, jax.process_index(), jax.process_count())
   manager = ckpt_lib.make_manager(workdir, config.checkpoint.max_to_keep,
                                   config.checkpoint.async_save)
-  restored = ckpt_lib.restore_latest(manager, setup.abstract_state, train_iter)
+  # Unreadable steps are moved aside: this run saves those steps again.
+  restored = ckpt_lib.restore_latest(manager, setup.abstract_state, train_iter,
+                                     move_aside_unreadable=True)
   if restored is None:
     state, start = init_train_state(setup, model_cfg, config.seed), 0
   else:
