@@ -64,6 +64,16 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
   return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
+def scale_sign(scale: float) -> float:
+  """+1, -1 or 0: the factor that orders dot products as the logits ``scale * q.k`` are ordered.
+
+  Example:
+    >>> scale_sign(-0.25)
+    -1.0
+  """
+  return 1.0 if scale > 0 else (-1.0 if scale < 0 else 0.0)
+
+
 def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
   """Zero-pads ``x`` along ``axis`` up to ``size`` (no-op if already that long).
 

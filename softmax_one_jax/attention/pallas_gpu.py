@@ -132,14 +132,9 @@ def _logits2(q, k, st: _Static, q_start, k_start, q_ids, kv_ids, masked: bool,
   s = s if keep is None else jnp.where(keep, s, -jnp.inf)
   if not scores:
     return s
-  sign = _sign(st.scale)
+  sign = _padding.scale_sign(st.scale)
   d = dots if sign == 1.0 else dots * sign
   return s, (d if keep is None else jnp.where(keep, d, -jnp.inf)), k_pos
-
-
-def _sign(scale: float) -> float:
-  """+1, -1 or 0: the factor that orders dot products as the logits ``scale * q.k`` are ordered."""
-  return 1.0 if scale > 0 else (-1.0 if scale < 0 else 0.0)
 
 
 def _causal_ranges(q_start, block_q: int, block_k: int, num_k_blocks: int):

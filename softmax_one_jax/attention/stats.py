@@ -64,15 +64,10 @@ from softmax_one_jax.softmax import resolve_sinks
 STATS_IMPLEMENTATIONS = (None, "xla", "chunked", "pallas")
 
 
-def _sign(scale: float) -> float:
-  """+1, -1 or 0: the factor that orders dot products as the logits ``scale * q.k`` are ordered."""
-  return 1.0 if scale > 0 else (-1.0 if scale < 0 else 0.0)
-
-
 def _scores(dots, where, scale: float):
   """``(logits, d)``: ``scale * q.k`` and the decision scores ``sign(scale) * q.k`` (exact), both
   ``-inf`` where ``where`` (None = nothing masked) is False."""
-  sign = _sign(scale)
+  sign = _padding.scale_sign(scale)
   d = dots if sign == 1.0 else dots * sign
   logits = dots * scale
   if where is None:
