@@ -58,9 +58,13 @@ def check_against_numpy(attn, rng, shape, dtype, softmax, is_causal, segments, s
   """Asserts the kernel's output and q/k/v gradients (and sink gradients) match float64 numpy.
 
   float32: tight absolute/relative tolerances; the sink gradient, a sum over every query, within
-  ``sink_grad_atol``. bfloat16: the kernel's error may be at most twice that of the XLA reference
-  path run in bfloat16 on the same inputs (plus 2e-3), i.e. bf16 rounding of the inputs to the
-  matmuls, nothing worse. ``softmax="learned_sink"`` draws random sinks (``random_sinks``).
+  ``sink_grad_atol``. bfloat16: the kernel's root-mean-square error may be at most 1.5 times that
+  of the XLA reference path run in bfloat16 on the same inputs (measured: 0.7-1.1 times), i.e. bf16
+  rounding of the inputs to the matmuls, nothing worse. The RMS, not the largest element error:
+  the kernel rounds other intermediates than XLA does, so single elements land on either side
+  (max-error ratios of 0.3-2.4 on correct kernels). The sink gradient (one number per head, a sum
+  over every query) may err by twice XLA's error plus one bf16 rounding (2^-8) of the summed terms.
+  ``softmax="learned_sink"`` draws random sinks (``random_sinks``).
   """
   b, t, s, n, kh, h = shape
   q, k, v, w, ids = random_case(rng, b, t, s, n, kh, h, dtype, segments)
@@ -84,8 +88,14 @@ def check_against_numpy(attn, rng, shape, dtype, softmax, is_causal, segments, s
     return
   xla = run(reference_attention)
   for name, g, r, x in zip(names, got, xla, want):
-    err, err_xla = np.max(np.abs(g - x)), np.max(np.abs(r - x))
-    assert err <= 2 * err_xla + 2e-3, f"{name}: kernel error {err} vs XLA bf16 error {err_xla}"
+    g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+    if name == "dsinks":
+      err, err_xla = np.max(np.abs(g - x)), np.max(np.abs(r - x))
+      bound = 2 * err_xla + sink_grad_atol(w, want[0], rel=2.0**-8)
+    else:
+      err, err_xla = np.sqrt(np.mean((g - x) ** 2)), np.sqrt(np.mean((r - x) ** 2))
+      bound = 1.5 * err_xla
+    assert err <= bound, f"{name}: kernel error {err} vs XLA bf16 error {err_xla}"
 
 
 def gpu_kernel(block_sizes=None):
