@@ -22,20 +22,26 @@ Multi-host: pass ``--multihost`` (TPU pods, SLURM and other auto-detected cluste
 
 from __future__ import annotations
 
+import difflib
 import functools
+import importlib.util
 import logging as py_logging
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
+from softmax_one_jax.errors import ConfigError, MissingFileError, UserError, disk_full_cause
 from softmax_one_jax.runtime import apply_cpu_workarounds, configure_host_allocator
 
 COMMANDS = ("train", "eval", "prepare", "analyze", "compare", "compile")
 USAGE = __doc__
+USER_ERROR_EXIT_CODE = 2   # a flag, config value, file or the disk to fix; no traceback
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/configs/tiny.py[:softmax1,orthoadam].")
@@ -69,6 +75,37 @@ def _repo_root() -> pathlib.Path:
   return pathlib.Path(__file__).resolve().parent.parent
 
 
+def _fail(cmd: str, message: str) -> NoReturn:
+  """Ends a command on a user error: one message on stderr, exit status 2, no traceback."""
+  print(f"softmax-one {cmd}: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def _disk_full_message(error: OSError) -> str:
+  where = f" while writing {error.filename}" if error.filename else ""
+  return (f"no space left on the device{where} ({error.strerror or error}). Free space there, lower "
+          "config.checkpoint.max_to_keep, or move --workdir (or data.cache_dir) to a larger disk; "
+          "then rerun the same command: a run resumes from its last complete checkpoint.")
+
+
+def _report_user_errors(cmd: str, command: Callable[[], int]) -> int:
+  """Runs ``command``; user errors and a full disk end in ``_fail``, bugs keep their traceback."""
+  try:
+    return command()
+  except UserError as e:
+    _fail(cmd, str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    full = disk_full_cause(e)
+    if full is None:
+      raise
+    _fail(cmd, _disk_full_message(full))
+
+
+def _config_names() -> list[str]:
+  folder = _repo_root() / "experiments" / "configs"
+  return sorted(p.stem for p in folder.glob("*.py") if p.stem not in ("__init__", "base"))
+
+
 def _resolve_config_arg(argv: list[str]) -> list[str]:
   """Maps ``--config=tiny[:arg]`` to the repository's file; puts its repo root on sys.path."""
   out = list(argv)
@@ -87,6 +124,10 @@ def _resolve_config_arg(argv: list[str]) -> list[str]:
         if cand.is_file():
           p = cand
           break
+    if not p.is_file():
+      raise MissingFileError(
+          f"--config={value}: no config file {path!r}; give a path to a config .py file or one of "
+          f"the repository's: {', '.join(_config_names())} (e.g. --config=tiny:softmax1,orthoadam).")
     if p.exists():
       p = p.resolve()
       if p.parent.name == "configs" and p.parent.parent.name == "experiments":
@@ -104,7 +145,7 @@ def _init_distributed() -> None:
   import jax  # pylint: disable=import-outside-toplevel
   if _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1:
     if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None or not _COORDINATOR.value:
-      raise app.UsageError("Multi-process runs need --coordinator_address, --num_processes and "
+      raise ConfigError("Multi-process runs need --coordinator_address, --num_processes and "
                            "--process_id together (or --multihost for auto-detection).")
     # CPU collectives across processes (ignored by GPU/TPU backends).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -114,16 +155,24 @@ def _init_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _drop_disk_full_tracebacks(record: py_logging.LogRecord) -> bool:
+  """A log filter: Orbax logs a failed background save with its traceback; when the cause is a
+  full disk, the command's one message (``_disk_full_message``) says it instead."""
+  error = record.exc_info[1] if record.exc_info else None
+  return error is None or disk_full_cause(error) is None
+
+
 def _quiet_logging() -> None:
   """Orbax logs every save at INFO; keep the console to warnings unless -v was given."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   py_logging.getLogger("softmax_one_jax").setLevel(py_logging.INFO)
+  logging.get_absl_handler().addFilter(_drop_disk_full_tracebacks)
 
 
 def _need_workdir(cmd: str) -> str:
   if not _WORKDIR.value:
-    raise app.UsageError(f"`softmax-one {cmd}` needs --workdir=DIR.")
+    raise ConfigError(f"`softmax-one {cmd}` needs --workdir=DIR.")
   return _WORKDIR.value
 
 
@@ -132,12 +181,9 @@ def _train() -> int:
   from softmax_one_jax.training.config import validate_config  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError("`softmax-one train` needs --config=experiments/configs/<name>.py[:args].")
+    raise ConfigError("`softmax-one train` needs --config=experiments/configs/<name>.py[:args].")
   workdir = _need_workdir("train")
-  try:
-    validate_config(config)            # field errors before jax starts or anything compiles
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  validate_config(config)            # field errors before jax starts or anything compiles
   if config.optimizer.name == "orthoadam":
     apply_cpu_workarounds([config.optimizer.get("rotation")])
   _init_distributed()
@@ -176,7 +222,7 @@ def _print_outputs(result: dict) -> None:
 def _analyze() -> int:
   from softmax_one_jax.analysis.cli import analyze_main  # pylint: disable=import-outside-toplevel
   if bool(_WORKDIR.value) == bool(_HF.value):
-    raise app.UsageError("`softmax-one analyze` needs exactly one of --workdir=RUN or --hf=DIR.")
+    raise ConfigError("`softmax-one analyze` needs exactly one of --workdir=RUN or --hf=DIR.")
   kwargs: dict = {}
   for name, flag in (("out", _OUT), ("step", _STEP), ("num_batches", _NUM_BATCHES),
                      ("batch_size", _BATCH_SIZE), ("seq_len", _SEQ_LEN), ("schemes", _SCHEMES),
@@ -189,7 +235,7 @@ def _analyze() -> int:
 def _compare(runs: Sequence[str]) -> int:
   from softmax_one_jax.analysis.cli import compare_main  # pylint: disable=import-outside-toplevel
   if not runs:
-    raise app.UsageError("`softmax-one compare RUN1 RUN2 ...` needs run directories.")
+    raise ConfigError("`softmax-one compare RUN1 RUN2 ...` needs run directories.")
   kwargs: dict = {}
   _set(kwargs, "out", _OUT.value)
   _set(kwargs, "names", _NAMES.value)
@@ -202,16 +248,15 @@ def _compile() -> int:
   from softmax_one_jax.training import aot  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError("`softmax-one compile` needs --config=experiments/configs/<name>.py[:args].")
+    raise ConfigError("`softmax-one compile` needs --config=experiments/configs/<name>.py[:args].")
   topology = _TOPOLOGY.value or config.get("topology")
   if not topology:
-    raise app.UsageError("`softmax-one compile` needs --topology=SLICE (e.g. v5e:4x4), or a config "
+    raise ConfigError("`softmax-one compile` needs --topology=SLICE (e.g. v5e:4x4), or a config "
                          "with config.topology set.")
   try:
     report = aot.compile_run(config, topology)
-  except (ValueError, RuntimeError) as e:
-    print(f"softmax-one compile: {e}", file=sys.stderr)
-    return 2
+  except (ValueError, RuntimeError) as e:  # an unknown slice, a missing plugin: the user's to fix
+    _fail("compile", str(e))
   print(aot.format_report(report), flush=True)
   if _JSON.value:
     path = pathlib.Path(_JSON.value)
@@ -233,10 +278,76 @@ def _dispatch(cmd: str, argv: Sequence[str]) -> None:
     configure_host_allocator()  # before jax starts its CPU threads; a no-op on accelerators
   rest = list(argv[1:])
   if rest and cmd != "compare":
-    raise app.UsageError(f"Unexpected arguments for `softmax-one {cmd}`: {rest}")
-  code = {"train": _train, "eval": _eval, "analyze": _analyze, "compile": _compile,
-          "compare": lambda: _compare(rest)}[cmd]()
-  sys.exit(code)
+    _fail(cmd, f"unexpected arguments {rest}; flags are written --name=value.")
+  command = {"train": _train, "eval": _eval, "analyze": _analyze, "compile": _compile,
+             "compare": lambda: _compare(rest)}[cmd]
+  sys.exit(_report_user_errors(cmd, command))
+
+
+def _load_config_file(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
+  """The config that ``--config=PATH[:ARG]`` in ``argv`` names, loaded without its overrides."""
+  value = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
+  if value is None:
+    return None
+  path, _, arg = value.partition(":")
+  spec = importlib.util.spec_from_file_location("_softmax_one_config", path)
+  if spec is None or spec.loader is None:
+    return None
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None     # absl reports a config file that does not load
+
+
+def _unknown_config_field(argv: Sequence[str]) -> str | None:
+  """Names the first ``--config.a.b=value`` override whose field the config lacks."""
+  config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+  if not isinstance(config, ml_collections.ConfigDict):
+    # ml_collections checks the overrides while it loads the file, so the flag may hold nothing.
+    config = _load_config_file(argv)
+  if not isinstance(config, ml_collections.ConfigDict):
+    return None
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    dotted = arg[len("--config."):].split("=", 1)[0]
+    node: Any = config
+    for depth, part in enumerate(dotted.split(".")):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      parent = "config" + "".join(f".{p}" for p in dotted.split(".")[:depth])
+      fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, fields, n=1)
+      hint = (f"did you mean {parent}.{close[0]}? " if close else "") + (
+          f"{parent} has: {', '.join(fields)}." if fields else f"{parent} is not a section.")
+      return f"{arg}: unknown config field {parent}.{part}; {hint}"
+  return None
+
+
+def _flag_error_message(cmd: str, error: Exception) -> str:
+  """absl's message; a config file that raised ``ValueError`` on its argument gives one line."""
+  text = str(error).strip()
+  last = text.splitlines()[-1] if text else ""
+  if "Traceback (most recent call last)" in text and last.startswith("ValueError: "):
+    return f"{text.splitlines()[0]} {last[len('ValueError: '):]}"
+  return f"{text}. `softmax-one {cmd} --helpshort` lists the flags."
+
+
+def _flags_parser(cmd: str) -> Callable[[list[str]], list[str]]:
+  """absl's flag parsing, with one clean message (no flag list, no traceback) on a bad flag."""
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      _fail(cmd, _unknown_config_field(argv) or _flag_error_message(cmd, e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      # ml_collections applies --config.* overrides while parsing and raises these for a field
+      # that does not exist or a value of the wrong type.
+      _fail(cmd, _unknown_config_field(argv) or f"{type(e).__name__}: {e}")
+  return parse
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -252,9 +363,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(2)
   if cmd == "prepare":
     from softmax_one_jax.data import prepare_main  # pylint: disable=import-outside-toplevel
-    prepare_main(argv[2:])
-    sys.exit(0)
-  app.run(functools.partial(_dispatch, cmd), argv=[f"{argv[0]} {cmd}"] + _resolve_config_arg(argv[2:]))
+    def prepare() -> int:
+      prepare_main(argv[2:])
+      return 0
+    sys.exit(_report_user_errors(cmd, prepare))
+  try:
+    resolved = _resolve_config_arg(argv[2:])
+  except UserError as e:
+    _fail(cmd, str(e))
+  app.run(functools.partial(_dispatch, cmd), argv=[f"{argv[0]} {cmd}"] + resolved,
+          flags_parser=_flags_parser(cmd))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from softmax_one_jax.analysis import layout, outliers, quantize, report, seeds
+from softmax_one_jax.errors import ConfigError, MissingFileError
 
 DEFAULT_NUM_BATCHES = 8
 DEFAULT_BATCH_SIZE = 4
@@ -86,7 +87,7 @@ def parse_heads(heads: str | Sequence[tuple[int, int]] | None) -> list[tuple[int
       layer, head = item.strip().split(":")
       pairs.append((int(layer), int(head)))
     except ValueError:
-      raise ValueError(
+      raise ConfigError(
           f"--heads entry {item!r} is not 'layer:head' (e.g. --heads=0:1,3:0).") from None
   return pairs
 
@@ -111,7 +112,7 @@ def attention_maps(
   cfg = getattr(model, "config", None)
   for layer, head in heads:
     if cfg is not None and not (0 <= layer < cfg.num_layers and 0 <= head < cfg.num_heads):
-      raise ValueError(
+      raise ConfigError(
           f"--heads entry {layer}:{head} is outside the model ({cfg.num_layers} layers, "
           f"{cfg.num_heads} heads)."
       )
@@ -258,7 +259,7 @@ def _load_batches(
 
   tok = get_tokenizer(data_cfg)
   if tok.vocab_size > vocab_size:
-    raise ValueError(
+    raise ConfigError(
         f"the tokenizer has {tok.vocab_size} ids but the model only {vocab_size}; choose the "
         "model's own tokenizer (--tokenizer / --tokenizer_path)."
     )
@@ -321,9 +322,9 @@ def analyze_main(
     ``{"metrics": flat metrics, "paths": written files, "meta": run metadata}``.
   """
   if (workdir is None) == (hf is None):
-    raise ValueError("pass exactly one of --workdir=RUN or --hf=PATH to `softmax-one analyze`.")
+    raise ConfigError("pass exactly one of --workdir=RUN or --hf=PATH to `softmax-one analyze`.")
   if attention not in ("probs", "stats"):
-    raise ValueError(f"--attention={attention!r} is not known; expected 'probs' or 'stats'.")
+    raise ConfigError(f"--attention={attention!r} is not known; expected 'probs' or 'stats'.")
   head_pairs = parse_heads(heads)  # flag errors before anything is loaded or compiled
   scheme_list = quantize.resolve_schemes(schemes) if schemes != "" else []
   data_overrides = dict(data_overrides or {})
@@ -364,7 +365,7 @@ def analyze_main(
     stacked = outliers.stack_batches(batches, num_batches)
   else:
     if data_cfg is None:
-      raise ValueError(
+      raise ConfigError(
           f"{workdir}: the run's config has no 'data' section to read validation data from.")
     stacked = _load_batches(data_cfg, seq_len=seq_len, batch_size=batch_size,
                             num_batches=num_batches, vocab_size=cfg.vocab_size)
@@ -373,7 +374,7 @@ def analyze_main(
   nb, b, t = stacked["inputs"].shape
   meta.update(num_batches=nb, batch_size=b, seq_len=t, tokens=int(nb * b * t))
   if "targets" not in stacked:
-    raise ValueError("the validation batches carry no 'targets'; perplexity needs them.")
+    raise ConfigError("the validation batches carry no 'targets'; perplexity needs them.")
   metrics, rep, maps = analyze_model(model, stacked, schemes=scheme_list, heads=head_pairs,
                                      attention=attention)
   if name is None:
@@ -390,7 +391,7 @@ def load_analysis(run: str | pathlib.Path) -> dict[str, Any]:
       d = json.loads(p.read_text())
       if "report" in d:
         return d
-  raise FileNotFoundError(
+  raise MissingFileError(
       f"{run} has no analysis/metrics.json; run `softmax-one analyze --workdir={run}`.")
 
 
@@ -438,9 +439,9 @@ def compare_main(
     {"n", "runs", "seeds", "mean", "std", "values"}}, "paths": written files}``.
   """
   if not runs:
-    raise ValueError("`softmax-one compare` needs at least one run directory.")
+    raise ConfigError("`softmax-one compare` needs at least one run directory.")
   if names is not None and len(names) != len(runs):
-    raise ValueError(f"got {len(names)} names for {len(runs)} runs; give one name per run.")
+    raise ConfigError(f"got {len(names)} names for {len(runs)} runs; give one name per run.")
   entries = []
   for i, run in enumerate(runs):
     try:

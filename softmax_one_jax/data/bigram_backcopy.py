@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from softmax_one_jax.errors import ConfigError, DataError
+
 BOS = "<|bos|>"
 TRAIN_STREAM = 0
 VALIDATION_STREAM = 1
@@ -91,12 +93,12 @@ def task_from_documents(docs: Sequence[str], num_triggers: int = 3) -> BigramBac
   """
   codes = [np.frombuffer(d.encode("utf-32-le"), np.uint32) for d in docs if d]
   if not codes:
-    raise ValueError("The Bigram-Backcopy corpus is empty; give data.bb_corpus files with text.")
+    raise DataError("The Bigram-Backcopy corpus is empty; give data.bb_corpus files with text.")
   alphabet = np.unique(np.concatenate(codes))
   c = len(alphabet)
   if not 0 <= num_triggers < c:
-    raise ValueError(f"data.bb_triggers={num_triggers} must be in [0, {c}): the corpus has {c} "
-                     "distinct characters and at least one must stay a non-trigger.")
+    raise ConfigError(f"data.bb_triggers={num_triggers} must be in [0, {c}): the corpus has {c} "
+                      "distinct characters and at least one must stay a non-trigger.")
   unigram = np.zeros(c, np.int64)
   bigram = np.zeros(c * c, np.int64)
   for code in codes:

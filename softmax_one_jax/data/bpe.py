@@ -24,6 +24,8 @@ import uuid
 
 import regex
 
+from softmax_one_jax.errors import DataError
+
 Ranks = dict[bytes, int]
 
 
@@ -149,5 +151,5 @@ def read_ranks(path: str | os.PathLike[str]) -> Ranks:
         token, rank = line.split()
         ranks[base64.b64decode(token)] = int(rank)
       except ValueError as e:
-        raise ValueError(f"{path}:{line_no}: expected 'base64token rank', got {line[:80]!r}") from e
+        raise DataError(f"{path}:{line_no}: expected 'base64token rank', got {line[:80]!r}") from e
   return ranks

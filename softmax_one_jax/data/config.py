@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from softmax_one_jax.data import corpus
+from softmax_one_jax.errors import ConfigError
+
 SOURCES = ("default", "text", "arrayrecord", "c4", "bigram_backcopy")
 
 
@@ -17,6 +20,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       "bigram_backcopy" (the synthetic Bigram-Backcopy task, generated on the fly, see
       ``bigram_backcopy.py``; it brings its own character tokenizer and ignores ``tokenizer``).
     paths: comma-separated files or globs for "text"; the prepared folder for "arrayrecord"/"c4".
+    document_separator: "text" only: how a ``.txt``/``.txt.gz`` file is cut into documents:
+      "blank_line" (a run of blank or whitespace-only lines ends a document, so one book gives
+      one document per paragraph) | "file" (one document per file) | any other non-empty string,
+      a literal separator such as "<|endoftext|>". ``.jsonl`` files are one document per line
+      whatever it says.
     tokenizer: "gpt2" | "bpe" (trained on the corpus and cached) | "sentencepiece".
     tokenizer_path: optional ranks/model file: GPT-2 ranks (default: shipped), a BPE ``.tiktoken``
       to load instead of training, or the SentencePiece ``.model`` (required for it).
@@ -46,6 +54,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.source = "default"
   cfg.paths = ""
+  cfg.document_separator = "blank_line"
   cfg.tokenizer = "gpt2"
   cfg.tokenizer_path = ""
   cfg.bpe_vocab_size = 4096
@@ -63,19 +72,24 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 def check_data_config(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` naming the field when a data config value is not usable."""
+  """Raises ``ValueError`` naming the field when a data config value is not usable.
+
+  An empty ``document_separator`` raises ``ConfigError`` (a ``ValueError``).
+  """
   if cfg.source not in SOURCES:
-    raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}.")
+    raise ConfigError(f"data.source={cfg.source!r} is not one of {SOURCES}.")
   if cfg.source in ("text", "arrayrecord", "c4") and not cfg.paths:
     hint = ("files or globs" if cfg.source == "text"
             else "the folder written by `softmax-one prepare`")
-    raise ValueError(f"data.source={cfg.source!r} needs data.paths ({hint}).")
+    raise ConfigError(f"data.source={cfg.source!r} needs data.paths ({hint}).")
+  # Configs saved before the field existed read as the default.
+  corpus.check_separator(cfg.get("document_separator", "blank_line"))
   if not 0.0 <= cfg.validation_fraction < 1.0:
-    raise ValueError(f"data.validation_fraction={cfg.validation_fraction} must be in [0, 1).")
+    raise ConfigError(f"data.validation_fraction={cfg.validation_fraction} must be in [0, 1).")
   if cfg.num_workers < 0 or cfg.prefetch_buffer_size < 0:
-    raise ValueError("data.num_workers and data.prefetch_buffer_size must be >= 0.")
+    raise ConfigError("data.num_workers and data.prefetch_buffer_size must be >= 0.")
   if cfg.source == "bigram_backcopy":
     if cfg.get("bb_triggers", 3) < 0:
-      raise ValueError(f"data.bb_triggers={cfg.bb_triggers} must be >= 0.")
+      raise ConfigError(f"data.bb_triggers={cfg.bb_triggers} must be >= 0.")
     if cfg.get("bb_validation_sequences", 1024) < 1:
-      raise ValueError(f"data.bb_validation_sequences={cfg.bb_validation_sequences} must be >= 1.")
+      raise ConfigError(f"data.bb_validation_sequences={cfg.bb_validation_sequences} must be >= 1.")

@@ -56,6 +56,7 @@ from softmax_one_jax.data.tokens import PieceSource
 from softmax_one_jax.data.tokens import frame_record
 from softmax_one_jax.data.tokens import piece_table
 from softmax_one_jax.data.tokens import tokenized_documents
+from softmax_one_jax.errors import ConfigError, DataError
 
 _METADATA = "metadata.json"
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def _documents(cfg: ml_collections.ConfigDict) -> list[str]:
   if cfg.source == "default":
     return corpus.default_documents()
   if cfg.source == "text":
-    return corpus.read_text_documents(cfg.paths)
+    # Configs saved before ``document_separator`` existed read as the default.
+    return corpus.read_text_documents(cfg.paths, cfg.get("document_separator", "blank_line"))
   raise ValueError(f"data.source={cfg.source!r} has no in-memory documents.")
 
 
@@ -125,7 +127,7 @@ def get_tokenizer(cfg: ml_collections.ConfigDict) -> tokenizers_lib.Tokenizer:
 
 def _check_prepared_tokenizer(meta: dict[str, Any], tok: tokenizers_lib.Tokenizer) -> None:
   if meta["tokenizer_fingerprint"] != tok.fingerprint:
-    raise ValueError(
+    raise ConfigError(
         f"The prepared shards were tokenised with {meta['tokenizer']!r} "
         f"(fingerprint {meta['tokenizer_fingerprint'][:12]}), but the tokenizer given is "
         f"{tok.name!r} ({tok.fingerprint[:12]}); set data.tokenizer / data.tokenizer_path to match, "
@@ -142,7 +144,7 @@ def _document_dataset(
     _check_prepared_tokenizer(meta, tok)
     files = [os.path.join(folder, f) for f in meta["splits"][split]["files"]]
     if not files:
-      raise ValueError(f"{folder} holds no {split} shards; prepare with a validation_fraction > 0.")
+      raise DataError(f"{folder} holds no {split} shards; prepare with a validation_fraction > 0.")
     source = grain.sources.ArrayRecordDataSource(files)
     ds = grain.MapDataset.source(source).map(frame_record(tok.bos_id, tok.eos_id, meta["dtype"]))
     return ds, grain.ReadOptions(num_threads=8, prefetch_buffer_size=256)
@@ -151,8 +153,13 @@ def _document_dataset(
   docs = tokenized_documents(texts, tok, cfg.cache_dir or None)
   doc_ids = train_idx if split == "train" else val_idx
   if not doc_ids:
-    raise ValueError(f"No {split} documents: {len(texts)} documents with validation_fraction="
-                     f"{cfg.validation_fraction}; give more documents or change the fraction.")
+    raise DataError(
+        f"No {split} documents: found {len(texts)} document(s), {len(val_idx)} of them "
+        f"held out with data.validation_fraction={cfg.validation_fraction}. To "
+        "get more, split one file into documents with data.document_separator='blank_line' (the "
+        "default) or a literal separator such as '<|endoftext|>' (it is now "
+        f"{cfg.get('document_separator', 'blank_line')!r}), or give more files, or change "
+        "data.validation_fraction.")
   starts_p, lens_p = piece_table(docs.starts, doc_ids, seq_len)
   return (grain.MapDataset.source(PieceSource(docs.tokens_n, starts_p, lens_p)),
           grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,9 +32,12 @@ import numpy as np
 from softmax_one_jax.data import corpus
 from softmax_one_jax.data import tokenizers as tokenizers_lib
 from softmax_one_jax.data.tokens import token_dtype
+from softmax_one_jax.errors import ConfigError, OutputExistsError
 
 FORMAT = "softmax_one_jax.tokens.v1"
 PREPARE_SOURCES = ("default", "text", "c4")
+# Characters a BPE trains on by default when the corpus is streamed ("c4", "text").
+_BPE_STREAM_CHARS = 50_000_000
 log = logging.getLogger(__name__)
 
 
@@ -84,6 +87,7 @@ def prepare(
     tokenizer_path: str = "", bpe_vocab_size: int = 4096, bpe_max_train_chars: int = 0,
     validation_fraction: float = 0.05, records_per_shard: int = 100_000, max_documents: int = 0,
     max_validation_documents: int = 10_000, c4_name: str = "en", cache_dir: str = "",
+    document_separator: str = "blank_line",
 ) -> dict[str, Any]:
   """Tokenises a corpus into train/validation ArrayRecord shards; returns the metadata written.
 
@@ -92,7 +96,8 @@ def prepare(
     source: "default" | "text" | "c4".
     paths: files or globs for "text".
     tokenizer, tokenizer_path, bpe_vocab_size, bpe_max_train_chars: as in ``default_data_config``.
-      For "c4" the BPE trains on the first ``bpe_max_train_chars`` (default 50M) characters.
+      For "c4" and "text" the BPE trains on the first ``bpe_max_train_chars`` (default 50M)
+      characters of the training documents.
     validation_fraction: held-out fraction for "default"/"text" (same split as the in-memory
       pipeline: by document hash). "c4" uses C4's own validation split instead.
     records_per_shard: documents per ``.array_record`` file.
@@ -100,6 +105,12 @@ def prepare(
     max_validation_documents: "c4" only: validation documents to keep.
     c4_name: the C4 configuration ("en", "realnewslike", ...).
     cache_dir: where a trained BPE is cached ("" = default).
+    document_separator: "text" only: "blank_line" | "file" | a literal separator, as
+      ``data.document_separator`` (see ``corpus.iter_text_documents``).
+
+  "text" is streamed: a first pass keeps only each document's 16-byte ``document_key`` to choose
+  the held-out documents, and each later pass (BPE sample, train shards, validation shards) reads
+  the files again, so the corpus is never held in memory (16 bytes per document are).
 
   Example:
     >>> meta = prepare("/tmp/austen_gpt2", source="default", tokenizer="gpt2")
@@ -107,11 +118,11 @@ def prepare(
     255
   """
   if source not in PREPARE_SOURCES:
-    raise ValueError(f"source={source!r} is not one of {PREPARE_SOURCES}.")
+    raise ConfigError(f"source={source!r} is not one of {PREPARE_SOURCES}.")
   if records_per_shard < 1:
-    raise ValueError(f"records_per_shard={records_per_shard} must be positive.")
+    raise ConfigError(f"records_per_shard={records_per_shard} must be positive.")
   if os.path.exists(os.path.join(output_dir, "metadata.json")):
-    raise FileExistsError(f"{output_dir} already holds a prepared dataset; pick a new folder.")
+    raise OutputExistsError(f"{output_dir} already holds a prepared dataset; pick a new folder.")
   os.makedirs(output_dir, exist_ok=True)
 
   if source == "c4":
@@ -119,12 +130,15 @@ def prepare(
     val_texts: Iterable[str] = itertools.islice(
         _load_c4_split(c4_name, "validation"), max_validation_documents)
     bpe_docs = lambda: list(_take_chars(_load_c4_split(c4_name, "train"),  # noqa: E731
-                                        bpe_max_train_chars or 50_000_000))
-  else:
-    docs = corpus.default_documents() if source == "default" else corpus.read_text_documents(paths)
+                                        bpe_max_train_chars or _BPE_STREAM_CHARS))
+  elif source == "default":
+    docs = corpus.default_documents()
     train_idx, val_idx = corpus.split_train_validation(docs, validation_fraction)
     train_texts, val_texts = [docs[i] for i in train_idx], [docs[i] for i in val_idx]
     bpe_docs = lambda: train_texts  # noqa: E731
+  else:
+    train_texts, val_texts, bpe_docs = _streamed_text_splits(
+        paths, document_separator, validation_fraction, bpe_max_train_chars or _BPE_STREAM_CHARS)
   if max_documents:
     train_texts = itertools.islice(train_texts, max_documents)
 
@@ -157,6 +171,26 @@ def prepare(
   return meta
 
 
+def _streamed_text_splits(
+    paths: str, separator: str, validation_fraction: float, bpe_chars: int,
+) -> tuple[Iterator[str], Iterator[str], Callable[[], list[str]]]:
+  """Train texts, validation texts and the BPE sample of local files, each a fresh pass over them.
+
+  The held-out set is ``corpus.validation_indices`` of the documents' keys, the same rule as
+  ``corpus.split_train_validation`` (and so as the in-memory pipeline); only the keys are kept.
+  """
+  corpus.check_separator(separator)
+  keys = [corpus.document_key(d) for d in corpus.iter_text_documents(paths, separator)]
+  held_out = frozenset(corpus.validation_indices(keys, validation_fraction))
+
+  def docs(validation: bool) -> Iterator[str]:
+    for i, d in enumerate(corpus.iter_text_documents(paths, separator)):
+      if (i in held_out) == validation:
+        yield d
+
+  return docs(False), docs(True), lambda: list(_take_chars(docs(False), bpe_chars))
+
+
 def _take_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
   total = 0
   for t in texts:
@@ -178,6 +212,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--output_dir", required=True, help="folder to write (new)")
   p.add_argument("--source", default="default", choices=PREPARE_SOURCES)
   p.add_argument("--paths", default="", help="comma-separated files/globs for --source text")
+  p.add_argument("--document_separator", default="blank_line",
+                 help="--source text: 'blank_line' (blank lines end a document), 'file' (one "
+                      "document per file) or a literal separator such as '<|endoftext|>'")
   p.add_argument("--tokenizer", default="gpt2", choices=tokenizers_lib.TOKENIZERS)
   p.add_argument("--tokenizer_path", default="")
   p.add_argument("--bpe_vocab_size", type=int, default=4096)

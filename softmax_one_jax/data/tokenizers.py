@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import tiktoken
 
 from softmax_one_jax.data import bpe
+from softmax_one_jax.errors import ConfigError, DataError, MissingFileError
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257
@@ -115,7 +116,7 @@ def tiktoken_from_file(path: str | os.PathLike[str], name: str) -> TiktokenToken
   """
   ranks = bpe.read_ranks(path)
   if sorted(ranks.values()) != list(range(len(ranks))):
-    raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1} without gaps or repeats.")
+    raise DataError(f"{path}: ranks must be 0..{len(ranks) - 1} without gaps or repeats.")
   encoding = tiktoken.Encoding(
       name=name, pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
       special_tokens={ENDOFTEXT: len(ranks)},
@@ -129,7 +130,7 @@ def gpt2_tokenizer(path: str | None = None) -> TiktokenTokenizer:
   path = path or gpt2_tokenizer_path()
   tok = tiktoken_from_file(path, name="gpt2")
   if path == gpt2_tokenizer_path() and tok.fingerprint != GPT2_SHA256:
-    raise ValueError(f"{path} is corrupt: sha256 {tok.fingerprint} != {GPT2_SHA256}; reinstall.")
+    raise DataError(f"{path} is corrupt: sha256 {tok.fingerprint} != {GPT2_SHA256}; reinstall.")
   return tok
 
 
@@ -171,7 +172,7 @@ def bpe_tokenizer(
     True
   """
   if vocab_size < 257:
-    raise ValueError(f"bpe_vocab_size={vocab_size} must be >= 257 (256 bytes + <|endoftext|>).")
+    raise ConfigError(f"bpe_vocab_size={vocab_size} must be >= 257 (256 bytes + <|endoftext|>).")
   if max_train_chars > 0:
     sample, total = [], 0
     for d in docs:
@@ -236,13 +237,13 @@ def sentencepiece_tokenizer(path: str) -> SentencePieceTokenizer:
         "tokenizer='sentencepiece' needs the sentencepiece package: pip install sentencepiece"
     ) from e
   if not path or not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"tokenizer_path={path!r} is not a file; point it at a SentencePiece .model file.")
   processor = sentencepiece.SentencePieceProcessor(model_file=path)
   tok = SentencePieceTokenizer(processor=processor, name="sentencepiece",
                                fingerprint=_sha256_file(path))
   if tok.eos_id < 0:
-    raise ValueError(f"{path}: the SentencePiece model defines no EOS piece; the packer needs one.")
+    raise DataError(f"{path}: the SentencePiece model defines no EOS piece; the packer needs one.")
   return tok
 
 
@@ -264,12 +265,12 @@ def make_tokenizer(
   if name == "bpe":
     if tokenizer_path:
       if not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"tokenizer_path={tokenizer_path!r}: no such .tiktoken file.")
+        raise MissingFileError(f"tokenizer_path={tokenizer_path!r}: no such .tiktoken file.")
       tok = tiktoken_from_file(tokenizer_path, name="bpe")
       return dataclasses.replace(tok, name=f"bpe{tok.vocab_size}")
     if train_docs is None:
-      raise ValueError("tokenizer='bpe' needs documents to train on, or a tokenizer_path.")
+      raise ConfigError("tokenizer='bpe' needs documents to train on, or a tokenizer_path.")
     return bpe_tokenizer(train_docs(), bpe_vocab_size, cache_dir, bpe_max_train_chars)
   if name == "sentencepiece":
     return sentencepiece_tokenizer(tokenizer_path)
-  raise ValueError(f"tokenizer={name!r} is not one of {TOKENIZERS}.")
+  raise ConfigError(f"tokenizer={name!r} is not one of {TOKENIZERS}.")

@@ -41,6 +41,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from softmax_one_jax.errors import DataError, MissingFileError
 from softmax_one_jax.models.config import TransformerConfig
 
 _ST_DTYPES = {
@@ -71,7 +72,7 @@ def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     if name == "__metadata__":
       continue
     if info["dtype"] not in _ST_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
+      raise DataError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
     start, end = info["data_offsets"]
     arr = np.frombuffer(data[start:end], dtype=_ST_DTYPES[info["dtype"]])
     out[name] = arr.reshape(info["shape"])
@@ -86,7 +87,7 @@ def read_checkpoint(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str,
   """
   root = pathlib.Path(path).expanduser()
   if not (root / "config.json").is_file():
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{root} has no config.json; pass a Hugging Face checkpoint directory (as written by "
         "save_pretrained or downloaded from the Hub)."
     )
@@ -99,7 +100,7 @@ def read_checkpoint(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str,
   else:
     files = sorted(p.name for p in root.glob("*.safetensors"))
   if not files:
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{root} has no *.safetensors weights; convert a pytorch_model.bin with transformers "
         "(model.save_pretrained(dir, safe_serialization=True))."
     )
@@ -118,7 +119,7 @@ def _rope_theta(c: Mapping[str, Any]) -> float:
   scaling = c.get("rope_scaling") or {}
   for kind in (rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
     if kind not in (None, "default"):
-      raise ValueError(
+      raise DataError(
           f"RoPE scaling type {kind!r} is not supported; only the default rotary embedding is."
       )
   return float(rope.get("rope_theta", c.get("rope_theta", 10_000.0)))
@@ -141,16 +142,16 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Transforme
   if kind == "gpt2":
     act = c.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-      raise ValueError(
+      raise DataError(
           f"GPT-2 activation_function={act!r} is not supported; our GPT-2 MLP uses the tanh "
           "GELU ('gelu_new')."
       )
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
                  "add_cross_attention"):
       if c.get(flag):
-        raise ValueError(f"GPT-2 option {flag}=True is not supported.")
+        raise DataError(f"GPT-2 option {flag}=True is not supported.")
     if c.get("scale_attn_weights") is False:
-      raise ValueError(
+      raise DataError(
           "GPT-2 scale_attn_weights=False is not supported (we scale by 1/sqrt(head_dim)).")
     d = int(c["n_embd"])
     fields = dict(
@@ -162,13 +163,13 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Transforme
     )
   elif kind == "llama":
     if c.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"Llama hidden_act={c['hidden_act']!r} is not supported; expected 'silu'.")
+      raise DataError(f"Llama hidden_act={c['hidden_act']!r} is not supported; expected 'silu'.")
     if bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
-      raise ValueError(
+      raise DataError(
           "Llama checkpoints with attention_bias != mlp_bias are not supported (one use_bias)."
       )
     if int(c.get("pretraining_tp", 1)) != 1:
-      raise ValueError("Llama pretraining_tp != 1 is not supported.")
+      raise DataError("Llama pretraining_tp != 1 is not supported.")
     n = int(c["num_attention_heads"])
     fields = dict(
         vocab_size=int(c["vocab_size"]), num_layers=int(c["num_hidden_layers"]),
@@ -182,7 +183,7 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Transforme
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
     )
   else:
-    raise ValueError(
+    raise DataError(
         f"model_type={kind!r} is not supported; load_hf reads {SUPPORTED_MODEL_TYPES} checkpoints."
     )
   fields.update(softmax="softmax", dtype="float32", param_dtype="float32")
@@ -206,7 +207,7 @@ def _check_norm_override(kind: str, checkpoint_norm: str, overrides: Mapping[str
   if norm == checkpoint_norm or norm not in _NORM_PARAMS:
     return
   example = ("tiny.py:softmax1,orthoadam" if kind == "gpt2" else "llama2.py:60m,softmax1,orthoadam")
-  raise ValueError(
+  raise DataError(
       f"norm={norm!r} cannot be imported from a {kind} checkpoint: its norms are "
       f"{checkpoint_norm!r} ({_NORM_PARAMS[checkpoint_norm]}), a {norm!r} norm has "
       f"{_NORM_PARAMS.get(norm, 'other parameters')}. Load it with norm={checkpoint_norm!r} (drop "
@@ -309,7 +310,7 @@ def _finish(take: _Taker, cfg: TransformerConfig, out: dict[str, np.ndarray]) ->
 
 def _check_all_used(take: _Taker) -> None:
   if take.left:
-    raise ValueError(
+    raise DataError(
         f"{len(take.left)} checkpoint tensor(s) have no place in our model, e.g. "
         f"{sorted(take.left)[:5]}; the checkpoint has parts this importer does not know."
     )
@@ -335,16 +336,16 @@ def assign_params(model: nnx.Module, params: Mapping[str, np.ndarray], dtype: An
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
   missing = [_path_str(p) for p, _ in leaves if _path_str(p) not in params]
   if missing:
-    raise ValueError(f"the checkpoint provides no value for model parameter(s) {missing[:5]}.")
+    raise DataError(f"the checkpoint provides no value for model parameter(s) {missing[:5]}.")
   extra = sorted(set(params) - {_path_str(p) for p, _ in leaves})
   if extra:
-    raise ValueError(f"converted tensor(s) {extra[:5]} have no parameter in our model.")
+    raise DataError(f"converted tensor(s) {extra[:5]} have no parameter in our model.")
   new = []
   for path, leaf in leaves:
     name = _path_str(path)
     value = np.asarray(params[name])
     if tuple(value.shape) != tuple(leaf.shape):
-      raise ValueError(
+      raise DataError(
           f"{name}: checkpoint shape {value.shape} != model shape {tuple(leaf.shape)}.")
     new.append(jnp.asarray(value, dtype=dtype))
   nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))

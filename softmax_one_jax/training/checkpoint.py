@@ -40,6 +40,7 @@ from etils import epath
 from flax import nnx
 from grain.checkpoint import CheckpointRestore, CheckpointSave
 
+from softmax_one_jax.errors import MissingFileError
 from softmax_one_jax.training.state import TrainState, abstract_model, param_shardings
 
 log = logging.getLogger(__name__)
@@ -283,8 +284,8 @@ def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   from softmax_one_jax.training.config import config_from_json  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(workdir) / CONFIG_FILE
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a run directory written by "
-                            "`softmax-one train --workdir=...`.")
+    raise MissingFileError(f"{path} not found: {workdir} is not a run directory written by "
+                           "`softmax-one train --workdir=...`.")
   return config_from_json(path.read_text())
 
 
@@ -316,6 +317,6 @@ def load_model(workdir: str | pathlib.Path, step: int | None = None) -> tuple[An
                         abstract_params, param_shardings(abstract_params, mesh))
   restored = restore_params(workdir, target, step)
   if restored is None:
-    raise FileNotFoundError(f"No checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}.")
+    raise MissingFileError(f"No checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}.")
   params, _ = restored
   return nnx.merge(graphdef, params, abstract_rest), config

@@ -30,6 +30,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
+from softmax_one_jax.errors import ConfigError
 
 _GiB = 2**30
 
@@ -101,7 +102,7 @@ def chip_for(device_kind: str) -> Chip:
   """
   chip = CHIPS.get(device_kind.strip())
   if chip is None:
-    raise ValueError(
+    raise ConfigError(
         f"Unknown device_kind {device_kind!r}: no peak figures for it. Known kinds: "
         f"{', '.join(repr(k) for k in CHIPS)}. Add a row to softmax_one_jax.training.chips.CHIPS "
         "with its public source to support it.")
@@ -169,18 +170,18 @@ def parse_topology(name: str) -> Topology:
   generation, sep, shape = name.strip().partition(":")
   known = ", ".join(f"{g}:..." for g in _TPU_GENERATIONS)
   if not sep or generation not in _TPU_GENERATIONS:
-    raise ValueError(
+    raise ConfigError(
         f"Unknown TPU topology {name!r}: expected '<generation>:<dims>' with generation one of "
         f"{known}, e.g. 'v5e:4x4' or 'v5p:2x2x2'.")
   kind, two_d = _TPU_GENERATIONS[generation]
   parts = shape.split("x")
   if not all(p.isdigit() and int(p) > 0 for p in parts) or len(parts) not in (2, 3):
-    raise ValueError(
+    raise ConfigError(
         f"Topology {name!r} has dims {shape!r}: expected 2 or 3 positive integers joined by 'x', "
         "e.g. '4x4' or '2x2x2'.")
   dims = tuple(int(p) for p in parts)
   if two_d and len(dims) == 3 and dims[2] != 1:
-    raise ValueError(
+    raise ConfigError(
         f"Topology {name!r}: {generation} chips form a 2-D torus; give 'AxB' (or 'AxBx1').")
   desc_kwargs: dict[str, Any] = {}
   if generation == "v4":

@@ -3,7 +3,7 @@
 ``validate_config`` is called by the CLI and by ``train``/``evaluate`` before anything is built or
 compiled; it names the offending field and the allowed values::
 
-  ValueError: config.model.softmax='softmax2' is not allowed; choose one of 'softmax', 'softmax1'.
+  ConfigError: config.model.softmax='softmax2' is not allowed; choose one of 'softmax', 'softmax1'.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import ml_collections
 
 from softmax_one_jax.data import config as data_config
 from softmax_one_jax.data import tokenizers
+from softmax_one_jax.errors import ConfigError
 from softmax_one_jax.models import config as model_config
 from softmax_one_jax.optim import rotations
 from softmax_one_jax.training.state import OPTIMIZER_NAMES
@@ -56,7 +57,7 @@ def _get(config: ml_collections.ConfigDict, path: str) -> Any:
     if not isinstance(node, (ml_collections.ConfigDict, Mapping)) or part not in node:
       if path in _OPTIONAL_FIELDS:
         return _OPTIONAL_FIELDS[path]
-      raise ValueError(f"config.{path} is missing; start from experiments/configs/base.py.")
+      raise ConfigError(f"config.{path} is missing; start from experiments/configs/base.py.")
     node = node[part]
   return node
 
@@ -67,7 +68,7 @@ def _fmt(values: tuple[Any, ...]) -> str:
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
                     process_count: int = 1) -> None:
-  """Checks every enumerated and numeric field; raises ``ValueError`` naming field and allowed values.
+  """Checks every enumerated and numeric field; raises ``ConfigError`` naming field and allowed values.
 
   Args:
     config: the run configuration (see experiments/configs/base.py).
@@ -75,7 +76,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     process_count: number of JAX processes (the global batch is split between them).
 
   Raises:
-    ValueError: the first invalid field, with the allowed values and how to fix it.
+    ConfigError: the first invalid field, with the allowed values and how to fix it.
 
   Example:
     >>> validate_config(cfg)           # silent when valid
@@ -83,54 +84,54 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   for path, allowed in ALLOWED_VALUES.items():
     value = _get(config, path)
     if value not in allowed:
-      raise ValueError(f"config.{path}={value!r} is not allowed; choose one of {_fmt(allowed)}.")
+      raise ConfigError(f"config.{path}={value!r} is not allowed; choose one of {_fmt(allowed)}.")
   for path in _POSITIVE_INTS:
     value = _get(config, path)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      raise ValueError(f"config.{path}={value!r} must be a positive integer.")
+      raise ConfigError(f"config.{path}={value!r} must be a positive integer.")
   for path in _NON_NEGATIVE_INTS:
     value = _get(config, path)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-      raise ValueError(f"config.{path}={value!r} must be an integer >= 0.")
+      raise ConfigError(f"config.{path}={value!r} must be an integer >= 0.")
   for path in ("optimizer.learning_rate", "optimizer.eps"):
     value = _get(config, path)
     if not isinstance(value, (int, float)) or not value > 0:
-      raise ValueError(f"config.{path}={value!r} must be a number > 0.")
+      raise ConfigError(f"config.{path}={value!r} must be a number > 0.")
   for path in ("optimizer.b1", "optimizer.b2", "optimizer.end_lr_fraction", "optimizer.momentum"):
     value = _get(config, path)
     if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-      raise ValueError(f"config.{path}={value!r} must be a number in [0, 1].")
+      raise ConfigError(f"config.{path}={value!r} must be a number in [0, 1].")
   for path in ("optimizer.weight_decay", "optimizer.grad_clip_norm"):
     value = _get(config, path)
     if not isinstance(value, (int, float)) or value < 0:
-      raise ValueError(f"config.{path}={value!r} must be a number >= 0 (0 disables it).")
+      raise ConfigError(f"config.{path}={value!r} must be a number >= 0 (0 disables it).")
   if not isinstance(_get(config, "optimizer.shard_local"), bool):
-    raise ValueError(f"config.optimizer.shard_local={_get(config, 'optimizer.shard_local')!r} "
-                     "must be True or False.")
+    raise ConfigError(f"config.optimizer.shard_local={_get(config, 'optimizer.shard_local')!r} "
+                      "must be True or False.")
   if config.model.d_model % config.model.num_heads:
-    raise ValueError(f"config.model.d_model={config.model.d_model} is not a multiple of "
-                     f"config.model.num_heads={config.model.num_heads}.")
+    raise ConfigError(f"config.model.d_model={config.model.d_model} is not a multiple of "
+                      f"config.model.num_heads={config.model.num_heads}.")
   kv = config.model.get("num_kv_heads")
   if kv is not None and (kv <= 0 or config.model.num_heads % kv):
-    raise ValueError(f"config.model.num_heads={config.model.num_heads} is not a multiple of "
-                     f"config.model.num_kv_heads={kv}.")
+    raise ConfigError(f"config.model.num_heads={config.model.num_heads} is not a multiple of "
+                      f"config.model.num_kv_heads={kv}.")
   if config.seq_len > config.model.max_seq_len:
-    raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.max_seq_len="
-                     f"{config.model.max_seq_len}; raise max_seq_len or shorten seq_len.")
+    raise ConfigError(f"config.seq_len={config.seq_len} exceeds config.model.max_seq_len="
+                      f"{config.model.max_seq_len}; raise max_seq_len or shorten seq_len.")
   if config.optimizer.warmup_steps > config.num_train_steps:
-    raise ValueError(f"config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds "
-                     f"config.num_train_steps={config.num_train_steps}.")
+    raise ConfigError(f"config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds "
+                      f"config.num_train_steps={config.num_train_steps}.")
   if config.global_batch_size % config.grad_accum_steps:
-    raise ValueError(f"config.global_batch_size={config.global_batch_size} is not a multiple of "
-                     f"config.grad_accum_steps={config.grad_accum_steps}.")
+    raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not a multiple of "
+                      f"config.grad_accum_steps={config.grad_accum_steps}.")
   if config.global_batch_size % process_count:
-    raise ValueError(f"config.global_batch_size={config.global_batch_size} is not a multiple of "
-                     f"the process count {process_count}.")
+    raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not a multiple of "
+                      f"the process count {process_count}.")
   data_config.check_data_config(config.data)
   try:  # the model's own checks (e.g. an even head_dim for RoPE), before any tokenizer or compile
     model_config_from(config, max(int(config.model.vocab_size), 1))
   except (TypeError, ValueError) as e:
-    raise ValueError(f"config.model is invalid: {e}") from e
+    raise ConfigError(f"config.model is invalid: {e}") from e
   from softmax_one_jax.training.data_iter import num_data_shards  # pylint: disable=import-outside-toplevel
   num_data_shards(config, process_count)
   if num_devices is not None:
@@ -139,7 +140,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
                                        num_devices)
     micro = config.global_batch_size // config.grad_accum_steps
     if micro % (data * fsdp):
-      raise ValueError(
+      raise ConfigError(
           f"The microbatch of {micro} sequences (config.global_batch_size="
           f"{config.global_batch_size} / config.grad_accum_steps={config.grad_accum_steps}) is not "
           f"a multiple of mesh.data * mesh.fsdp = {data * fsdp}; change the batch or the mesh.")
@@ -164,8 +165,8 @@ def padded_vocab_size(config: ml_collections.ConfigDict, tokenizer_vocab_size: i
   """
   if config.model.vocab_size:
     if config.model.vocab_size < tokenizer_vocab_size:
-      raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-                       f"tokenizer's vocabulary ({tokenizer_vocab_size}); use 0 to follow it.")
+      raise ConfigError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+                        f"tokenizer's vocabulary ({tokenizer_vocab_size}); use 0 to follow it.")
     return int(config.model.vocab_size)
   m = int(config.model.get("vocab_multiple", 1) or 1)
   return -(-tokenizer_vocab_size // m) * m

@@ -20,16 +20,18 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from softmax_one_jax.errors import ConfigError
+
 
 def num_data_shards(config: ml_collections.ConfigDict, process_count: int) -> int:
   """``config.data_shards`` resolved (0 -> process count) and checked."""
   shards = int(config.get("data_shards", 0) or process_count)
   if shards % process_count:
-    raise ValueError(f"config.data_shards={shards} is not a multiple of the process count "
-                     f"{process_count}; use a multiple, or 0 for one shard per process.")
+    raise ConfigError(f"config.data_shards={shards} is not a multiple of the process count "
+                      f"{process_count}; use a multiple, or 0 for one shard per process.")
   if config.global_batch_size % shards:
-    raise ValueError(f"config.global_batch_size={config.global_batch_size} is not a multiple of "
-                     f"config.data_shards={shards}.")
+    raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not a multiple of "
+                      f"config.data_shards={shards}.")
   return shards
 
 
@@ -66,7 +68,7 @@ class ShardedIterator:
   def set_state(self, state: dict[str, Any]) -> None:
     shards = state.get("shards")
     if shards is None or len(shards) != len(self._iterators):
-      raise ValueError(
+      raise ConfigError(
           f"The checkpoint's data state has {0 if shards is None else len(shards)} shard(s) for "
           f"this process but the run reads {len(self._iterators)}; resume with the same "
           "config.data_shards (or process count) as the run that saved it.")

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pathlib
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
+from softmax_one_jax.errors import ConfigError
 from softmax_one_jax.training import checkpoint as ckpt_lib
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.training.config import (config_to_json, model_config_from, padded_vocab_size,
@@ -36,6 +38,7 @@ from softmax_one_jax.training.metrics import MetricsWriter
 from softmax_one_jax.training.state import (TrainSetup, init_train_state, merge_model,
                                             setup_for_run)
 from softmax_one_jax.training.step import BATCH_KEYS, jit_eval_step, jit_train_step
+from softmax_one_jax.training.workdir_lock import hold_workdir
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +99,19 @@ def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
   if not (workdir / ckpt_lib.CONFIG_FILE).exists():
     return
   old = ckpt_lib.read_config(workdir)
-  def identity(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  def shard_local(c: ml_collections.ConfigDict) -> bool:
+    return c.optimizer.name == "orthoadam" and c.optimizer.get("shard_local", True)
+  def identity(c: ml_collections.ConfigDict, with_mesh: bool) -> dict[str, Any]:
     out = {**c.model.to_dict(), "optimizer.name": c.optimizer.name,
            "optimizer.rotation": c.optimizer.get("rotation")}
-    if c.optimizer.name == "orthoadam" and c.optimizer.get("shard_local", True):
-      # Shard-local rotations follow the mesh: another mesh is another optimizer state.
+    if with_mesh:   # shard-local rotations follow the mesh: another mesh, another state
       out.update({f"mesh.{a}": c.mesh.get(a) for a in mesh_lib.MESH_AXES})
     return out
-  a, b = identity(old), identity(config)
+  with_mesh = shard_local(old) and shard_local(config)
+  a, b = identity(old, with_mesh), identity(config, with_mesh)
   diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   if diff:
-    raise ValueError(
+    raise ConfigError(
         f"{workdir} holds a run with a different model or optimizer "
         f"({', '.join(f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in diff)}); use a new "
         "--workdir, or the original config to resume.")
@@ -223,13 +228,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     validation / outlier metrics.
 
   Raises:
-    ValueError: an invalid config, or a workdir holding a different run.
+    ConfigError: an invalid config, or a workdir holding a different run.
+    WorkdirBusyError: another live ``train`` holds the workdir.
     NonFiniteError: ``config.max_nonfinite_steps`` consecutive non-finite steps.
   """
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
   validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
   workdir = pathlib.Path(workdir)
+  # Process 0 holds the workdir for the whole multi-process run; the others share it.
+  with hold_workdir(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _train_holding_workdir(config, workdir)
+
+
+def _train_holding_workdir(config: ml_collections.ConfigDict,
+                           workdir: pathlib.Path) -> dict[str, Any]:
+  """``train`` once the workdir is this run's."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
   tokenizer, config, model_cfg, setup = build_run(config)
   _check_same_run(workdir, config)
   ckpt_lib.write_config(workdir, config)

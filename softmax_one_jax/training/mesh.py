@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from softmax_one_jax.errors import ConfigError
 from softmax_one_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_mesh_spec
 
 __all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "batch_sharding", "global_batch", "logical_sharding",
@@ -45,19 +46,20 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
   free = [i for i, s in enumerate(sizes) if s == -1]
   for name, s in zip(names, sizes):
     if s == 0 or s < -1:
-      raise ValueError(f"{name}={s} is invalid: use a positive size or -1 (all remaining devices).")
+      raise ConfigError(
+          f"{name}={s} is invalid: use a positive size or -1 (all remaining devices).")
   if len(free) > 1:
-    raise ValueError(
+    raise ConfigError(
         f"At most one mesh axis may be -1, got {dict(zip(names, sizes))}; give explicit sizes.")
   known = math.prod(s for s in sizes if s != -1)
   if free:
     if num_devices % known:
-      raise ValueError(
+      raise ConfigError(
           f"Cannot fill the mesh: {num_devices} devices are not a multiple of the fixed axes' "
           f"product {known} ({dict(zip(names, sizes))}).")
     sizes[free[0]] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(
+    raise ConfigError(
         f"Mesh {dict(zip(names, sizes))} covers {math.prod(sizes)} devices but {num_devices} are "
         "available; make data * fsdp * tensor equal the device count or set one axis to -1.")
   return sizes[0], sizes[1], sizes[2]

@@ -37,6 +37,8 @@ from typing import Any
 
 import jax
 
+from softmax_one_jax.errors import DataError
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -82,7 +84,7 @@ def _read_lines(path: pathlib.Path) -> list[tuple[bytes, dict[str, Any]]]:
         log.warning("Dropping the torn last record of %s at byte offset %d (%d bytes: %s); the "
                     "run was probably killed while writing it.", path, start, len(raw), e)
         break
-      raise ValueError(
+      raise DataError(
           f"{path}: line {number} (byte offset {start}) is not a valid JSON record ({e}); only "
           "the last line can be torn by a crash, so this is damage to the file: repair or delete "
           "that line and rerun.") from e

@@ -1,7 +1,9 @@
-"""Preemption: a run killed with SIGKILL (and one stopped by SIGTERM) resumes bit-exactly on CPU."""
+"""Preemption: a run killed with SIGKILL at a random step (and one stopped by SIGTERM) resumes
+bit-exactly on CPU."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import signal
 import subprocess
@@ -45,7 +47,9 @@ def test_sigkill_and_sigterm_resume_reproduce_the_uninterrupted_losses(tmp_path)
   assert sorted(want) == list(range(1, steps + 1))
 
   cmd = train_command(run_dir, *flags)
-  killed = _interrupt(cmd, env, signal.SIGKILL, 7, 5, run_dir)
+  kill_after = 6 + int.from_bytes(os.urandom(1), "little") % 25    # a fresh step in 6..30
+  print(f"SIGKILL once step {kill_after} is logged")
+  killed = _interrupt(cmd, env, signal.SIGKILL, kill_after, 5, run_dir)
   assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
   first_resume_from = max(_checkpoint_steps(run_dir))
 
