@@ -148,14 +148,14 @@ def _causal_ranges(q_start, block_q: int, block_k: int, num_k_blocks: int):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs, st: _Static,
-                with_out: bool, with_max: bool):
+                stats: bool):
   """One program: a query tile of one (batch, head); loops over key tiles.
 
   ``sinks_ref`` holds the head's sink logit repeated ``block_q`` times (None without a sink).
-  With ``with_max`` it also writes, per query, the largest score over the visible keys and the
-  score of the first visible key (smallest index the query may see), both from the same tile
-  products in the same units (see ``_logits2``'s ``d``), so that comparing them decides whether
-  the first visible key is the argmax exactly.
+  Writes the output and the logsumexp. With ``stats`` it skips the output and writes, per query,
+  the largest score over the visible keys and the score of the first visible key (smallest index
+  the query may see), both from the same tile products in the same units (see ``_logits2``'s
+  ``d``), so that comparing them decides whether the first visible key is the argmax exactly.
   """
   bq, bk = st.block_q, st.block_k
   q_start = pl.program_id(0) * bq
@@ -171,16 +171,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs
     l0 = jnp.zeros((bq,), jnp.float32)
   acc0 = jnp.zeros((bq, q.shape[-1]), jnp.float32)
   neg_inf = jnp.full((bq,), -jnp.inf, jnp.float32)
-  # With with_max: (largest score, first visible key's score) per query, in _logits2's d units.
-  scores0 = (neg_inf, neg_inf) if with_max else ()
+  # With stats: (largest score, first visible key's score) per query, in _logits2's d units.
+  scores0 = (neg_inf, neg_inf) if stats else ()
 
   def body(j, carry, masked):
     acc, m, l, scores = carry
     sl = pl.ds(j * bk, bk)
     kv_ids = None if kv_ids_ref is None else kv_ids_ref[sl]
     tile = _logits2(q, k_ref[sl, :], st, q_start, j * bk, q_ids, kv_ids, masked,
-                    scores=with_max)
-    s = tile[0] if with_max else tile
+                    scores=stats)
+    s = tile[0] if stats else tile
     s_max = jnp.max(s, axis=-1)
     m_new = jnp.maximum(m, s_max)
     # A finite sink keeps m finite; rows with nothing seen yet (no sink, or a sink of -inf) shift
@@ -189,10 +189,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs
     alpha = jnp.exp2(m - m_use)
     p = jnp.exp2(s - m_use[:, None])
     l = alpha * l + jnp.sum(p, axis=-1)
-    if with_out:
+    if not stats:
       v = v_ref[sl, :]
       acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    if with_max:
+    else:
       _, d, k_pos = tile
       top, first = scores
       tile_top, tile_first = _padding.max_and_first(d, k_pos, st.kv_pad)
@@ -212,24 +212,22 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, sinks_ref, *out_refs
   acc, m, l, scores = carry
 
   refs = list(out_refs)
-  if with_out:
+  if not stats:
     o_ref = refs.pop(0)
     safe_l = jnp.where(l == 0.0, 1.0, l)  # a row with no key and no sink outputs zeros
     o_ref[...] = (acc / safe_l[:, None]).astype(o_ref.dtype)
   lse_ref = refs.pop(0)
   lse_ref[...] = (m + jnp.log2(l)) * _LN2  # -inf for an all-masked row without a sink
-  if with_max:
+  if stats:
     refs.pop(0)[...] = scores[0]
     refs.pop(0)[...] = scores[1]
 
 
-def _forward_call(q, k, v, ids, sinks, st: _Static, with_out: bool = True,
-                  with_max: bool = False):
+def _forward_call(q, k, v, ids, sinks, st: _Static, stats: bool = False):
   """pallas_call of the forward kernel on padded inputs.
 
-  Returns ``(o?, lse [B,N,T], top? [B,N,T], first? [B,N,T])``: ``top`` and ``first`` (with
-  ``with_max``) are the largest score and the first visible key's score in the units of
-  ``_logits2``'s ``d``.
+  Returns ``(o, lse [B,N,T])``, or with ``stats`` ``(lse, top [B,N,T], first [B,N,T])``: the
+  largest score and the first visible key's score in the units of ``_logits2``'s ``d``.
 
   ``sinks`` is ``[N]`` float32 when ``st.sink``, else None.
   """
@@ -255,16 +253,16 @@ def _forward_call(q, k, v, ids, sinks, st: _Static, with_out: bool = True,
   row_spec = pl.BlockSpec((None, None, st.block_q), lambda i, bi, ni: (bi, ni, i))
   row_shape = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
   out_shape, out_specs = [], []
-  if with_out:
+  if not stats:
     out_shape.append(jax.ShapeDtypeStruct(q.shape, q.dtype))
     out_specs.append(pl.BlockSpec((None, st.block_q, None, h), lambda i, bi, ni: (bi, i, ni, 0)))
   out_shape.append(row_shape)
   out_specs.append(row_spec)
-  if with_max:
+  if stats:
     out_shape += [row_shape, row_shape]
     out_specs += [row_spec, row_spec]
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, st=st, with_out=with_out, with_max=with_max),
+      functools.partial(_fwd_kernel, st=st, stats=stats),
       grid=(t // st.block_q, b, n),
       in_specs=in_specs,
       out_specs=out_specs,
@@ -575,40 +573,7 @@ def flash_stats(
   t = query.shape[1]
   q, k, v, ids, sinks, st = _prepare(query, key, key, softmax, sinks, is_causal, segment_ids,
                                      scale, block_sizes, interpret)
-  lse, top, first = _forward_call(q, k, v, ids, sinks, st, with_out=False, with_max=True)
+  lse, top, first = _forward_call(q, k, v, ids, sinks, st, stats=True)
   return (lax.stop_gradient(lse[:, :, :t]),) + _row_stats(lax.stop_gradient(top),
                                                           lax.stop_gradient(first), st, t)
 
-
-def flash_attention_with_stats(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    softmax: str = "softmax1",
-    is_causal: bool = False,
-    segment_ids: SegmentIds | None = None,
-    scale: float | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-    sinks: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-  """``(out [B, T, N, H], lse, row_max, first_logit, argmax_first)`` from one forward pass.
-
-  The statistics (each ``[B, N, T]``, as :func:`flash_stats`) cost two more ``[block_q]``
-  registers per program (the largest score and the first visible key's), three more row
-  reductions per key tile and ``O(B N T)`` output, nothing else; ``stats.first_token_stats``
-  turns them into first-token shares during evaluation. Arguments as :func:`flash_attention`.
-  Forward only: not differentiable (train with :func:`flash_attention`).
-
-  Example:
-    >>> q = k = v = jnp.ones((1, 16, 2, 64))
-    >>> out, lse, row_max, first, hit = flash_attention_with_stats(q, k, v, interpret=True)
-  """
-  t, h = query.shape[1], query.shape[3]
-  q, k, v, ids, sinks, st = _prepare(query, key, value, softmax, sinks, is_causal, segment_ids,
-                                     scale, block_sizes, interpret)
-  q, k, v = (lax.stop_gradient(x) for x in (q, k, v))
-  sinks = None if sinks is None else lax.stop_gradient(sinks)
-  out, lse, top, first = _forward_call(q, k, v, ids, sinks, st, with_out=True, with_max=True)
-  return (out[:, :t, :, :h], lse[:, :, :t]) + _row_stats(top, first, st, t)
