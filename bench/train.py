@@ -51,9 +51,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from experiments.configs.base import get_base_config, model_config  # noqa: E402
 from softmax_one_jax.data import build_train_iterator, get_tokenizer  # noqa: E402
+from softmax_one_jax.rundir import model_config_from  # noqa: E402
 from softmax_one_jax.runtime import configure_host_allocator  # noqa: E402
 from softmax_one_jax.training import mesh as mesh_lib  # noqa: E402
-from softmax_one_jax.training.config import model_config_from  # noqa: E402
 from softmax_one_jax.training.state import build_optimizer, init_train_state, make_setup  # noqa: E402
 from softmax_one_jax.training.step import jit_train_step, make_train_step  # noqa: E402
 

@@ -123,6 +123,8 @@ def read_series(run: pathlib.Path) -> list[dict[str, float]]:
 
 def train_one(cond: Condition, seed: int, run: pathlib.Path, steps: int | None) -> dict[str, Any]:
   """Trains (or resumes) one run; returns its final metrics, also written to ``summary.json``."""
+  from softmax_one_jax.analysis import (  # pylint: disable=import-outside-toplevel
+      outlier_metrics, print_metrics_table)
   from softmax_one_jax.training.loop import train  # pylint: disable=import-outside-toplevel
   done = run / "summary.json"
   if done.exists():
@@ -132,7 +134,7 @@ def train_one(cond: Condition, seed: int, run: pathlib.Path, steps: int | None) 
   started = time.perf_counter()
   log = io.StringIO()
   with contextlib.redirect_stdout(log):
-    result = train(config, run)
+    result = train(config, run, outlier_metrics=outlier_metrics, report=print_metrics_table)
   (run / "train.log").write_text(log.getvalue())
   if result["status"] != "done":
     raise SystemExit(f"{run.name} stopped at step {result['step']} ({result['status']}); rerun the "
@@ -154,7 +156,7 @@ def _sink_logits(run: pathlib.Path, cond: Condition) -> dict[str, float]:
 
 
 def _load(run: pathlib.Path):
-  from softmax_one_jax.training.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+  from softmax_one_jax.rundir import load_model  # pylint: disable=import-outside-toplevel
   return load_model(run)
 
 

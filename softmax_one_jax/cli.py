@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.util
+import json
 import logging as py_logging
 import os
 import pathlib
@@ -38,6 +39,10 @@ from ml_collections import config_flags
 
 from softmax_one_jax.errors import ConfigError, MissingFileError, UserError, disk_full_cause
 from softmax_one_jax.runtime import apply_cpu_workarounds, configure_host_allocator
+
+# training and analysis (orbax, grain, matplotlib, ...) are imported inside the subcommands
+# that use them, on purpose: `softmax-one --help`, `prepare` and config errors answer without
+# loading them.
 
 COMMANDS = ("train", "eval", "prepare", "analyze", "compare", "compile")
 USAGE = __doc__
@@ -177,6 +182,7 @@ def _need_workdir(cmd: str) -> str:
 
 
 def _train() -> int:
+  from softmax_one_jax import analysis  # pylint: disable=import-outside-toplevel
   from softmax_one_jax.training import loop  # pylint: disable=import-outside-toplevel
   from softmax_one_jax.training.config import validate_config  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
@@ -188,7 +194,8 @@ def _train() -> int:
     apply_cpu_workarounds([config.optimizer.get("rotation")])
   _init_distributed()
   try:
-    summary = loop.train(config, workdir)
+    summary = loop.train(config, workdir, outlier_metrics=analysis.outlier_metrics,
+                         report=analysis.print_metrics_table)
   except loop.NonFiniteError as e:
     print(f"softmax-one train: {e}", file=sys.stderr)
     return 1
@@ -196,9 +203,11 @@ def _train() -> int:
 
 
 def _eval() -> int:
+  from softmax_one_jax import analysis  # pylint: disable=import-outside-toplevel
   from softmax_one_jax.training import loop  # pylint: disable=import-outside-toplevel
   _init_distributed()
-  loop.evaluate(_need_workdir("eval"), step=_STEP.value, eval_batches=_EVAL_BATCHES.value)
+  loop.evaluate(_need_workdir("eval"), step=_STEP.value, eval_batches=_EVAL_BATCHES.value,
+                outlier_metrics=analysis.outlier_metrics, report=analysis.print_metrics_table)
   return 0
 
 
@@ -244,7 +253,6 @@ def _compare(runs: Sequence[str]) -> int:
 
 
 def _compile() -> int:
-  import json  # pylint: disable=import-outside-toplevel
   from softmax_one_jax.training import aot  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   if config is None:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from jax.sharding import AbstractMesh, Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 
@@ -101,6 +101,28 @@ def logical_to_mesh_spec(
   while out and out[-1] is None:
     out.pop()
   return PartitionSpec(*out)
+
+
+def logical_sharding(logical: Sequence[str | None] | PartitionSpec, shape: Sequence[int],
+                     mesh: Mesh) -> NamedSharding:
+  """``NamedSharding`` for an array with logical axis names (see ``logical_to_mesh_spec``)."""
+  return NamedSharding(mesh, logical_to_mesh_spec(logical, shape, mesh))
+
+
+def tree_shardings(abstract_tree: Any, logical_specs: Any, mesh: Mesh) -> Any:
+  """Shardings for a pytree of ``ShapeDtypeStruct`` given a matching pytree of logical specs.
+
+  Args:
+    abstract_tree: pytree of arrays or ``jax.ShapeDtypeStruct`` (e.g. an abstract ``nnx.State``).
+    logical_specs: same structure, ``PartitionSpec`` of logical names per leaf (as returned by
+      ``nnx.get_partition_spec``).
+    mesh: the device mesh.
+
+  Returns:
+    Same structure, ``NamedSharding`` per leaf.
+  """
+  return jax.tree.map(
+      lambda x, spec: logical_sharding(tuple(spec), x.shape, mesh), abstract_tree, logical_specs)
 
 
 def current_mesh() -> AbstractMesh | None:

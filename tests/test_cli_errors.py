@@ -15,10 +15,9 @@ import sys
 
 import pytest
 
-from softmax_one_jax import cli
+from softmax_one_jax import cli, rundir
 from softmax_one_jax.data import corpus
 from softmax_one_jax.errors import ConfigError, disk_full_cause
-from softmax_one_jax.training import checkpoint as ckpt_lib
 from tests.training._micro import MICRO, cpu_env, micro_config
 
 FLAG_LIST_LINE = "--workdir: Run directory"    # what absl's flag dump would show
@@ -83,7 +82,7 @@ def test_a_user_error_is_one_message_without_traceback(case: str, tmp_path: path
 
 
 def test_a_workdir_of_a_different_run_is_refused(tmp_path: pathlib.Path):
-  ckpt_lib.write_config(tmp_path / "run", micro_config(optimizer="orthoadam"))
+  rundir.write_config(tmp_path / "run", micro_config(optimizer="orthoadam"))
   done = _softmax_one(*TRAIN, cwd=tmp_path)
   _assert_user_error(done, "train", "holds a run with a different model or optimizer",
                      "optimizer.name: 'orthoadam' -> 'adamw'", "use a new --workdir")

@@ -14,7 +14,8 @@ from softmax_one_jax.analysis.outliers import (
     stack_batches,
 )
 from softmax_one_jax.analysis.quantize import SCHEMES, QuantScheme, quantize_model, quantize_params
-from softmax_one_jax.analysis.report import format_metrics_table, format_quant_table
+from softmax_one_jax.analysis.report import (format_metrics_table, format_quant_table,
+                                             print_metrics_table)
 
 __all__ = [
     "OutlierReport",
@@ -25,6 +26,7 @@ __all__ = [
     "format_metrics_table",
     "format_quant_table",
     "outlier_metrics",
+    "print_metrics_table",
     "quantize_model",
     "quantize_params",
     "stack_batches",

@@ -33,7 +33,10 @@ import numpy as np
 from flax import nnx
 
 from softmax_one_jax.analysis import layout, outliers, quantize, report, seeds
+from softmax_one_jax.data import default_data_config, get_tokenizer, validation_batches
 from softmax_one_jax.errors import ConfigError, MissingFileError
+from softmax_one_jax.models.hf import load_hf
+from softmax_one_jax.rundir import load_model
 
 DEFAULT_NUM_BATCHES = 8
 DEFAULT_BATCH_SIZE = 4
@@ -255,8 +258,6 @@ def _optimizer_name(config: Any) -> str | None:
 def _load_batches(
     data_cfg: Any, *, seq_len: int, batch_size: int, num_batches: int, vocab_size: int
 ) -> dict[str, np.ndarray]:
-  from softmax_one_jax.data import get_tokenizer, validation_batches
-
   tok = get_tokenizer(data_cfg)
   if tok.vocab_size > vocab_size:
     raise ConfigError(
@@ -269,8 +270,6 @@ def _load_batches(
 
 
 def _hf_data_config(hf: pathlib.Path, model_type: str | None, overrides: Mapping[str, Any]) -> Any:
-  from softmax_one_jax.data import default_data_config
-
   cfg = default_data_config()
   if model_type == "gpt2":
     cfg.tokenizer = "gpt2"
@@ -330,8 +329,6 @@ def analyze_main(
   data_overrides = dict(data_overrides or {})
   meta: dict[str, Any] = {}
   if workdir is not None:
-    from softmax_one_jax.training.checkpoint import load_model
-
     root = pathlib.Path(workdir).expanduser().resolve()
     model, run_config = load_model(str(root), step=step)
     data_cfg = _lookup(run_config, "data")
@@ -347,8 +344,6 @@ def analyze_main(
     out_dir = pathlib.Path(out) if out else root / "analysis"
     default_name = root.name
   else:
-    from softmax_one_jax.models.hf import load_hf
-
     root = pathlib.Path(hf).expanduser().resolve()
     model = load_hf(root)
     model_type = json.loads((root / "config.json").read_text()).get("model_type")

@@ -19,8 +19,10 @@ import math
 import pathlib
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -119,6 +121,24 @@ def format_metrics_table(runs: Mapping[str, Mapping[str, Value]]) -> str:
         *quant,
     ])
   return _table(header, rows)
+
+
+def print_metrics_table(name: str, metrics: Mapping[str, float]) -> str:
+  """Prints (process 0) and returns the ``format_metrics_table`` row of one run's final metrics.
+
+  The training loop's ``val_ppl`` stands in for ``perplexity`` when the metrics have none; this is
+  the ``report`` callback ``softmax-one train`` and ``eval`` give the loop.
+
+  Example:
+    >>> print_metrics_table("tiny", {"val_ppl": 12.3}).splitlines()[2][:22]   # doctest: +SKIP
+    '| tiny | 1 | 12.30 |'
+  """
+  if "val_ppl" in metrics and "perplexity" not in metrics:
+    metrics = {**metrics, "perplexity": metrics["val_ppl"]}
+  table = format_metrics_table({name: metrics})
+  if jax.process_index() == 0:
+    print(table, flush=True)
+  return table
 
 
 def _ppl_cell(m: Mapping[str, float], scheme: str) -> str:
@@ -294,8 +314,6 @@ def plot_channel_max_abs(
   Returns:
     The written path.
   """
-  from matplotlib.colors import LogNorm
-
   if not panels:
     raise ValueError("no panels to plot.")
   vals = [np.asarray(v, np.float64) for v in panels.values()]

@@ -6,7 +6,6 @@ Example:
 """
 
 from softmax_one_jax.models.loss import weighted_cross_entropy
-from softmax_one_jax.training.checkpoint import load_model
 from softmax_one_jax.training.config import validate_config
 from softmax_one_jax.training.loop import NonFiniteError, evaluate, train
 from softmax_one_jax.training.mesh import LOGICAL_AXIS_RULES, MESH_AXES, make_mesh
@@ -22,7 +21,6 @@ __all__ = [
     "evaluate",
     "init_train_state",
     "jit_train_step",
-    "load_model",
     "make_mesh",
     "make_setup",
     "make_train_step",

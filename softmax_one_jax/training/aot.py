@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import topologies
 
 from softmax_one_jax.attention import resolve_implementation
 from softmax_one_jax.training import chips as chips_lib
@@ -138,7 +139,6 @@ def slice_devices(topology: str) -> list[Any]:
   if importlib.util.find_spec("libtpu") is None:
     raise RuntimeError(TPU_AOT_HINT)
   _set_libtpu_environment(topology.split(":")[0], slice_.num_chips)
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   return list(topologies.get_topology_desc(platform="tpu", topology_name=slice_.name,
                                            **slice_.desc_kwargs).devices)
 
@@ -149,7 +149,6 @@ def _gpu_devices(node: gpu_targets.GpuTopology) -> list[Any]:
   if jax.config.jax_platforms != "cpu":
     raise RuntimeError("Compiling for absent GPUs needs JAX_PLATFORMS=cpu (the CUDA plugin "
                        "otherwise looks for a local GPU); `softmax-one compile` sets it.")
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   return list(topologies.get_topology_desc(
       platform="cuda", topology=node.topology,
       target_config=gpu_targets.gpu_target_config(node.chip)).devices)

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the training state and the data iterator, and ``load_model``.
+"""Orbax checkpoints of the training state and the data iterator.
 
 A checkpoint step holds two items: ``state`` (the ``TrainState`` pytree: params, optimizer state
 with OrthoAdam rotations, step, RNG, non-finite counters) and ``data`` (each process's Grain
@@ -8,46 +8,34 @@ A step that cannot be read is reported and the previous one is used; a training 
 it aside (renamed into ``workdir/checkpoints_damaged/``, never deleted) so the run can save that
 step again.
 
-Workdir layout (shared with analysis)::
-
-  workdir/config.json        the run's full, resolved config
-  workdir/checkpoints/<step>/{state,data}/
-  workdir/checkpoints_damaged/<step>-<UTC time>/   unreadable steps a training resume moved aside
-  workdir/metrics.jsonl      one JSON object per logged step
-  workdir/tensorboard/       event files
+The run directory's layout, its config.json, the manager on ``workdir/checkpoints`` and the
+params-only restore (``load_model``) live in ``softmax_one_jax.rundir``, which analysis reads too.
 
 Example:
-  >>> manager = make_manager(workdir, max_to_keep=3, async_save=True)
+  >>> manager = rundir.make_manager(workdir, max_to_keep=3, async_save=True)
   >>> save(manager, step, state, train_iterator)
   >>> state, step = restore_latest(manager, setup.abstract_state, train_iterator)
-  >>> model, config = load_model(workdir)
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
-import pathlib
-from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 from grain.checkpoint import CheckpointRestore, CheckpointSave
+from jax.experimental import multihost_utils
 
-from softmax_one_jax.errors import MissingFileError
-from softmax_one_jax.training.state import TrainState, abstract_model, param_shardings
+from softmax_one_jax import rundir
+from softmax_one_jax.training.state import TrainState
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-DAMAGED_DIR = "checkpoints_damaged"
-CONFIG_FILE = "config.json"
 
 
 class _IteratorSnapshot:
@@ -80,31 +68,12 @@ def _apply_snapshot(iterator: Any, snapshot: _IteratorSnapshot) -> None:
   iterator.set_state(raw if isinstance(iterator, grain.DataLoaderIterator) else json.loads(raw))
 
 
-def make_manager(workdir: str | pathlib.Path, max_to_keep: int = 3, async_save: bool = True,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-  """A ``CheckpointManager`` on ``workdir/checkpoints`` (save policy is the loop's: ``save``).
-
-  Args:
-    workdir: the run directory.
-    max_to_keep: newest steps kept on disk.
-    async_save: write in a background thread after the device-to-host copy.
-    read_only: open for reading only (evaluation, analysis).
-  """
-  # "read_only" opens without creating or cleaning anything (Orbax's own read_only flag only adds
-  # a warning; nothing here saves through a reading manager).
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not read_only,
-      cleanup_tmp_directories=not read_only)
-  directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-  return ocp.CheckpointManager(directory, options=options)
-
-
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
          data_iterator: Any | None = None) -> None:
   """Starts saving ``state`` (and the data iterator's current state) as ``step``.
 
   Args:
-    manager: from ``make_manager``.
+    manager: from ``rundir.make_manager``.
     step: the number of optimizer steps in ``state`` (and batches the iterator has yielded).
     state: the training state (its arrays may be donated right after this returns).
     data_iterator: the Grain train iterator, or None.
@@ -127,7 +96,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState,
   time>`` by process 0 (all processes wait for it); nothing is moved when no step reads.
 
   Args:
-    manager: from ``make_manager``.
+    manager: from ``rundir.make_manager``.
     abstract_state: ``TrainState`` of ``jax.ShapeDtypeStruct`` with shardings (restore target).
     data_iterator: the Grain train iterator to restore in place, or None to skip the data item.
     step: a specific step (no fallback), or None for the newest readable one.
@@ -152,7 +121,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState,
       items["data"] = CheckpointRestore(snapshot)
     return ocp.args.Composite(**items)
 
-  found = _restore_newest_readable(manager, args, step, move_aside_unreadable)
+  on_found = functools.partial(_move_aside, manager) if move_aside_unreadable else None
+  found = rundir.restore_newest_readable(manager, args, step, on_found)
   if found is None:
     return None
   restored, s = found
@@ -161,85 +131,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState,
   return restored["state"], s
 
 
-def restore_params(workdir: str | pathlib.Path, abstract_params: Any,
-                   step: int | None = None) -> tuple[Any, int] | None:
-  """Only the parameters of a run's newest readable step (or ``step``): no optimizer is built.
-
-  The optimizer state on disk is not read, so a checkpoint whose optimizer state no longer
-  matches today's optimizer code still yields its weights. Unreadable steps fall back as in
-  ``restore_latest``. Opens its own read-only manager (Orbax binds one handler type per item and
-  manager, and this read uses a partial one).
-
-  Args:
-    workdir: the run directory.
-    abstract_params: ``nnx.State`` of ``jax.ShapeDtypeStruct`` with shardings.
-    step: a specific step (no fallback), or None for the newest readable one.
-
-  Returns:
-    ``(params, step)``, or None when there is no checkpoint.
-
-  Example:
-    >>> params, step = restore_params("runs/tiny", abstract_params)  # doctest: +SKIP
-  """
-  item = {"params": abstract_params}
-
-  def args() -> ocp.args.Composite:
-    return ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
-
-  manager = make_manager(workdir, read_only=True, async_save=False)
-  try:
-    found = _restore_newest_readable(manager, args, step)
-  finally:
-    manager.close()
-  return None if found is None else (found[0]["state"]["params"], found[1])
-
-
-def _restore_newest_readable(manager: ocp.CheckpointManager,
-                             args: Callable[[], ocp.args.Composite],
-                             step: int | None, move_aside: bool = False
-                             ) -> tuple[Any, int] | None:
-  """``manager.restore`` of the newest step that reads (or of ``step``), warning on the others.
-
-  With ``move_aside`` (and ``step`` None), once a step reads, the unreadable newer ones and the
-  unfinalized step directories are moved out of the manager's step namespace (``_move_aside``).
-  """
-  manager.reload()
-  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-  errors, unreadable = [], []
-  for s in steps:
-    try:
-      restored = manager.restore(s, args=args())
-    except Exception as e:  # pylint: disable=broad-except  # any failure: try the previous step
-      msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-      log.warning("Checkpoint step %d in %s is unreadable or partial (%s); trying the previous "
-                  "step.", s, manager.directory, msg)
-      errors.append(f"step {s}: {msg}")
-      unreadable.append(int(s))
-      continue
-    if errors:
-      log.warning("Resumed from step %d after skipping unreadable steps: %s", s, "; ".join(errors))
-    if move_aside and step is None:
-      _move_aside(manager, unreadable)
-    return restored, int(s)
-  if errors:
-    raise RuntimeError(
-        f"No readable checkpoint in {manager.directory}: " + "; ".join(errors) +
-        ". Move the directory away to start afresh, or pass an explicit step.")
-  if move_aside and step is None:
-    _move_aside(manager, [])
-  return None
-
-
 def _move_aside(manager: ocp.CheckpointManager, unreadable: list[int]) -> None:
-  """Renames ``unreadable`` steps and unfinalized step directories into ``DAMAGED_DIR``.
+  """Renames ``unreadable`` steps and unfinalized step directories into ``rundir.DAMAGED_DIR``.
 
   A step directory left in place blocks saving that step again (``StepAlreadyExistsError``), so a
   resumed run could not pass it; renaming keeps the files for inspection. Unfinalized step
   directories (a numeric name that ``all_steps`` does not list, e.g. no ``commit_success`` on
   object stores after a killed save) are moved too; Orbax's ``*.orbax-checkpoint-tmp-*``
-  directories are not steps and are left to ``cleanup_tmp_directories`` (``make_manager``).
+  directories are not steps and are left to ``cleanup_tmp_directories`` (``rundir.make_manager``).
   Process 0 renames; the others wait at a barrier, then every process reloads the step list.
 
   Example:
@@ -254,7 +153,7 @@ def _move_aside(manager: ocp.CheckpointManager, unreadable: list[int]) -> None:
   if not names:
     return
   if jax.process_index() == 0:
-    damaged = directory.parent / DAMAGED_DIR
+    damaged = directory.parent / rundir.DAMAGED_DIR
     damaged.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     for name in sorted(names, key=int):
@@ -265,58 +164,5 @@ def _move_aside(manager: ocp.CheckpointManager, unreadable: list[int]) -> None:
       log.warning("Moved unreadable checkpoint step %s from %s to %s (kept, not deleted); training "
                   "continues through that step and saves it again.", name, source, target)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices("softmax_one_jax.checkpoint.move_aside")
   manager.reload()
-
-
-def write_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Writes ``workdir/config.json`` (process 0 only)."""
-  from softmax_one_jax.training.config import config_to_json  # pylint: disable=import-outside-toplevel
-  if jax.process_index() == 0:
-    path = pathlib.Path(workdir) / CONFIG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config_to_json(config) + "\n")
-
-
-def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """Reads ``workdir/config.json``; a clear error when the run directory has none."""
-  from softmax_one_jax.training.config import config_from_json  # pylint: disable=import-outside-toplevel
-  path = pathlib.Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise MissingFileError(f"{path} not found: {workdir} is not a run directory written by "
-                           "`softmax-one train --workdir=...`.")
-  return config_from_json(path.read_text())
-
-
-def load_model(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Any, ml_collections.ConfigDict]:
-  """The trained ``Transformer`` of a run (newest readable step, or ``step``) and its config.
-
-  Args:
-    workdir: a run directory (``config.json`` + ``checkpoints/``).
-    step: a checkpoint step; None = newest readable.
-
-  Returns:
-    ``(model, config)``: an ``nnx`` Transformer with the restored parameters (placed on all local
-    devices, fsdp-sharded) and the run's full ``ml_collections`` config.
-
-  Example:
-    >>> model, config = load_model("runs/tiny")
-    >>> logits_btv = model(tokens_bt)
-  """
-  from softmax_one_jax.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from softmax_one_jax.training.config import model_config_from  # pylint: disable=import-outside-toplevel
-  config = read_config(workdir)
-  model_cfg = model_config_from(config, config.model.vocab_size)
-  mesh = mesh_lib.make_mesh(1, -1, 1)
-  graphdef, abstract_params, abstract_rest = abstract_model(model_cfg)
-  if jax.tree.leaves(abstract_rest):
-    raise NotImplementedError("the model holds non-parameter state; load_model restores "
-                              "parameters only.")
-  target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                        abstract_params, param_shardings(abstract_params, mesh))
-  restored = restore_params(workdir, target, step)
-  if restored is None:
-    raise MissingFileError(f"No checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}.")
-  params, _ = restored
-  return nnx.merge(graphdef, params, abstract_rest), config

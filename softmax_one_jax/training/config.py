@@ -1,14 +1,16 @@
-"""Run-configuration checks and conversions (the configs themselves live in experiments/configs).
+"""Run-configuration checks (the configs themselves live in experiments/configs).
 
 ``validate_config`` is called by the CLI and by ``train``/``evaluate`` before anything is built or
 compiled; it names the offending field and the allowed values::
 
   ConfigError: config.model.softmax='softmax2' is not allowed; choose one of 'softmax', 'softmax1'.
+
+The config's JSON form, the model config built from it and the padded vocabulary belong to the run
+directory (``softmax_one_jax.rundir``), which analysis reads too.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +21,9 @@ from softmax_one_jax.data import tokenizers
 from softmax_one_jax.errors import ConfigError
 from softmax_one_jax.models import config as model_config
 from softmax_one_jax.optim import rotations
+from softmax_one_jax.rundir import model_config_from
+from softmax_one_jax.training.data_iter import num_data_shards
+from softmax_one_jax.training.mesh import resolve_mesh_shape
 from softmax_one_jax.training.state import OPTIMIZER_NAMES
 
 # Enumerated fields: dotted path -> allowed values (from the package that owns each field).
@@ -132,10 +137,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     model_config_from(config, max(int(config.model.vocab_size), 1))
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.model is invalid: {e}") from e
-  from softmax_one_jax.training.data_iter import num_data_shards  # pylint: disable=import-outside-toplevel
   num_data_shards(config, process_count)
   if num_devices is not None:
-    from softmax_one_jax.training.mesh import resolve_mesh_shape  # pylint: disable=import-outside-toplevel
     data, fsdp, _ = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
                                        num_devices)
     micro = config.global_batch_size // config.grad_accum_steps
@@ -144,49 +147,3 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
           f"The microbatch of {micro} sequences (config.global_batch_size="
           f"{config.global_batch_size} / config.grad_accum_steps={config.grad_accum_steps}) is not "
           f"a multiple of mesh.data * mesh.fsdp = {data * fsdp}; change the batch or the mesh.")
-
-
-def config_to_json(config: ml_collections.ConfigDict) -> str:
-  """The full config as indented JSON (what ``workdir/config.json`` holds)."""
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
-
-
-def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of ``config_to_json``."""
-  return ml_collections.ConfigDict(json.loads(text))
-
-
-def padded_vocab_size(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> int:
-  """The model's vocabulary: ``config.model.vocab_size`` or the tokenizer's, rounded up.
-
-  Example:
-    >>> padded_vocab_size(cfg, 50257)    # cfg.model.vocab_size == 0, vocab_multiple == 128
-    50304
-  """
-  if config.model.vocab_size:
-    if config.model.vocab_size < tokenizer_vocab_size:
-      raise ConfigError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-                        f"tokenizer's vocabulary ({tokenizer_vocab_size}); use 0 to follow it.")
-    return int(config.model.vocab_size)
-  m = int(config.model.get("vocab_multiple", 1) or 1)
-  return -(-tokenizer_vocab_size // m) * m
-
-
-def model_config_from(config: ml_collections.ConfigDict, tokenizer_vocab_size: int):
-  """Builds the ``TransformerConfig`` of a run.
-
-  Args:
-    config: the run config (``config.model`` holds TransformerConfig fields plus ``preset``,
-      ``vocab_multiple``).
-    tokenizer_vocab_size: the tokenizer's vocabulary size.
-
-  Returns:
-    ``softmax_one_jax.models.TransformerConfig``.
-  """
-  import dataclasses  # pylint: disable=import-outside-toplevel
-
-  from softmax_one_jax.models import TransformerConfig  # pylint: disable=import-outside-toplevel
-  names = {f.name for f in dataclasses.fields(TransformerConfig)}
-  fields = {k: v for k, v in config.model.to_dict().items() if k in names}
-  fields["vocab_size"] = padded_vocab_size(config, tokenizer_vocab_size)
-  return TransformerConfig(**fields)

@@ -20,6 +20,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from softmax_one_jax.data import build_train_iterator
 from softmax_one_jax.errors import ConfigError
 
 
@@ -44,7 +45,6 @@ class ShardedIterator:
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any, process_index: int,
                process_count: int):
-    from softmax_one_jax.data import build_train_iterator  # pylint: disable=import-outside-toplevel
     shards = num_data_shards(config, process_count)
     per_process = shards // process_count
     self._iterators = [

@@ -2,13 +2,20 @@
 
 ``train`` builds everything from one ml_collections config, resumes from the newest readable
 checkpoint in ``workdir`` (the same command continues a run), and writes metrics.jsonl, TensorBoard
-events, periodic validation loss / perplexity and outlier metrics. SIGTERM (or a JAX preemption
-notice on multi-host) saves a checkpoint at the next step boundary and stops.
+events, periodic validation loss / perplexity and, when given an ``outlier_metrics`` function,
+outlier metrics. SIGTERM (or a JAX preemption notice on multi-host) saves a checkpoint at the next
+step boundary and stops.
+
+Training does not import analysis (they are siblings above ``softmax_one_jax.rundir``): the outlier
+metrics and the final results table come in as callbacks, which ``softmax-one train`` supplies.
 
 Example:
   >>> from experiments.configs import tiny
   >>> summary = train(tiny.get_config(), "runs/tiny")
   >>> summary["val_ppl"]
+  >>> from softmax_one_jax.analysis import outlier_metrics, print_metrics_table
+  >>> summary = train(tiny.get_config(), "runs/tiny", outlier_metrics=outlier_metrics,
+  ...                 report=print_metrics_table)
 """
 
 from __future__ import annotations
@@ -21,18 +28,22 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
+from tqdm import tqdm
 
+from softmax_one_jax import rundir
+from softmax_one_jax.data import get_tokenizer, validation_batches
 from softmax_one_jax.errors import ConfigError
+from softmax_one_jax.rundir import model_config_from, padded_vocab_size
 from softmax_one_jax.training import checkpoint as ckpt_lib
 from softmax_one_jax.training import mesh as mesh_lib
-from softmax_one_jax.training.config import (config_to_json, model_config_from, padded_vocab_size,
-                                             validate_config)
+from softmax_one_jax.training.config import validate_config
 from softmax_one_jax.training.data_iter import ShardedIterator
 from softmax_one_jax.training.metrics import MetricsWriter
 from softmax_one_jax.training.state import (TrainSetup, init_train_state, merge_model,
@@ -43,6 +54,12 @@ from softmax_one_jax.training.workdir_lock import hold_workdir
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run stopped early and can be resumed
+
+# ``fn(model, tokens_bt, *, segment_ids, positions, trigger_positions) -> {name: scalar}``: the
+# outlier metrics of one batch ``[B, T]`` (``softmax_one_jax.analysis.outlier_metrics`` fits).
+OutlierMetricsFn = Callable[..., Mapping[str, Any]]
+# ``fn(name, metrics)``: shows a run's final metrics (``analysis.print_metrics_table`` fits).
+ReportFn = Callable[[str, dict[str, float]], Any]
 
 
 def _notice(msg: str) -> None:
@@ -96,9 +113,9 @@ def _resolve(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> ml
 
 def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a run whose model or optimizer kind differ from the saved config.json."""
-  if not (workdir / ckpt_lib.CONFIG_FILE).exists():
+  if not (workdir / rundir.CONFIG_FILE).exists():
     return
-  old = ckpt_lib.read_config(workdir)
+  old = rundir.read_config(workdir)
   def shard_local(c: ml_collections.ConfigDict) -> bool:
     return c.optimizer.name == "orthoadam" and c.optimizer.get("shard_local", True)
   def identity(c: ml_collections.ConfigDict, with_mesh: bool) -> dict[str, Any]:
@@ -119,7 +136,6 @@ def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
 
 def _validation_batches(config: ml_collections.ConfigDict, tokenizer: Any, num_batches: int,
                         batch_size: int) -> list[dict[str, np.ndarray]]:
-  from softmax_one_jax.data import validation_batches  # pylint: disable=import-outside-toplevel
   if num_batches <= 0:
     return []
   return [{k: np.asarray(b[k]) for k in BATCH_KEYS} for b in validation_batches(
@@ -154,20 +170,19 @@ def validation_metrics(setup: TrainSetup, params: Any, batches: Iterable[dict[st
 
 
 def outlier_metrics_for(setup: TrainSetup, params: Any, batch: dict[str, np.ndarray] | None,
+                        outlier_metrics: OutlierMetricsFn | None,
                         trigger_ids: Sequence[int] = ()) -> dict[str, float]:
-  """``softmax_one_jax.analysis.outliers.outlier_metrics`` on a fixed batch (empty if no batch).
+  """``outlier_metrics`` of the model on a fixed batch (empty without a batch or a function).
 
   ``trigger_ids`` (the tokenizer's, Bigram-Backcopy) add the first-token mass split into query
   positions whose input is a trigger and the others.
+
+  Example:
+    >>> outlier_metrics_for(setup, state.params, batch, analysis.outlier_metrics)  # doctest: +SKIP
+    {'first_token_attention': 0.41, 'kurtosis': 12.3, ...}
   """
-  if batch is None:
+  if batch is None or outlier_metrics is None:
     return {}
-  try:
-    from softmax_one_jax.analysis.outliers import outlier_metrics  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-        "Outlier metrics need softmax_one_jax.analysis.outliers.outlier_metrics, which is not "
-        f"importable ({e}); set --config.outlier_every_steps=0 to train without them.") from e
   model = merge_model(setup, params)
   # Under the run's mesh the model runs its Pallas kernels per shard, as in the train step.
   with jax.set_mesh(setup.mesh):
@@ -175,22 +190,6 @@ def outlier_metrics_for(setup: TrainSetup, params: Any, batch: dict[str, np.ndar
         model, batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
         trigger_positions=np.isin(batch["inputs"], trigger_ids) if trigger_ids else None,
     ).items()}
-
-
-def print_metrics_table(name: str, metrics: dict[str, float]) -> str:
-  """Formats (with analysis.report.format_metrics_table when present) and prints final metrics."""
-  if "val_ppl" in metrics and "perplexity" not in metrics:
-    metrics = {**metrics, "perplexity": metrics["val_ppl"]}
-  try:
-    from softmax_one_jax.analysis.report import format_metrics_table  # pylint: disable=import-outside-toplevel
-    table = format_metrics_table({name: metrics})
-  except ImportError:
-    keys = sorted(metrics)
-    table = ("| run | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1) + "\n| " + name +
-             " | " + " | ".join(f"{metrics[k]:.4g}" for k in keys) + " |")
-  if jax.process_index() == 0:
-    print(table, flush=True)
-  return table
 
 
 def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
@@ -203,7 +202,6 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
       topology's devices build the same setup for a slice this host does not have.
     rotation_mesh: the mesh OrthoAdam's shard-local rotations follow (default: the run's own).
   """
-  from softmax_one_jax.data import get_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = get_tokenizer(config.data)
   config = _resolve(config, tokenizer.vocab_size)
   model_cfg = model_config_from(config, tokenizer.vocab_size)
@@ -216,12 +214,19 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
   return tokenizer, config, model_cfg, setup
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          outlier_metrics: OutlierMetricsFn | None = None,
+          report: ReportFn | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run described by ``config`` in ``workdir``.
 
   Args:
     config: a run config (experiments/configs/*.py); validated before anything is compiled.
     workdir: run directory; an existing run there is resumed from its newest readable checkpoint.
+    outlier_metrics: computes the outlier metrics every ``config.outlier_every_steps`` steps and
+      at the end (``softmax_one_jax.analysis.outlier_metrics``, which ``softmax-one train``
+      passes); None trains without them.
+    report: called once with the run's name and final metrics (``softmax-one train`` prints a
+      table); None shows nothing.
 
   Returns:
     A summary dict: "step", "status" ("done" | "preempted"), final "loss", and the final
@@ -236,22 +241,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   workdir = pathlib.Path(workdir)
   # Process 0 holds the workdir for the whole multi-process run; the others share it.
   with hold_workdir(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-    return _train_holding_workdir(config, workdir)
+    return _train_holding_workdir(config, workdir, outlier_metrics, report)
 
 
-def _train_holding_workdir(config: ml_collections.ConfigDict,
-                           workdir: pathlib.Path) -> dict[str, Any]:
+def _train_holding_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                           outlier_metrics: OutlierMetricsFn | None,
+                           report: ReportFn | None) -> dict[str, Any]:
   """``train`` once the workdir is this run's."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
   tokenizer, config, model_cfg, setup = build_run(config)
   _check_same_run(workdir, config)
-  ckpt_lib.write_config(workdir, config)
+  rundir.write_config(workdir, config)
 
   B, T, N = config.global_batch_size, config.seq_len, config.num_train_steps
   train_iter = ShardedIterator(config, tokenizer, jax.process_index(), jax.process_count())
-  manager = ckpt_lib.make_manager(workdir, config.checkpoint.max_to_keep,
-                                  config.checkpoint.async_save)
+  manager = rundir.make_manager(workdir, config.checkpoint.max_to_keep,
+                                config.checkpoint.async_save)
   # Unreadable steps are moved aside: this run saves those steps again.
   restored = ckpt_lib.restore_latest(manager, setup.abstract_state, train_iter,
                                      move_aside_unreadable=True)
@@ -263,7 +267,11 @@ def _train_holding_workdir(config: ml_collections.ConfigDict,
 
   val_batches = _validation_batches(config, tokenizer, config.eval_batches, config.eval_batch_size)
   outlier_batch, trigger_ids = None, tuple(getattr(tokenizer, "trigger_ids", ()))
-  if config.outlier_every_steps and val_batches:
+  outliers_on = bool(config.outlier_every_steps) and outlier_metrics is not None
+  if config.outlier_every_steps and outlier_metrics is None:
+    log.info("config.outlier_every_steps=%d, but train() was given no outlier_metrics function: "
+             "training without outlier metrics.", config.outlier_every_steps)
+  if outliers_on and val_batches:
     n = min(config.outlier_batch_size, config.eval_batch_size)
     outlier_batch = {k: v[:n] for k, v in val_batches[0].items()}
 
@@ -282,8 +290,8 @@ def _train_holding_workdir(config: ml_collections.ConfigDict,
 
   def final_metrics(params: Any) -> dict[str, float]:
     out = validation_metrics(setup, params, val_batches, config.eval_batch_size, eval_step)
-    if config.outlier_every_steps:
-      out.update(outlier_metrics_for(setup, params, outlier_batch, trigger_ids))
+    if outliers_on:
+      out.update(outlier_metrics_for(setup, params, outlier_batch, outlier_metrics, trigger_ids))
     return out
 
   def process(done: int, metrics: Any) -> None:
@@ -331,9 +339,9 @@ def _train_holding_workdir(config: ml_collections.ConfigDict,
           if config.eval_every_steps and done % config.eval_every_steps == 0:
             extras.setdefault(done, {}).update(validation_metrics(
                 setup, state.params, val_batches, config.eval_batch_size, eval_step))
-          if config.outlier_every_steps and done % config.outlier_every_steps == 0:
-            extras.setdefault(done, {}).update(
-                outlier_metrics_for(setup, state.params, outlier_batch, trigger_ids))
+          if outliers_on and done % config.outlier_every_steps == 0:
+            extras.setdefault(done, {}).update(outlier_metrics_for(
+                setup, state.params, outlier_batch, outlier_metrics, trigger_ids))
         preempted = stop.requested or (jax.process_count() > 1 and
                                        manager.reached_preemption(done))
         every = config.checkpoint.every_steps
@@ -361,51 +369,59 @@ def _train_holding_workdir(config: ml_collections.ConfigDict,
 
   if status == "done" and not summary:          # resumed a finished run: evaluate it again
     summary = final_metrics(state.params)
-  if status == "done" and summary:
-    print_metrics_table(config.get("name", workdir.name), summary)
+  if status == "done" and summary and report is not None:
+    report(config.get("name", workdir.name), summary)
   return {"step": final_step, "status": status, "loss": last["loss"], **summary}
 
 
 def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches: int | None = None,
-             outliers: bool = True) -> dict[str, float]:
-  """Validation loss / perplexity and outlier metrics of a run's checkpoint; prints the table.
+             *, outlier_metrics: OutlierMetricsFn | None = None,
+             report: ReportFn | None = None) -> dict[str, float]:
+  """Validation loss / perplexity (and outlier metrics) of a run's checkpoint.
 
   Args:
     workdir: a run directory written by ``train``.
     step: checkpoint step (None = newest readable).
     eval_batches: number of validation batches (None = the run's ``eval_batches``).
-    outliers: also compute the outlier metrics.
+    outlier_metrics: also computes these on the first validation batch (as in ``train``).
+    report: called with the run's name and step and the metrics (``softmax-one eval`` prints a
+      table); None shows nothing.
 
   Returns:
     ``{"val_loss", "val_ppl", ...outlier metrics, "step"}``.
+
+  Example:
+    >>> evaluate("runs/tiny")["val_ppl"]                            # doctest: +SKIP
   """
   workdir = pathlib.Path(workdir)
-  config = ckpt_lib.read_config(workdir)
+  config = rundir.read_config(workdir)
   validate_config(config)
   # Evaluation runs on whatever devices are here, all of them on fsdp; OrthoAdam's state keeps
   # the shapes of the training mesh, which config.json records.
   training_mesh = mesh_lib.recorded_mesh(config)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
   tokenizer, config, _, setup = build_run(config, rotation_mesh=training_mesh)
-  manager = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
+  manager = rundir.make_manager(workdir, read_only=True, async_save=False)
   try:
     restored = ckpt_lib.restore_latest(manager, setup.abstract_state, None, step)
   finally:
     manager.close()
   if restored is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir / ckpt_lib.CHECKPOINT_DIR}.")
+    raise FileNotFoundError(f"No checkpoint in {workdir / rundir.CHECKPOINT_DIR}.")
   state, restored_step = restored
   n = config.eval_batches if eval_batches is None else eval_batches
   batches = _validation_batches(config, tokenizer, max(n, 1), config.eval_batch_size)
   metrics = validation_metrics(setup, state.params, batches, config.eval_batch_size)
-  if outliers:
+  if outlier_metrics is not None:
     k = min(config.outlier_batch_size, config.eval_batch_size)
+    trigger_ids = tuple(getattr(tokenizer, "trigger_ids", ()))
     metrics.update(outlier_metrics_for(setup, state.params,
                                        {k2: v[:k] for k2, v in batches[0].items()},
-                                       tuple(getattr(tokenizer, "trigger_ids", ()))))
-  print_metrics_table(f"{config.get('name', workdir.name)} @ step {restored_step}", metrics)
+                                       outlier_metrics, trigger_ids))
+  if report is not None:
+    report(f"{config.get('name', workdir.name)} @ step {restored_step}", metrics)
   return {**metrics, "step": restored_step}
 
 
-__all__ = ["NonFiniteError", "PREEMPTED_EXIT_CODE", "build_run", "evaluate", "outlier_metrics_for",
-           "print_metrics_table", "train", "validation_metrics", "config_to_json"]
+__all__ = ["NonFiniteError", "OutlierMetricsFn", "PREEMPTED_EXIT_CODE", "ReportFn", "build_run",
+           "evaluate", "outlier_metrics_for", "train", "validation_metrics"]

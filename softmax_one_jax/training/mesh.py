@@ -20,7 +20,8 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from softmax_one_jax.errors import ConfigError
-from softmax_one_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_mesh_spec
+from softmax_one_jax.sharding import (LOGICAL_AXIS_RULES, MESH_AXES, logical_sharding,
+                                      logical_to_mesh_spec, tree_shardings)
 
 __all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "batch_sharding", "global_batch", "logical_sharding",
            "logical_to_mesh_spec", "make_mesh", "recorded_mesh", "replicated", "resolve_mesh_shape",
@@ -99,28 +100,6 @@ def recorded_mesh(config: Any) -> AbstractMesh | None:
   if any(s < 1 for s in sizes):
     return None
   return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-def logical_sharding(logical: Sequence[str | None] | PartitionSpec, shape: Sequence[int],
-                     mesh: Mesh) -> NamedSharding:
-  """``NamedSharding`` for an array with logical axis names (see ``logical_to_mesh_spec``)."""
-  return NamedSharding(mesh, logical_to_mesh_spec(logical, shape, mesh))
-
-
-def tree_shardings(abstract_tree: Any, logical_specs: Any, mesh: Mesh) -> Any:
-  """Shardings for a pytree of ``ShapeDtypeStruct`` given a matching pytree of logical specs.
-
-  Args:
-    abstract_tree: pytree of arrays or ``jax.ShapeDtypeStruct`` (e.g. an abstract ``nnx.State``).
-    logical_specs: same structure, ``PartitionSpec`` of logical names per leaf (as returned by
-      ``nnx.get_partition_spec``).
-    mesh: the device mesh.
-
-  Returns:
-    Same structure, ``NamedSharding`` per leaf.
-  """
-  return jax.tree.map(
-      lambda x, spec: logical_sharding(tuple(spec), x.shape, mesh), abstract_tree, logical_specs)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

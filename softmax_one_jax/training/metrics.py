@@ -38,11 +38,10 @@ from typing import Any
 import jax
 
 from softmax_one_jax.errors import DataError
+from softmax_one_jax.rundir import METRICS_FILE, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 EVENT_FILE_MARKER = "tfevents"  # TensorBoard reads the files whose name holds this
 
 

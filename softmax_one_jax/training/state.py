@@ -27,6 +27,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from softmax_one_jax.models import Transformer
+from softmax_one_jax.optim import (DEFAULT_ROTATION, optimizer_state_shardings, orthoadam,
+                                   shard_local_rotation)
+from softmax_one_jax.rundir import abstract_model, param_shardings
 from softmax_one_jax.training import mesh as mesh_lib
 
 
@@ -129,8 +133,6 @@ def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
     core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                        weight_decay=opt.weight_decay, mask=weight_decay_mask)
   elif opt.name == "orthoadam":
-    from softmax_one_jax.optim import (  # pylint: disable=import-outside-toplevel
-        DEFAULT_ROTATION, orthoadam, shard_local_rotation)
     rotation = opt.get("rotation") or DEFAULT_ROTATION
     if param_shardings is not None and opt.get("shard_local", True):
       rotation = shard_local_rotation(rotation, abstract_params, param_shardings)
@@ -149,36 +151,10 @@ def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
   return core, schedule
 
 
-def abstract_model(model_cfg: Any) -> tuple[Any, nnx.State, nnx.State]:
-  """``(graphdef, abstract params, abstract rest)`` of the Transformer, without allocating weights."""
-  from softmax_one_jax.models import Transformer  # pylint: disable=import-outside-toplevel
-  model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return graphdef, params, rest
-
-
-def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> Any:
-  """Parameter shardings from the models' logical annotations through ``LOGICAL_AXIS_RULES``."""
-  return mesh_lib.tree_shardings(abstract_params, nnx.get_partition_spec(abstract_params), mesh)
-
-
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
-                        p_shardings: Any, mesh: Mesh) -> Any:
-  """Optimizer-state shardings: ``softmax_one_jax.optim.optimizer_state_shardings``.
-
-  Falls back to optax's parameter-shaped-leaf mapping (moments follow their parameter, everything
-  else replicated) only if the optim package does not provide it.
-  """
-  try:
-    from softmax_one_jax.optim import optimizer_state_shardings  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    optimizer_state_shardings = None
-  if optimizer_state_shardings is not None:
-    return optimizer_state_shardings(tx, abstract_params, p_shardings)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  rep = mesh_lib.replicated(mesh)
-  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_shardings,
-                               transform_non_params=lambda _: rep)
+                        p_shardings: Any) -> Any:
+  """Optimizer-state shardings: ``softmax_one_jax.optim.optimizer_state_shardings``."""
+  return optimizer_state_shardings(tx, abstract_params, p_shardings)
 
 
 def _abstract(x: jax.ShapeDtypeStruct, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
@@ -188,7 +164,6 @@ def _abstract(x: jax.ShapeDtypeStruct, sharding: NamedSharding) -> jax.ShapeDtyp
 def _init_fn(model_cfg: Any, tx: optax.GradientTransformation, seed: int
              ) -> Callable[[], tuple[TrainState, nnx.State]]:
   def init() -> tuple[TrainState, nnx.State]:
-    from softmax_one_jax.models import Transformer  # pylint: disable=import-outside-toplevel
     model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -215,7 +190,7 @@ def make_setup(model_cfg: Any, tx: optax.GradientTransformation, schedule: optax
   """
   graphdef, abs_params, abs_rest = abstract_model(model_cfg)
   p_sh = param_shardings(abs_params, mesh)
-  o_sh = opt_state_shardings(tx, abs_params, p_sh, mesh)
+  o_sh = opt_state_shardings(tx, abs_params, p_sh)
   rep = mesh_lib.replicated(mesh)
   shardings = TrainState(step=rep, params=p_sh, opt_state=o_sh, rng=rep, nonfinite_streak=rep,
                          nonfinite_total=rep)

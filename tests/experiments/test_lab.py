@@ -22,7 +22,8 @@ from softmax_one_jax.analysis.outliers import outlier_metrics
 from softmax_one_jax.data import get_tokenizer
 from softmax_one_jax.data.pipeline import validation_batches
 from softmax_one_jax.models import Transformer
-from softmax_one_jax.training.config import model_config_from, validate_config
+from softmax_one_jax.rundir import model_config_from
+from softmax_one_jax.training.config import validate_config
 from tests.training._micro import REPO, cpu_env
 
 

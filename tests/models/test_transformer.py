@@ -287,7 +287,7 @@ def test_scalar_layernorm_has_one_scalar_gain_and_a_per_channel_bias():
 def test_a_scalar_layernorm_model_trains_one_step(np_rng, optimizer):
   """One sharded train step: the gains and biases move, are never decayed, and the loss drops."""
   from softmax_one_jax.training import mesh as mesh_lib
-  from softmax_one_jax.training.config import model_config_from
+  from softmax_one_jax.rundir import model_config_from
   from softmax_one_jax.training.state import (build_optimizer, init_train_state, make_setup,
                                               weight_decay_mask)
   from softmax_one_jax.training.step import jit_train_step

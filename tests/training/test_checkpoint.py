@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from softmax_one_jax.data import build_train_iterator, get_tokenizer
+from softmax_one_jax import rundir
 from softmax_one_jax.training import checkpoint as ckpt_lib
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.training.state import TrainState
@@ -46,7 +47,7 @@ def test_restore_falls_back_past_a_corrupt_latest_step(tmp_path: pathlib.Path, n
   c = micro_config()
   tok = get_tokenizer(c.data)
   it = build_train_iterator(c.data, tokenizer=tok, seq_len=c.seq_len, global_batch_size=4, seed=3)
-  manager = ckpt_lib.make_manager(tmp_path, max_to_keep=3, async_save=True)
+  manager = rundir.make_manager(tmp_path, max_to_keep=3, async_save=True)
   states = {}
   for step in (2, 4):
     next(it)
@@ -58,7 +59,7 @@ def test_restore_falls_back_past_a_corrupt_latest_step(tmp_path: pathlib.Path, n
   manager.close()
 
   # Intact latest step: state and iterator come back exactly.
-  manager = ckpt_lib.make_manager(tmp_path)
+  manager = rundir.make_manager(tmp_path)
   fresh = build_train_iterator(c.data, tokenizer=tok, seq_len=c.seq_len, global_batch_size=4, seed=3)
   restored, step = ckpt_lib.restore_latest(manager, _abstract(states[4]), fresh)
   assert step == 4
@@ -83,7 +84,7 @@ def test_restore_falls_back_past_a_corrupt_latest_step(tmp_path: pathlib.Path, n
 
 
 def test_no_checkpoint_returns_none(tmp_path: pathlib.Path):
-  manager = ckpt_lib.make_manager(tmp_path)
+  manager = rundir.make_manager(tmp_path)
   assert ckpt_lib.restore_latest(manager, None) is None
   manager.close()
 
@@ -92,7 +93,7 @@ def test_restore_params_reads_weights_whatever_the_optimizer_state(tmp_path: pat
                                                                     np_rng):
   mesh = mesh_lib.make_mesh(1, 4, 2)
   state = _state(np_rng, mesh)
-  manager = ckpt_lib.make_manager(tmp_path, async_save=False)
+  manager = rundir.make_manager(tmp_path, async_save=False)
   ckpt_lib.save(manager, 3, state, None)
   manager.close()
   # Today's optimizer state may have another structure: the full restore refuses it ...
@@ -100,12 +101,12 @@ def test_restore_params_reads_weights_whatever_the_optimizer_state(tmp_path: pat
   changed = TrainState(**{**vars(changed), "opt_state": (changed.opt_state[0],
                                                          {"rotation": changed.opt_state[1],
                                                           "mixes": ()})})
-  manager = ckpt_lib.make_manager(tmp_path, read_only=True, async_save=False)
+  manager = rundir.make_manager(tmp_path, read_only=True, async_save=False)
   with pytest.raises(RuntimeError, match="No readable checkpoint"):
     ckpt_lib.restore_latest(manager, changed)
   manager.close()
   # ... while the weights alone come back exactly, with their shardings.
-  params, step = ckpt_lib.restore_params(tmp_path, _abstract(state).params)
+  params, step = rundir.restore_params(tmp_path, _abstract(state).params)
   assert step == 3
   _assert_equal(params, state.params)
   assert params["w"].sharding == state.params["w"].sharding

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from softmax_one_jax.training import checkpoint as ckpt_lib
+from softmax_one_jax import rundir
 from tests.training._micro import cpu_env, losses, train_command
 
 STEPS = 6                     # checkpoints at 2, 4, 6 (micro config saves every 2 steps)
@@ -68,7 +68,7 @@ def test_training_resume_moves_a_damaged_newest_step_aside_and_reproduces_the_lo
                     rerun.stderr)
   assert moved, rerun.stderr[-3000:]
   target = pathlib.Path(moved.group(1))
-  assert target.parent == run_dir / ckpt_lib.DAMAGED_DIR
+  assert target.parent == run_dir / rundir.DAMAGED_DIR
   assert re.fullmatch(rf"{STEPS}-\d{{8}}T\d{{12}}Z", target.name), target.name
   assert _files(target) == damaged_files
   assert (run_dir / "checkpoints" / str(STEPS) / "state").is_dir()
@@ -104,9 +104,9 @@ def test_read_only_load_skips_a_damaged_step_without_moving_it(
   before = _files(run_dir / "checkpoints")
 
   with caplog.at_level(logging.WARNING):
-    model, config = ckpt_lib.load_model(run_dir)
+    model, config = rundir.load_model(run_dir)
   assert model is not None and config.num_train_steps == STEPS
   assert any(f"step {STEPS}" in r.getMessage() for r in caplog.records)
   assert any(f"Resumed from step {STEPS - 2}" in r.getMessage() for r in caplog.records)
-  assert not (run_dir / ckpt_lib.DAMAGED_DIR).exists()
+  assert not (run_dir / rundir.DAMAGED_DIR).exists()
   assert _files(run_dir / "checkpoints") == before

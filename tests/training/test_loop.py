@@ -9,9 +9,11 @@ import jax
 import numpy as np
 import pytest
 
+from softmax_one_jax.analysis import outlier_metrics, print_metrics_table
 from softmax_one_jax.data import get_tokenizer, validation_batches
-from softmax_one_jax.training import NonFiniteError, evaluate, load_model, train
 from softmax_one_jax.models.loss import weighted_cross_entropy
+from softmax_one_jax.rundir import load_model
+from softmax_one_jax.training import NonFiniteError, evaluate, train
 from tests.training._micro import micro_config
 
 OUTLIER_KEYS = ("first_token_attention", "kurtosis_first", "kurtosis_rest", "max_abs_first",
@@ -23,7 +25,7 @@ def test_micro_run_learns_logs_and_evaluates(tmp_path, capsys):
   c = micro_config(optimizer="orthoadam", num_train_steps=30, eval_every_steps=15,
                    outlier_every_steps=15)
   c.checkpoint.every_steps = 10
-  summary = train(c, tmp_path)
+  summary = train(c, tmp_path, outlier_metrics=outlier_metrics, report=print_metrics_table)
   assert summary["status"] == "done" and summary["step"] == 30
 
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -43,7 +45,8 @@ def test_micro_run_learns_logs_and_evaluates(tmp_path, capsys):
   assert "micro" in capsys.readouterr().out              # the final metrics table
 
   # `eval` on the checkpoint reproduces the final validation metrics.
-  ev = evaluate(tmp_path)
+  ev = evaluate(tmp_path, outlier_metrics=outlier_metrics)
+  assert set(OUTLIER_KEYS) <= set(ev)
   assert ev["step"] == 30
   np.testing.assert_allclose(ev["val_loss"], summary["val_loss"], rtol=1e-6)
 
@@ -59,10 +62,12 @@ def test_micro_run_learns_logs_and_evaluates(tmp_path, capsys):
     total, weight = total + float(s), weight + float(w)
   np.testing.assert_allclose(total / weight, summary["val_loss"], rtol=1e-5)
 
-  # Rerunning the finished command resumes at the end and only re-evaluates.
+  # Rerunning the finished command resumes at the end and only re-evaluates; without an
+  # outlier_metrics function (the plain `train(config, workdir)` call) there are none.
   again = train(c, tmp_path)
   assert again["step"] == 30
   np.testing.assert_allclose(again["val_loss"], summary["val_loss"], rtol=1e-6)
+  assert not set(OUTLIER_KEYS) & set(again)
 
 
 def test_repeated_non_finite_steps_stop_the_run(tmp_path):

@@ -6,9 +6,8 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from softmax_one_jax.rundir import abstract_model, model_config_from, param_shardings
 from softmax_one_jax.training import mesh as mesh_lib
-from softmax_one_jax.training.config import model_config_from
-from softmax_one_jax.training.state import abstract_model, param_shardings
 from tests.training._micro import micro_config
 
 

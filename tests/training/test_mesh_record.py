@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from softmax_one_jax.training import evaluate, load_model
+from softmax_one_jax.rundir import load_model
+from softmax_one_jax.training import evaluate
 from tests.training._micro import MICRO, cpu_env, train_command
 
 
@@ -28,7 +29,7 @@ def test_orthoadam_run_on_four_devices_loads_on_eight_and_refuses_resume_on_two(
   assert jax.device_count() == 8
   model, _ = load_model(tmp_path)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(model))
-  assert evaluate(tmp_path, outliers=False)["step"] == 4
+  assert evaluate(tmp_path)["step"] == 4
 
   resumed = subprocess.run(
       train_command(tmp_path, "--config.num_train_steps=6", config=config), env=cpu_env(2),

@@ -11,9 +11,9 @@ import struct
 
 import pytest
 
+from softmax_one_jax.rundir import METRICS_FILE, TENSORBOARD_DIR
 from softmax_one_jax.training import metrics as metrics_lib
-from softmax_one_jax.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsWriter,
-                                              read_metrics)
+from softmax_one_jax.training.metrics import MetricsWriter, read_metrics
 
 
 def _log_steps(workdir: pathlib.Path, steps, resume_step: int = 0, offset: float = 0.0,

@@ -18,7 +18,7 @@ from softmax_one_jax.models.loss import linear_cross_entropy
 
 from softmax_one_jax.training import hlo
 from softmax_one_jax.training import mesh as mesh_lib
-from softmax_one_jax.training.config import model_config_from
+from softmax_one_jax.rundir import model_config_from
 from softmax_one_jax.training.state import init_train_state, setup_for_run
 from softmax_one_jax.training.step import in_mesh, jit_eval_step, jit_train_step
 from tests.training._micro import micro_config, random_batch

@@ -9,7 +9,7 @@ import pytest
 
 from softmax_one_jax.models.loss import weighted_cross_entropy
 from softmax_one_jax.training import mesh as mesh_lib
-from softmax_one_jax.training.config import model_config_from
+from softmax_one_jax.rundir import model_config_from
 from softmax_one_jax.training.state import (build_optimizer, init_train_state,
                                             learning_rate_schedule, make_setup)
 from softmax_one_jax.training.step import jit_train_step
