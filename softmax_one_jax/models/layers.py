@@ -18,7 +18,6 @@ from flax import nnx
 from softmax_one_jax.attention import (AttentionSharding, dot_product_attention,
                                        first_token_stats, reference_attention)
 from softmax_one_jax.models.config import TransformerConfig
-from softmax_one_jax.models.matmul import dense_dot_general, matmul
 from softmax_one_jax.sharding import constrain, spec_in_context
 
 # Logical names of activations (see softmax_one_jax.sharding): the batch is split over the data
@@ -63,7 +62,6 @@ def dense(
       bias_init=logical(nnx.initializers.zeros_init(), (names[1],)),
       dtype=jnp.dtype(config.dtype),
       param_dtype=jnp.dtype(config.param_dtype),
-      dot_general=dense_dot_general,
       rngs=rngs,
   )
 
@@ -240,7 +238,8 @@ def _stacked_linear(layers: list[nnx.Linear], x_btd: jax.Array, config: Transfor
     return [layer(x_btd) for layer in layers]
   dtype = jnp.dtype(config.dtype)
   kernel_dsf = jnp.stack([layer.kernel.value for layer in layers], axis=1).astype(dtype)
-  y_btsf = matmul(x_btd.astype(dtype), kernel_dsf)
+  y_btsf = jax.lax.dot_general(x_btd.astype(dtype), kernel_dsf,
+                               (((x_btd.ndim - 1,), (0,)), ((), ())))
   if layers[0].bias is not None:
     y_btsf = y_btsf + jnp.stack([layer.bias.value for layer in layers]).astype(dtype)
   return [y_btsf[:, :, i] for i in range(len(layers))]

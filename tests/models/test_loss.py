@@ -83,19 +83,13 @@ def test_sequence_chunk_is_the_largest_divisor_within_the_bound():
     assert c == t or b * next(d for d in range(c + 1, t + 1) if t % d == 0) * v > cap
 
 
-def test_default_chunk_bounds_per_backend():
+def test_default_chunk_is_one_budget_per_device():
+  # 2^24 logits per device, whatever the platform and the unembedding's width.
   n = jax.device_count()
   largest = lambda b, t, v, cap: max(c for c in range(1, t + 1) if t % c == 0 and b * c * v <= cap)
-  # Accelerators: 2^24 logits per device, whatever the unembedding's size.
-  for backend in ("gpu", "tpu"):
-    assert sequence_chunk(16, 128, 4096, width=128, backend=backend) == largest(
-        16, 128, 4096, n << 24)
-  # CPU, an unembedding within 8 MiB: 128 rows (or 2^19 logits) per device.
-  assert sequence_chunk(16 * n, 128, 4096, width=128, backend="cpu") == 8
-  assert sequence_chunk(8 * n, 64, 512, width=64, backend="cpu") == 64  # 2^19 / 512 = 1024 rows
-  # CPU, a larger unembedding: 2^26 logits per device.
-  assert sequence_chunk(4 * n, 256, 50257, width=512, backend="cpu") == 256
-  assert sequence_chunk(64 * n, 256, 50257, width=512, backend="cpu") == 16
+  for b, t, v in [(16, 128, 4096), (4 * n, 256, 50257), (64 * n, 256, 50257), (1, 7, 1 << 25)]:
+    want = largest(b, t, v, n << 24) if b * v <= n << 24 else 1
+    assert sequence_chunk(b, t, v) == want
 
 
 def test_bad_shapes_and_chunks_fail_clearly():
