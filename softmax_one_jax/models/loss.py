@@ -46,9 +46,16 @@ def weighted_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights
   return jnp.sum(nll_bt * w_bt), jnp.sum(w_bt)
 
 
-# The logits of one chunk, per device: 2^24 elements (64 MiB in float32). Large enough that the
-# head's matmuls stay efficient (hundreds of rows per chunk at a 50k vocabulary), small beside any
-# accelerator's or host's memory; the full [B, T, V] logits would grow with the sequence.
+# The logits of one chunk, per device: 2^24 elements (64 MiB in float32). Memory: a chunk's
+# temporaries (its logits, their exponentials and their gradient) stay a few times 64 MiB for any
+# vocabulary and sequence, small beside any accelerator's or host's memory. Speed: every chunk
+# reads the whole [V, D] unembedding again for its matmuls (logits, d/dx, d/dunembed), which do
+# 2 * rows FLOPs per element of it each, so the rows per chunk (batch * c = 2^24 / V: 333 at
+# GPT-2's 50257 words, 130 at a 128k vocabulary) must stay in the hundreds for the head to be
+# compute-bound on accelerators, whose matmul peak is some 100-600 FLOPs per byte of memory
+# bandwidth. A smaller budget (2^22: 83 and 32 rows) would push the head towards the speed of
+# memory there; it could only pay off where the unembedding sits in a cache, as on a small CPU
+# model, which is not a reason to change the rule for every platform.
 _CHUNK_LOGITS_PER_DEVICE = 1 << 24
 
 
@@ -57,7 +64,9 @@ def sequence_chunk(batch: int, seq: int, vocab: int, max_logits: int | None = No
 
   ``max_logits`` defaults to 2^24 elements (64 MiB of float32) per device: times the devices of
   the mesh in context, else ``jax.device_count()``, since the batch axis is sharded over them.
-  The same budget on every platform.
+  The same budget on every platform: bounded memory for any vocabulary, and enough rows per
+  chunk (``batch * c``, hundreds at a 50k vocabulary) for the head's matmuls to be
+  compute-bound rather than re-reading the unembedding at memory speed.
 
   Example:
     >>> sequence_chunk(4, 256, 50257, max_logits=1 << 24)
@@ -84,34 +93,110 @@ def _chunk_logits(x_bcd: jax.Array, unembed_vd: jax.Array) -> jax.Array:
   return jnp.einsum("bcd,vd->bcv", x_bcd, unembed_vd, preferred_element_type=jnp.float32)
 
 
-def _chunked_inputs(x_btd, targets_bt, weights_bt, chunk):
-  """The scan's ``(x, targets, float32 weights)`` sequence chunks, and the sum of weights."""
-  w_bt = weights_bt.astype(jnp.float32)
-  return (_chunks(x_btd, chunk), _chunks(targets_bt, chunk), _chunks(w_bt, chunk)), jnp.sum(w_bt)
+def _chunked_inputs(x_btd, targets_bt, w_bt, chunk):
+  """The scan's ``(x, targets, weights)`` sequence chunks, each ``[T / c, B, c, ...]``."""
+  return _chunks(x_btd, chunk), _chunks(targets_bt, chunk), _chunks(w_bt, chunk)
 
 
-def _chunk_loss_sum(x_bcd: jax.Array, unembed_vd: jax.Array, targets_bc: jax.Array,
-                    weights_bc: jax.Array) -> jax.Array:
-  """One chunk's weighted sum of negative log-likelihoods (its ``[B, c, V]`` logits are local)."""
-  return jnp.sum(_token_nll(_chunk_logits(x_bcd, unembed_vd), targets_bc) * weights_bc)
+def _unchunk(x: jax.Array) -> jax.Array:
+  """Inverse of ``_chunks``: ``[T / c, B, c, ...] -> [B, T, ...]``."""
+  n, b, c = x.shape[:3]
+  return jnp.swapaxes(x, 0, 1).reshape((b, n * c) + x.shape[3:])
 
 
-# Rematerialised: differentiation keeps only the chunk's inputs and recomputes its logits in the
-# backward pass, so at most one chunk of logits (and of their gradient) exists at a time.
-# prevent_cse=False is safe inside a scan, which already keeps XLA from merging the recomputation
-# with the forward pass.
-_remat_chunk_loss_sum = jax.checkpoint(_chunk_loss_sum, prevent_cse=False)
+def _loss_sum(x_btd, unembed_vd, targets_bt, w_bt, chunk):
+  """Evaluation: the weighted sum of negative log-likelihoods, one chunk of logits at a time."""
+  def body(loss_sum, xs):
+    x_bcd, t_bc, w_bc = xs
+    nll_bc = _token_nll(_chunk_logits(x_bcd, unembed_vd), t_bc)
+    return loss_sum + jnp.sum(nll_bc * w_bc), None
+
+  loss_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                             _chunked_inputs(x_btd, targets_bt, w_bt, chunk))
+  return loss_sum
+
+
+def _chunk_loss_and_grads(x_bcd, unembed_vd, t_bc, w_bc):
+  """One chunk's loss sum and its gradients, from one ``[B, c, V]`` chunk of logits.
+
+  Returns ``(loss_sum, d/dx [B, c, D] in x's dtype, d/dunembed as [D, V] float32, nll [B, c])``;
+  the per-token negative log-likelihoods ``nll`` are the gradient with respect to the weights.
+  """
+  logits_bcv = _chunk_logits(x_bcd, unembed_vd)
+  # One exp per logit serves the loss and its gradient: with m the row maximum,
+  # lse = m + log(sum exp(l - m)) and d nll / d logits = exp(l - m) / sum - onehot(target).
+  m_bc = jnp.max(logits_bcv, axis=-1)
+  exp_bcv = jnp.exp(logits_bcv - m_bc[..., None])
+  sum_bc = jnp.sum(exp_bcv, axis=-1)
+  nll_bc = m_bc + jnp.log(sum_bc) - _target_logit(logits_bcv, t_bc)
+  onehot_bcv = jnp.arange(logits_bcv.shape[-1], dtype=jnp.int32) == t_bc[..., None]
+  g_logits_bcv = ((exp_bcv * (1.0 / sum_bc)[..., None] - onehot_bcv) * w_bc[..., None]
+                  ).astype(x_bcd.dtype)
+  g_x_bcd = jnp.einsum("bcv,vd->bcd", g_logits_bcv, unembed_vd,
+                       preferred_element_type=jnp.float32).astype(x_bcd.dtype)
+  # As [D, V]: both operands then contract their leading (token) axis, which matmul libraries
+  # read in place; a [V, D] result would transpose the [c, V] chunk first.
+  g_unembed_dv = jnp.einsum("bcd,bcv->dv", x_bcd, g_logits_bcv,
+                            preferred_element_type=jnp.float32)
+  return jnp.sum(nll_bc * w_bc), g_x_bcd, g_unembed_dv, nll_bc
+
+
+# Rematerialised for second-order derivatives only. A first-order derivative evaluates the JVP
+# rule's gradient pass on primal values and never differentiates it, so this changes nothing there;
+# differentiating a gradient again (reverse-over-reverse) would otherwise keep every chunk's
+# logits. prevent_cse=False is safe inside a scan, which already keeps XLA from merging the
+# recomputation with the forward pass.
+_remat_chunk_loss_and_grads = jax.checkpoint(_chunk_loss_and_grads, prevent_cse=False)
+
+
+def _loss_sum_and_grads(x_btd, unembed_vd, targets_bt, w_bt, chunk):
+  """The loss sum and its gradients ``(d/dx [B, T, D], d/dunembed [V, D], d/dweights [B, T])``.
+
+  One pass over the sequence chunks; ``d/dunembed`` is accumulated over them in the scan's carry.
+  """
+  def body(carry, xs):
+    loss_sum, g_unembed_dv = carry
+    x_bcd, t_bc, w_bc = xs
+    loss_c, g_x_bcd, g_unembed_c, nll_bc = _remat_chunk_loss_and_grads(x_bcd, unembed_vd, t_bc,
+                                                                       w_bc)
+    return (loss_sum + loss_c, g_unembed_dv + g_unembed_c), (g_x_bcd, nll_bc)
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(unembed_vd.shape[::-1], jnp.float32))
+  (loss_sum, g_unembed_dv), (g_x, nll) = jax.lax.scan(
+      body, init, _chunked_inputs(x_btd, targets_bt, w_bt, chunk))
+  return loss_sum, (_unchunk(g_x), g_unembed_dv.T.astype(unembed_vd.dtype), _unchunk(nll))
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``<a, b>``, the sum of the elementwise product, in float32."""
+  return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _fused_loss_sum(x_btd, unembed_vd, targets_bt, w_bt, chunk):
+  # Undifferentiated, JAX runs only this forward-only scan; the rule below (and its gradient
+  # work) is traced only under jvp, grad, linearize and the like.
+  return _loss_sum(x_btd, unembed_vd, targets_bt, w_bt, chunk)
+
+
+@_fused_loss_sum.defjvp
+def _fused_loss_sum_jvp(chunk, primals, tangents):
+  # The loss and its gradient g come from one pass over the chunks; the tangent is then
+  # <g, (dx, dunembed, dweights)>, linear in the tangents with coefficients from that pass. Reverse
+  # mode transposes this linear map, so its backward pass is g times the cotangent: no logits
+  # recomputed, and only g ([B, T, D] + [V, D] + [B, T]) kept for it. The targets are integers
+  # (no tangent).
+  x_btd, unembed_vd, targets_bt, w_bt = primals
+  dx_btd, dunembed_vd, _, dw_bt = tangents
+  loss_sum, (g_x, g_unembed, nll) = _loss_sum_and_grads(x_btd, unembed_vd, targets_bt, w_bt,
+                                                         chunk)
+  return loss_sum, _dot(g_x, dx_btd) + _dot(g_unembed, dunembed_vd) + _dot(nll, dw_bt)
 
 
 def _linear_ce(x_btd, unembed_vd, targets_bt, weights_bt, chunk):
-  """The loss sums, a scan over sequence chunks of ``chunk`` positions."""
-  def body(loss_sum, xs):
-    x_bcd, t_bc, w_bc = xs
-    return loss_sum + _remat_chunk_loss_sum(x_bcd, unembed_vd, t_bc, w_bc), None
-
-  xs, weight_sum = _chunked_inputs(x_btd, targets_bt, weights_bt, chunk)
-  loss_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-  return loss_sum, weight_sum
+  """The loss sums ``(loss_sum, weight_sum)``, a scan over sequence chunks of ``chunk`` positions."""
+  w_bt = weights_bt.astype(jnp.float32)
+  return _fused_loss_sum(x_btd, unembed_vd, targets_bt, w_bt, chunk), jnp.sum(w_bt)
 
 
 def linear_cross_entropy(x_btd: jax.Array, unembed_vd: jax.Array, targets_bt: jax.Array,
@@ -121,12 +206,15 @@ def linear_cross_entropy(x_btd: jax.Array, unembed_vd: jax.Array, targets_bt: ja
 
   The LM head and the loss, fused: logits are made a sequence chunk at a time (``[B, c, V]``,
   by default at most 2^24 logits, 64 MiB of float32, per device: see ``sequence_chunk``) in a
-  ``lax.scan``, each chunk rematerialised (``jax.checkpoint``), so under ``jax.grad`` the backward
-  pass recomputes one chunk's logits at a time and the full logits, their softmax and their
-  gradient never exist. Plain JAX throughout: forward mode (``jax.jvp``, ``jax.jacfwd``,
-  Hessian-vector products) and ``jax.linear_transpose`` work as for any JAX function. Matmuls run
-  in the inputs' dtype with float32 accumulation; the batch axis is never split (it may be
-  sharded).
+  ``lax.scan``, so the full logits, their softmax and their gradient never exist. Under
+  differentiation the same pass over the chunks also makes the gradient with respect to ``x``,
+  the unembedding and the weights (a ``jax.custom_jvp`` whose tangent is the inner product of that
+  gradient with the input tangents): reverse mode transposes this linear tangent, so its backward
+  pass recomputes no logits and keeps only the gradient. Evaluation without differentiation
+  runs the forward-only scan. The rule is plain JAX, so forward mode (``jax.jvp``,
+  ``jax.jacfwd``), Hessian-vector products, reverse-over-reverse and ``jax.linear_transpose``
+  work as for any JAX function. Matmuls run in the inputs' dtype with float32 accumulation; the
+  batch axis is never split (it may be sharded).
 
   Args:
     x_btd: ``[B, T, D]`` final (normalised) hidden states.

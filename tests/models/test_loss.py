@@ -56,6 +56,34 @@ def test_loss_and_gradients_match_float64_numpy(np_rng, chunk):
   np.testing.assert_allclose(float(s2), s_ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [3, None])
+def test_jvp_is_the_float64_directional_derivative(np_rng, chunk):
+  # Tangents along the hidden states, the unembedding and the weights at once; with chunk=3 the
+  # twelve positions span four chunks, so the rule's per-chunk gradients and their sum are used.
+  x, w_vd, targets, weights = _inputs(np_rng)
+  dx, dw_vd = np_rng.normal(size=x.shape), np_rng.normal(size=w_vd.shape)
+  dweights = np_rng.normal(size=weights.shape)
+  (s_ref, _), (gx_ref, gw_ref, gweights_ref) = _np_reference(x, w_vd, targets, weights)
+  want = (gx_ref * dx).sum() + (gw_ref * dw_vd).sum() + (gweights_ref * dweights).sum()
+  f = lambda x, w_vd, weights: linear_cross_entropy(x, w_vd, targets, weights, chunk=chunk)
+  (s, n), (ds, dn) = jax.jit(lambda *a: jax.jvp(f, a[:3], a[3:]))(
+      x, w_vd, weights, *(t.astype(np.float32) for t in (dx, dw_vd, dweights)))
+  np.testing.assert_allclose(float(s), s_ref, rtol=1e-5)
+  np.testing.assert_allclose(float(ds), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(float(dn), dweights.astype(np.float32).sum(), rtol=1e-5)
+
+
+def test_gradient_reuses_the_forward_logits_and_evaluation_skips_the_gradient():
+  # Matmuls in the traced programs (a scan body's counted once): evaluation makes the logits
+  # only; the gradient adds d/dx and d/dunembed from the same chunk, with no second logits matmul
+  # (a rematerialised backward pass would have four).
+  x, w_vd, targets, weights = _inputs(np.random.default_rng(0))
+  f = lambda x, w_vd: linear_cross_entropy(x, w_vd, targets, weights, chunk=4)[0]
+  matmuls = lambda fn: str(jax.make_jaxpr(fn)(x, w_vd)).count("dot_general")
+  assert matmuls(f) == 1
+  assert matmuls(jax.grad(f, (0, 1))) == 3
+
+
 def test_equals_unfused_head_and_loss_under_grad(np_rng):
   x, w_vd, targets, weights = _inputs(np_rng, b=2, t=16, d=16, v=64)
   fused = lambda x, w: linear_cross_entropy(x, w, targets, weights, chunk=4)[0]
