@@ -23,6 +23,9 @@ from collections.abc import Iterable, Mapping, MutableMapping
 # optimizer update no longer overlaps the backward pass (tiny OrthoAdam step 1.02x -> 1.07x
 # AdamW's), so it is applied only where a Haar family will be drawn.
 CPU_DEADLOCK_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+# The OrthoAdam rotation families (optim/rotations.py) whose init draws Haar matrices by QR. Their
+# names live here, in the bottom layer that imports nothing of the package, and optim reads them
+# from here; tests/test_runtime.py checks them against the families' inits.
 HAAR_FAMILIES = ("dense", "kronecker", "block")
 
 

@@ -64,3 +64,17 @@ def test_an_accelerator_plugin_on_the_path_counts_as_an_accelerator(tmp_path, mo
   importlib.invalidate_caches()
   assert not _runs_on_cpu_only({})
   assert _runs_on_cpu_only({"JAX_PLATFORMS": "cpu"})  # an explicit choice wins
+
+
+def test_haar_families_are_the_rotation_families_that_draw_by_qr(monkeypatch):
+  import jax
+  from softmax_one_jax.optim import rotations
+  from softmax_one_jax.runtime import HAAR_FAMILIES
+  drawn = set()
+  real = rotations.haar_orthogonal
+  for name, family in rotations.FAMILIES.items():
+    monkeypatch.setattr(rotations, "haar_orthogonal",
+                        lambda *a, name=name, **k: (drawn.add(name), real(*a, **k))[1])
+    family.init(jax.random.key(0), (4, 6))
+  assert set(HAAR_FAMILIES) == drawn
+  assert rotations.HAAR_FAMILIES is HAAR_FAMILIES

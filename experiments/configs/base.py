@@ -19,7 +19,8 @@ from ml_collections import config_dict
 
 from softmax_one_jax.data import default_data_config
 from softmax_one_jax.models import preset
-from softmax_one_jax.models.config import NORMS  # every norm a model can have; the norm axis
+from softmax_one_jax.models.config import NORMS, SOFTMAXES
+from softmax_one_jax.training.state import OPTIMIZER_NAMES
 
 
 def model_config(preset_name: str, **overrides) -> ml_collections.ConfigDict:
@@ -111,8 +112,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
-SOFTMAXES = ("softmax", "softmax1", "learned_sink")
-OPTIMIZERS = ("adamw", "orthoadam")
+# The paper's grid compares the Adam family; SGD is the extreme-token lab's control only.
+OPTIMIZERS = tuple(name for name in OPTIMIZER_NAMES if name != "sgd")
 
 
 def parse_variant(arg: str, default_norm: str = "layernorm") -> tuple[str, str, str]:
@@ -131,7 +132,8 @@ def parse_variant(arg: str, default_norm: str = "layernorm") -> tuple[str, str, 
     ``(softmax, optimizer, norm)``.
 
   Raises:
-    ValueError: a part is missing or not allowed; the message lists the allowed values.
+    ValueError: a part is missing or not allowed; the message lists the allowed values (the
+      softmax and norm sets are ``TransformerConfig``'s, the optimizers a subset of the package's).
 
   Example:
     >>> parse_variant("softmax1,orthoadam")

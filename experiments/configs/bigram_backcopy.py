@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import NORMS, get_base_config, model_config
-
-SOFTMAXES = ("softmax", "softmax1", "learned_sink")
-OPTIMIZERS = ("adamw", "orthoadam", "sgd")
+from experiments.configs.base import get_base_config, model_config
+from softmax_one_jax.models.config import NORMS, SOFTMAXES
+from softmax_one_jax.training.state import OPTIMIZER_NAMES as OPTIMIZERS  # SGD too: the control
 LAYERS = (1, 3)
 
 # Peak learning rate per optimizer: the lowest validation loss after 600 steps of softmax runs

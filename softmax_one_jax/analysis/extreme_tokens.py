@@ -40,11 +40,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from softmax_one_jax.analysis.layout import counted_queries, document_layout
+from softmax_one_jax.analysis.layout import (attention_intermediates, counted_queries,
+                                             document_layout, first_token_probs)
 from softmax_one_jax.models.transformer import positions_from_segments
 
 SINK_EPSILON = 0.3
-ATTENTION_SOURCES = ("probs", "stats", "none")
 
 
 def _masked_mean(x: jax.Array, w: jax.Array, axis: tuple[int, ...]) -> jax.Array:
@@ -53,28 +53,6 @@ def _masked_mean(x: jax.Array, w: jax.Array, axis: tuple[int, ...]) -> jax.Array
   num = jnp.sum(jnp.where(w > 0, x.astype(jnp.float32), 0.0) * w, axis=axis)
   den = jnp.sum(w, axis=axis)
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
-
-
-def first_token_probs(probs_lbnts: jax.Array, segment_ids_bt: jax.Array | None = None
-                      ) -> jax.Array:
-  """Each query's probability on the first token of its own document.
-
-  Args:
-    probs_lbnts: ``[L, B, N, T, T]`` attention probabilities.
-    segment_ids_bt: optional ``[B, T]`` document ids (0 = padding).
-
-  Returns:
-    ``[L, B, N, T]`` float32.
-
-  Example:
-    >>> p = jnp.eye(3)[None, None, None]  # each query on itself; query 1 starts document 2
-    >>> first_token_probs(p, jnp.array([[1, 2, 2]]))[0, 0, 0].tolist()
-    [1.0, 1.0, 0.0]
-  """
-  _, b, _, t, _ = probs_lbnts.shape
-  first_key_bt, _, _ = document_layout(segment_ids_bt, b, t)
-  key_idx = first_key_bt[None, :, None, :, None]
-  return jnp.take_along_axis(probs_lbnts, key_idx, axis=-1)[..., 0].astype(jnp.float32)
 
 
 def first_token_mass(
@@ -299,10 +277,7 @@ def extreme_token_arrays(
   Returns:
     Scalars and ``[L]`` arrays (keys ending in ``_per_layer``).
   """
-  if attention not in ATTENTION_SOURCES:
-    raise ValueError(f"attention={attention!r} is not known; expected one of {ATTENTION_SOURCES}.")
-  wanted = ("hidden",) + {"probs": ("attention_probs", "attention_stats"),
-                          "stats": ("attention_stats",), "none": ()}[attention]
+  wanted = attention_intermediates(attention)
   _, inter = model(tokens_bt, segment_ids=segment_ids, positions=positions, intermediates=wanted)
   hidden = inter["hidden"]
   out: dict[str, jax.Array] = {}
@@ -363,8 +338,7 @@ def extreme_token_metrics(
     >>> m = extreme_token_metrics(model, jnp.zeros((2, 16), jnp.int32))   # doctest: +SKIP
     >>> m["sink_rate"], len(m["residual_peak_ratio_per_layer"])            # doctest: +SKIP
   """
-  if attention not in ATTENTION_SOURCES:
-    raise ValueError(f"attention={attention!r} is not known; expected one of {ATTENTION_SOURCES}.")
+  attention_intermediates(attention)  # an unknown source fails here, before anything compiles
   tokens_bt = jnp.asarray(tokens_bt)
   if trigger_positions is not None:
     trigger_positions = jnp.asarray(trigger_positions, bool)

@@ -1,7 +1,8 @@
 """Where documents start in a packed batch: the token layout every analysis metric shares.
 
 With packed documents (``segment_ids``, 0 = padding) "the first token" of a query is the first
-token of the query's own document; without them it is position 0 of the row.
+token of the query's own document; without them it is position 0 of the row. Also here: which
+model intermediates each attention source of the metrics reads (``ATTENTION_SOURCES``).
 
 Example:
   >>> first_key_bt, counted_bt = counted_queries(jnp.array([[1, 1, 2, 2, 0]]), 1, 5)
@@ -13,6 +14,28 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from softmax_one_jax.models.transformer import segment_starts
+
+# Where the first-token metrics read attention from: the ``[L, B, N, T, T]`` probabilities (the
+# mass; hits from the logit-decided flags), the per-query statistics only, or no attention.
+ATTENTION_SOURCES = ("probs", "stats", "none")
+
+
+def attention_intermediates(attention: str) -> tuple[str, ...]:
+  """The model intermediates a metric source needs (``Transformer.__call__(intermediates=...)``).
+
+  The probabilities source also takes ``attention_stats``: probabilities cannot break ties, so
+  every query's hit comes from its logit-decided flag.
+
+  Example:
+    >>> attention_intermediates("stats")
+    ('hidden', 'attention_stats')
+  """
+  if attention not in ATTENTION_SOURCES:
+    raise ValueError(f"attention={attention!r} is not known; expected one of {ATTENTION_SOURCES}.")
+  return ("hidden",) + {"probs": ("attention_probs", "attention_stats"),
+                        "stats": ("attention_stats",), "none": ()}[attention]
 
 
 def document_layout(
@@ -42,10 +65,8 @@ def document_layout(
     return first_key_bt, is_first_bt, jnp.ones((batch, seq_len), bool)
   seg_bt = jnp.asarray(segment_ids_bt)
   valid_bt = seg_bt != 0
-  prev_bt = jnp.concatenate([jnp.full_like(seg_bt[:, :1], -1), seg_bt[:, :-1]], axis=1)
-  starts_bt = seg_bt != prev_bt
-  first_key_bt = jax.lax.cummax(jnp.where(starts_bt, t_idx[None, :], 0), axis=1)
-  return first_key_bt.astype(jnp.int32), starts_bt & valid_bt, valid_bt
+  first_key_bt = segment_starts(seg_bt)
+  return first_key_bt, (first_key_bt == t_idx[None, :]) & valid_bt, valid_bt
 
 
 def counted_queries(
@@ -98,3 +119,25 @@ def first_token_chance(segment_ids_bt: jax.Array | None, batch: int, seq_len: in
   visible_bt = jnp.arange(seq_len, dtype=jnp.float32)[None, :] - first_key_bt + 1.0
   total = jnp.sum(jnp.where(counted_bt, 1.0 / visible_bt, 0.0))
   return total / jnp.maximum(jnp.sum(counted_bt), 1)
+
+
+def first_token_probs(probs_lbnts: jax.Array, segment_ids_bt: jax.Array | None = None
+                      ) -> jax.Array:
+  """Each query's probability on the first token of its own document.
+
+  Args:
+    probs_lbnts: ``[L, B, N, T, T]`` attention probabilities.
+    segment_ids_bt: optional ``[B, T]`` document ids (0 = padding).
+
+  Returns:
+    ``[L, B, N, T]`` float32.
+
+  Example:
+    >>> p = jnp.eye(3)[None, None, None]  # each query on itself; query 1 starts document 2
+    >>> first_token_probs(p, jnp.array([[1, 2, 2]]))[0, 0, 0].tolist()
+    [1.0, 1.0, 0.0]
+  """
+  _, b, _, t, _ = probs_lbnts.shape
+  first_key_bt, _, _ = document_layout(segment_ids_bt, b, t)
+  key_idx = first_key_bt[None, :, None, :, None]
+  return jnp.take_along_axis(probs_lbnts, key_idx, axis=-1)[..., 0].astype(jnp.float32)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -214,6 +215,41 @@ output channel; inputs float; embedding lookup quantised as the head.'
       what = "not a scheme of this version of softmax_one_jax"
     lines.append(f"- {_scheme_label(name)} (`{name}`): {what}.")
   return "\n".join(lines)
+
+
+def format_analysis_markdown(
+    runs: Mapping[str, Mapping[str, Value]], meta_note: Mapping[str, Any] | None = None
+) -> str:
+  """``table.md``: the Table 2 form, its reading notes and (with ``ppl_*``) the Table 3 form.
+
+  Args:
+    runs: row label -> flat metrics (lists of per-seed values for groups of seeds).
+    meta_note: run metadata; its data fields head the page.
+
+  Example:
+    >>> format_analysis_markdown({"a": {"perplexity": 3.0}}).splitlines()[0]
+    '# Outlier analysis'
+  """
+  parts = ["# Outlier analysis", ""]
+  if meta_note:
+    parts += ["Evaluated on " + ", ".join(f"{k}={v}" for k, v in meta_note.items()
+                                         if k in ("source", "data", "tokenizer", "num_batches",
+                                                  "batch_size", "seq_len", "tokens")) + ".", ""]
+  parts += [
+      "## Outliers (Table 2 form)", "",
+      format_metrics_table(runs), "",
+      "n: runs in the row, differing only in seed; with n > 1 each cell is the mean ± sample "
+      "std over them. 1st-token %: share of (layer, head, query) whose most-attended key is the "
+      "first token (each document's first query excluded; ties go to the first token); "
+      "1st-token prob %: mean attention probability on it; chance %: both metrics' value for a "
+      "query choosing uniformly among the keys it sees, on this batch's token layout. Kurtosis "
+      "and max |act| of block outputs, averaged over layers (kurtosis: per token, averaged over "
+      "tokens first). Penalty = PPL(quantised) - PPL(full precision).", "",
+  ]
+  if any(k.startswith("ppl_") for m in runs.values() for k in m):
+    parts += ["## Round-to-nearest quantisation (Table 3 form)", "",
+              format_quant_table(runs), ""]
+  return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------

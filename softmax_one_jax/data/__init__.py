@@ -20,8 +20,10 @@ from softmax_one_jax.data.prepare import prepare
 from softmax_one_jax.data.prepare import prepare_main
 from softmax_one_jax.data.synthetic import task_for_config
 from softmax_one_jax.data.tokenizers import Tokenizer
+from softmax_one_jax.data.tokens import BATCH_KEYS
 
 __all__ = [
+    "BATCH_KEYS",
     "BigramBackcopyTask",
     "Tokenizer",
     "bayes_optimal_loss",

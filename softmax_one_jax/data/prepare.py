@@ -31,11 +31,15 @@ import numpy as np
 
 from softmax_one_jax.data import corpus
 from softmax_one_jax.data import tokenizers as tokenizers_lib
+from softmax_one_jax.data.config import SOURCES
+from softmax_one_jax.data.synthetic import SYNTHETIC_SOURCES
 from softmax_one_jax.data.tokens import token_dtype
 from softmax_one_jax.errors import ConfigError, OutputExistsError
 
 FORMAT = "softmax_one_jax.tokens.v1"
-PREPARE_SOURCES = ("default", "text", "c4")
+# The run's sources that are text to tokenize: not "arrayrecord" (what prepare writes), nor the
+# synthetic tasks (generated on the fly).
+PREPARE_SOURCES = tuple(s for s in SOURCES if s not in ("arrayrecord", *SYNTHETIC_SOURCES))
 # Characters a BPE trains on by default when the corpus is streamed ("c4", "text").
 _BPE_STREAM_CHARS = 50_000_000
 log = logging.getLogger(__name__)

@@ -19,6 +19,8 @@ import numpy as np
 from softmax_one_jax.data import tokenizers as tokenizers_lib
 
 Batch = dict[str, np.ndarray]
+# The entries of a batch, each ``[B, T]``: what the pipelines yield and the steps and metrics read.
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 _CACHE_VERSION = 1
 
 

@@ -14,7 +14,7 @@ from typing import Any
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm", "scalar_rmsnorm", "scalar_layernorm")
 MLPS = ("gelu", "swiglu")
-SOFTMAXES = ("softmax1", "softmax", "learned_sink")
+SOFTMAXES = ("softmax", "softmax1", "learned_sink")  # the baseline first, as grids list them
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = (None, "xla", "pallas", "pallas_gpu", "pallas_tpu")
 

@@ -37,6 +37,27 @@ class KVCache(NamedTuple):
   end: jax.Array
 
 
+def segment_starts(segment_ids_bt: jax.Array) -> jax.Array:
+  """Index of the first token of each token's segment (a run of equal segment ids).
+
+  Args:
+    segment_ids_bt: ``[B, T]`` int segment ids, as packed data yields them.
+
+  Returns:
+    ``[B, T]`` int32; a token starts its segment where the value equals its own index.
+
+  Example:
+    >>> segment_starts(jnp.array([[1, 1, 1, 2, 2, 0]]))
+    Array([[0, 0, 0, 3, 3, 5]], dtype=int32)
+  """
+  t = segment_ids_bt.shape[1]
+  index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_bt.shape)
+  changed_bt = jnp.concatenate(
+      [jnp.ones_like(segment_ids_bt[:, :1], dtype=bool),
+       segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+  return jax.lax.cummax(jnp.where(changed_bt, index_bt, 0), axis=1)
+
+
 def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
   """Position of each token within its segment (restarting at 0 where the segment id changes).
 
@@ -45,12 +66,7 @@ def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
     Array([[0, 1, 2, 0, 1, 0]], dtype=int32)
   """
   t = segment_ids_bt.shape[1]
-  index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_bt.shape)
-  changed_bt = jnp.concatenate(
-      [jnp.ones_like(segment_ids_bt[:, :1], dtype=bool),
-       segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
-  start_bt = jax.lax.cummax(jnp.where(changed_bt, index_bt, 0), axis=1)
-  return index_bt - start_bt
+  return jnp.arange(t, dtype=jnp.int32)[None, :] - segment_starts(segment_ids_bt)
 
 
 class Transformer(nnx.Module):

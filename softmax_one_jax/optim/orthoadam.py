@@ -48,22 +48,17 @@ class ScaleByOrthoAdamState(NamedTuple):
 
 
 def path_name(path: tuple[Any, ...]) -> str:
-  """``'blocks.0.attn.q_proj.kernel'`` for a jax key path (a trailing nnx ``.value`` dropped)."""
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      parts.append(k.name)
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(k.key))
-    else:
-      parts.append(str(k))
-  if len(parts) > 1 and parts[-1] == "value":
-    parts = parts[:-1]
-  return ".".join(parts)
+  """``'blocks.0.attn.q_proj.kernel'`` for a jax key path (a trailing nnx ``.value`` dropped).
+
+  ``jax.tree_util.keystr(path, simple=True, separator=".")`` less the ``.value`` that nnx
+  variables add; the names ``rotation_policy`` and ``optim.sharding`` match against.
+
+  Example:
+    >>> path_name((jax.tree_util.DictKey("w"), jax.tree_util.GetAttrKey("value")))
+    'w'
+  """
+  name = jax.tree_util.keystr(tuple(path), simple=True, separator=".")
+  return name.removesuffix(".value") if len(path) > 1 else name
 
 
 def _is_family(x: Any) -> bool:

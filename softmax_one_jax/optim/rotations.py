@@ -62,6 +62,9 @@ import jax.numpy as jnp
 from softmax_one_jax.optim import axis_blocks
 from softmax_one_jax.optim.axis_blocks import Shape
 from softmax_one_jax.optim.hadamard_rotation import Hadamard, HadamardRotation
+# The names of the families below whose init draws Haar matrices by QR (Dense, Kronecker, Block),
+# kept in the bottom layer, whose CPU workaround keys on them.
+from softmax_one_jax.runtime import HAAR_FAMILIES  # noqa: F401  (exported)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -28,13 +28,14 @@ import ml_collections
 from jax.experimental import topologies
 
 from softmax_one_jax.attention import resolve_implementation
+from softmax_one_jax.data import BATCH_KEYS
 from softmax_one_jax.training import chips as chips_lib
 from softmax_one_jax.training import gpu_targets
 from softmax_one_jax.training import hlo
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.training.config import validate_config
 from softmax_one_jax.training.loop import build_run
-from softmax_one_jax.training.step import BATCH_KEYS, jit_eval_step, jit_train_step
+from softmax_one_jax.training.step import jit_eval_step, jit_train_step
 
 TPU_AOT_HINT = ('Compiling for a TPU slice needs libtpu: pip install -e ".[tpu-aot]" (it installs '
                 'the libtpu that matches the installed jax).')

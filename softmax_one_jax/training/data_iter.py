@@ -26,7 +26,7 @@ from softmax_one_jax.errors import ConfigError
 
 def num_data_shards(config: ml_collections.ConfigDict, process_count: int) -> int:
   """``config.data_shards`` resolved (0 -> process count) and checked."""
-  shards = int(config.get("data_shards", 0) or process_count)
+  shards = int(config.data_shards or process_count)
   if shards % process_count:
     raise ConfigError(f"config.data_shards={shards} is not a multiple of the process count "
                       f"{process_count}; use a multiple, or 0 for one shard per process.")

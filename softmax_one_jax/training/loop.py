@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import pathlib
@@ -38,7 +39,7 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from softmax_one_jax import rundir
-from softmax_one_jax.data import get_tokenizer, validation_batches
+from softmax_one_jax.data import BATCH_KEYS, get_tokenizer, validation_batches
 from softmax_one_jax.errors import ConfigError
 from softmax_one_jax.rundir import model_config_from, padded_vocab_size
 from softmax_one_jax.training import checkpoint as ckpt_lib
@@ -48,7 +49,7 @@ from softmax_one_jax.training.data_iter import ShardedIterator
 from softmax_one_jax.training.metrics import MetricsWriter
 from softmax_one_jax.training.state import (TrainSetup, init_train_state, merge_model,
                                             setup_for_run)
-from softmax_one_jax.training.step import BATCH_KEYS, jit_eval_step, jit_train_step
+from softmax_one_jax.training.step import jit_eval_step, jit_train_step
 from softmax_one_jax.training.workdir_lock import hold_workdir
 
 log = logging.getLogger(__name__)
@@ -117,10 +118,10 @@ def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
     return
   old = rundir.read_config(workdir)
   def shard_local(c: ml_collections.ConfigDict) -> bool:
-    return c.optimizer.name == "orthoadam" and c.optimizer.get("shard_local", True)
+    return c.optimizer.name == "orthoadam" and c.optimizer.shard_local
   def identity(c: ml_collections.ConfigDict, with_mesh: bool) -> dict[str, Any]:
     out = {**c.model.to_dict(), "optimizer.name": c.optimizer.name,
-           "optimizer.rotation": c.optimizer.get("rotation")}
+           "optimizer.rotation": c.optimizer.rotation}
     if with_mesh:   # shard-local rotations follow the mesh: another mesh, another state
       out.update({f"mesh.{a}": c.mesh.get(a) for a in mesh_lib.MESH_AXES})
     return out
@@ -248,72 +249,199 @@ def _train_holding_workdir(config: ml_collections.ConfigDict, workdir: pathlib.P
                            outlier_metrics: OutlierMetricsFn | None,
                            report: ReportFn | None) -> dict[str, Any]:
   """``train`` once the workdir is this run's."""
+  run = _open_run(config, workdir, outlier_metrics)
+  steps = _StepLog(run.config, run.start, workdir)
+  try:
+    with _StopRequest() as stop:
+      state, status, summary, saved_step = _run_steps(run, steps, stop)
+    final_step = int(jax.device_get(state.step))
+    if final_step != saved_step:
+      ckpt_lib.save(run.manager, final_step, state, run.train_iter)
+    run.manager.wait_until_finished()
+  finally:
+    steps.bar.close()
+    run.manager.close()
+    steps.writer.close()
+
+  if status == "done" and not summary:          # resumed a finished run: evaluate it again
+    summary = _final_metrics(run, state.params)
+  if status == "done" and summary and report is not None:
+    report(run.config.get("name", workdir.name), summary)
+  return {"step": final_step, "status": status, "loss": steps.last_loss, **summary}
+
+
+@dataclasses.dataclass
+class _Run:
+  """What ``train`` builds before its first step.
+
+  Attributes:
+    config: the resolved config (as config.json records it).
+    setup: model, optimizer, mesh and shardings.
+    train_iter: the training batches (restored with the checkpoint).
+    manager: the checkpoint manager on ``workdir/checkpoints``.
+    state, start: the train state and its step (restored, or fresh at 0).
+    val_batches: full validation batches ``[eval_batch_size, T]``.
+    eval_step: the jitted validation step, compiled once for every evaluation.
+    outlier_fn: the outlier metrics, or None when the run computes none.
+    outlier_batch: the first rows of the first validation batch (None without one).
+    trigger_ids: the tokenizer's trigger tokens (Bigram-Backcopy), else ().
+  """
+
+  config: ml_collections.ConfigDict
+  setup: TrainSetup
+  train_iter: ShardedIterator
+  manager: Any
+  state: Any
+  start: int
+  val_batches: list[dict[str, np.ndarray]]
+  eval_step: Any
+  outlier_fn: OutlierMetricsFn | None
+  outlier_batch: dict[str, np.ndarray] | None
+  trigger_ids: tuple[int, ...]
+
+
+def _open_run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+              outlier_metrics: OutlierMetricsFn | None) -> _Run:
+  """Builds the run, records its config, and restores its newest checkpoint (or starts it)."""
   tokenizer, config, model_cfg, setup = build_run(config)
   _check_same_run(workdir, config)
   rundir.write_config(workdir, config)
-
-  B, T, N = config.global_batch_size, config.seq_len, config.num_train_steps
   train_iter = ShardedIterator(config, tokenizer, jax.process_index(), jax.process_count())
   manager = rundir.make_manager(workdir, config.checkpoint.max_to_keep,
                                 config.checkpoint.async_save)
+  state, start = _restore_or_init(manager, setup, model_cfg, config, train_iter, workdir)
+  val_batches = _validation_batches(config, tokenizer, config.eval_batches, config.eval_batch_size)
+  outlier_fn = outlier_metrics if config.outlier_every_steps else None
+  if config.outlier_every_steps and outlier_metrics is None:
+    log.info("config.outlier_every_steps=%d, but train() was given no outlier_metrics function: "
+             "training without outlier metrics.", config.outlier_every_steps)
+  outlier_batch = None
+  if outlier_fn is not None and val_batches:
+    n = min(config.outlier_batch_size, config.eval_batch_size)
+    outlier_batch = {k: v[:n] for k, v in val_batches[0].items()}
+  return _Run(config=config, setup=setup, train_iter=train_iter, manager=manager, state=state,
+              start=start, val_batches=val_batches,
+              eval_step=jit_eval_step(setup, config.eval_batch_size), outlier_fn=outlier_fn,
+              outlier_batch=outlier_batch,
+              trigger_ids=tuple(getattr(tokenizer, "trigger_ids", ())))
+
+
+def _restore_or_init(manager: Any, setup: TrainSetup, model_cfg: Any,
+                     config: ml_collections.ConfigDict, train_iter: ShardedIterator,
+                     workdir: pathlib.Path) -> tuple[Any, int]:
+  """``(state, step)`` of the newest readable checkpoint (iterator restored too), else step 0."""
   # Unreadable steps are moved aside: this run saves those steps again.
   restored = ckpt_lib.restore_latest(manager, setup.abstract_state, train_iter,
                                      move_aside_unreadable=True)
   if restored is None:
-    state, start = init_train_state(setup, model_cfg, config.seed), 0
-  else:
-    state, start = restored
-    _notice(f"Resumed {workdir} from step {start}.")
+    return init_train_state(setup, model_cfg, config.seed), 0
+  _notice(f"Resumed {workdir} from step {restored[1]}.")
+  return restored
 
-  val_batches = _validation_batches(config, tokenizer, config.eval_batches, config.eval_batch_size)
-  outlier_batch, trigger_ids = None, tuple(getattr(tokenizer, "trigger_ids", ()))
-  outliers_on = bool(config.outlier_every_steps) and outlier_metrics is not None
-  if config.outlier_every_steps and outlier_metrics is None:
-    log.info("config.outlier_every_steps=%d, but train() was given no outlier_metrics function: "
-             "training without outlier metrics.", config.outlier_every_steps)
-  if outliers_on and val_batches:
-    n = min(config.outlier_batch_size, config.eval_batch_size)
-    outlier_batch = {k: v[:n] for k, v in val_batches[0].items()}
 
-  step_fn = jit_train_step(setup, config.grad_accum_steps, B)
-  b_sh = mesh_lib.batch_sharding(setup.mesh, B)
-  writer = MetricsWriter(workdir, resume_step=start)
-  bar = tqdm(total=N, initial=start, unit="step", dynamic_ncols=True,
-             disable=not (jax.process_index() == 0 and config.progress_bar))
-  extras: dict[int, dict[str, float]] = {}
-  pending: tuple[int, Any] | None = None
-  clock = {"t0": 0.0, "steps": 0, "paused": 0.0}  # tokens/s leaves out eval and checkpoint time
-  last = {"loss": float("nan")}
-  status, saved_step, final_step = "done", start, start
+def _final_metrics(run: _Run, params: Any) -> dict[str, float]:
+  """Validation loss / perplexity and, when on, the outlier metrics: the run's summary."""
+  out = validation_metrics(run.setup, params, run.val_batches, run.config.eval_batch_size,
+                           run.eval_step)
+  if run.outlier_fn is not None:
+    out.update(outlier_metrics_for(run.setup, params, run.outlier_batch, run.outlier_fn,
+                                   run.trigger_ids))
+  return out
 
-  eval_step = jit_eval_step(setup, config.eval_batch_size)
 
-  def final_metrics(params: Any) -> dict[str, float]:
-    out = validation_metrics(setup, params, val_batches, config.eval_batch_size, eval_step)
-    if outliers_on:
-      out.update(outlier_metrics_for(setup, params, outlier_batch, outlier_metrics, trigger_ids))
-    return out
+def _periodic_metrics(run: _Run, done: int, params: Any) -> dict[str, float] | None:
+  """The validation and outlier metrics due after step ``done`` (None when none is due).
 
-  def process(done: int, metrics: Any) -> None:
-    """Host side of one finished step: progress bar, metrics record, non-finite stop."""
+  An evaluation that is due but has no batches gives ``{}``: the step is still logged.
+  """
+  c = run.config
+  out = None
+  if c.eval_every_steps and done % c.eval_every_steps == 0:
+    out = validation_metrics(run.setup, params, run.val_batches, c.eval_batch_size, run.eval_step)
+  if run.outlier_fn is not None and done % c.outlier_every_steps == 0:
+    out = {**(out or {}), **outlier_metrics_for(run.setup, params, run.outlier_batch,
+                                                 run.outlier_fn, run.trigger_ids)}
+  return out
+
+
+class _StepClock:
+  """Tokens per second over each logging interval, eval and checkpoint pauses left out.
+
+  Example:
+    >>> clock = _StepClock(tokens_per_step=2048)
+    >>> clock.restart(0.0); clock.pause(1.0)
+    >>> clock.tick(3.0)                 # one step in 3 s, 1 s of it a pause
+    1024.0
+  """
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self.restart(0.0)
+
+  def restart(self, now: float) -> None:
+    self.t0, self.steps, self.paused = now, 0, 0.0
+
+  def pause(self, seconds: float) -> None:
+    self.paused += seconds
+
+  def tick(self, now: float) -> float:
+    """Counts one more step; the tokens/s since the last ``restart``."""
+    self.steps += 1
+    return self.tokens_per_step * self.steps / max(now - self.t0 - self.paused, 1e-9)
+
+
+class _StepLog:
+  """The host side of finished steps, one step behind the device so that it never waits on it.
+
+  ``push(done, metrics)`` hands over step ``done``'s device metrics and logs the step before it:
+  progress bar, a metrics.jsonl record (every ``log_every_steps``, at the end, and at every step
+  with extra metrics from ``add``), and the stop after ``max_nonfinite_steps`` non-finite steps.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, start: int, workdir: pathlib.Path):
+    self.config, self.start = config, start
+    self.writer = MetricsWriter(workdir, resume_step=start)
+    self.bar = tqdm(total=config.num_train_steps, initial=start, unit="step", dynamic_ncols=True,
+                    disable=not (jax.process_index() == 0 and config.progress_bar))
+    self.clock = _StepClock(config.global_batch_size * config.seq_len)
+    self.extras: dict[int, dict[str, float]] = {}
+    self.last_loss = float("nan")
+    self._pending: tuple[int, Any] | None = None
+
+  def add(self, done: int, metrics: Mapping[str, float]) -> None:
+    """Extra metrics (validation, outliers) for step ``done``'s record."""
+    self.extras.setdefault(done, {}).update(metrics)
+
+  def push(self, done: int, metrics: Any) -> None:
+    if self._pending is not None:
+      self._log(*self._pending)
+    self._pending = (done, metrics)
+
+  def flush(self) -> None:
+    if self._pending is not None:
+      self._log(*self._pending)
+      self._pending = None
+
+  def _log(self, done: int, metrics: Any) -> None:
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.perf_counter()
-    if done == start + 1:                       # the first step includes compilation
-      clock.update(t0=now, steps=0, paused=0.0)
+    if done == self.start + 1:                  # the first step includes compilation
+      self.clock.restart(now)
       tok_s = float("nan")
     else:
-      clock["steps"] += 1
-      tok_s = B * T * clock["steps"] / max(now - clock["t0"] - clock["paused"], 1e-9)
-    last["loss"] = m["loss"]
-    bar.update(1)
-    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-    if done % config.log_every_steps == 0 or done == N or done in extras:
-      writer.write(done, {"loss": m["loss"], "grad_norm": m["grad_norm"],
-                          "learning_rate": m["learning_rate"], "tokens_per_sec": tok_s,
-                          "nonfinite_total": int(m["nonfinite_total"]), **extras.pop(done, {})})
-      if clock["steps"]:
-        clock.update(t0=now, steps=0, paused=0.0)  # tokens/s over each logging interval
-    if m["nonfinite_streak"] >= config.max_nonfinite_steps:
+      tok_s = self.clock.tick(now)
+    self.last_loss = m["loss"]
+    self.bar.update(1)
+    self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+    if (done % self.config.log_every_steps == 0 or done == self.config.num_train_steps
+        or done in self.extras):
+      self.writer.write(done, {"loss": m["loss"], "grad_norm": m["grad_norm"],
+                               "learning_rate": m["learning_rate"], "tokens_per_sec": tok_s,
+                               "nonfinite_total": int(m["nonfinite_total"]),
+                               **self.extras.pop(done, {})})
+      if self.clock.steps:
+        self.clock.restart(now)                 # tokens/s over each logging interval
+    if m["nonfinite_streak"] >= self.config.max_nonfinite_steps:
       raise NonFiniteError(
           f"Stopping at step {done}: {int(m['nonfinite_streak'])} consecutive steps had a "
           f"non-finite loss or gradient ({int(m['nonfinite_total'])} skipped in all); the "
@@ -321,57 +449,51 @@ def _train_holding_workdir(config: ml_collections.ConfigDict, workdir: pathlib.P
           "set config.optimizer.grad_clip_norm, or check the data, then rerun the same command "
           "(it resumes from the last checkpoint).")
 
-  summary: dict[str, Any] = {}
-  try:
-    with _StopRequest() as stop:
-      for step in range(start, N):
-        batch = mesh_lib.global_batch(next(train_iter), b_sh)
-        state, metrics = step_fn(state, batch)
-        done = step + 1
-        if pending is not None:
-          process(*pending)
-        pending = (done, metrics)
-        t_pause = time.perf_counter()
-        if done == N:
-          summary = final_metrics(state.params)
-          extras.setdefault(done, {}).update(summary)
-        else:
-          if config.eval_every_steps and done % config.eval_every_steps == 0:
-            extras.setdefault(done, {}).update(validation_metrics(
-                setup, state.params, val_batches, config.eval_batch_size, eval_step))
-          if outliers_on and done % config.outlier_every_steps == 0:
-            extras.setdefault(done, {}).update(outlier_metrics_for(
-                setup, state.params, outlier_batch, outlier_metrics, trigger_ids))
-        preempted = stop.requested or (jax.process_count() > 1 and
-                                       manager.reached_preemption(done))
-        every = config.checkpoint.every_steps
-        if done == N or preempted or (every and done % every == 0):
-          ckpt_lib.save(manager, done, state, train_iter)
-          saved_step = done
-        if done in extras or saved_step == done:
-          clock["paused"] += time.perf_counter() - t_pause
-        if preempted:
-          _notice(f"Stop requested (SIGTERM/preemption): saved step {done} in "
-                  f"{manager.directory}; rerun the same command to resume.")
-          status = "preempted"
-          break
-      if pending is not None:
-        process(*pending)
-        pending = None
-    final_step = int(jax.device_get(state.step))
-    if final_step != saved_step:
-      ckpt_lib.save(manager, final_step, state, train_iter)
-    manager.wait_until_finished()
-  finally:
-    bar.close()
-    manager.close()
-    writer.close()
 
-  if status == "done" and not summary:          # resumed a finished run: evaluate it again
-    summary = final_metrics(state.params)
-  if status == "done" and summary and report is not None:
-    report(config.get("name", workdir.name), summary)
-  return {"step": final_step, "status": status, "loss": last["loss"], **summary}
+def _run_steps(run: _Run, steps: _StepLog, stop: _StopRequest
+               ) -> tuple[Any, str, dict[str, float], int]:
+  """Steps from ``run.start`` to the end or a stop request.
+
+  Returns:
+    ``(state, status, summary, saved_step)``: status "done" | "preempted"; the summary (final
+    metrics) is empty unless this call ran the last step; the last step saved.
+  """
+  c, n = run.config, run.config.num_train_steps
+  step_fn = jit_train_step(run.setup, c.grad_accum_steps, c.global_batch_size)
+  b_sh = mesh_lib.batch_sharding(run.setup.mesh, c.global_batch_size)
+  state, status, summary, saved_step = run.state, "done", {}, run.start
+  for step in range(run.start, n):
+    state, metrics = step_fn(state, mesh_lib.global_batch(next(run.train_iter), b_sh))
+    done = step + 1
+    steps.push(done, metrics)
+    t_pause = time.perf_counter()
+    extra = _periodic_metrics(run, done, state.params) if done < n else None
+    if done == n:
+      summary = extra = _final_metrics(run, state.params)
+    if extra is not None:
+      steps.add(done, extra)
+    preempted = stop.requested or (jax.process_count() > 1 and
+                                   run.manager.reached_preemption(done))
+    if _maybe_save(run, done, state, preempted):
+      saved_step = done
+    if extra is not None or saved_step == done:
+      steps.clock.pause(time.perf_counter() - t_pause)
+    if preempted:
+      _notice(f"Stop requested (SIGTERM/preemption): saved step {done} in "
+              f"{run.manager.directory}; rerun the same command to resume.")
+      status = "preempted"
+      break
+  steps.flush()
+  return state, status, summary, saved_step
+
+
+def _maybe_save(run: _Run, done: int, state: Any, preempted: bool) -> bool:
+  """Saves step ``done`` at the end, on a stop request and every ``checkpoint.every_steps``."""
+  every = run.config.checkpoint.every_steps
+  if done == run.config.num_train_steps or preempted or (every and done % every == 0):
+    ckpt_lib.save(run.manager, done, state, run.train_iter)
+    return True
+  return False
 
 
 def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches: int | None = None,

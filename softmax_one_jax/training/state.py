@@ -133,15 +133,15 @@ def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
     core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                        weight_decay=opt.weight_decay, mask=weight_decay_mask)
   elif opt.name == "orthoadam":
-    rotation = opt.get("rotation") or DEFAULT_ROTATION
-    if param_shardings is not None and opt.get("shard_local", True):
+    rotation = opt.rotation or DEFAULT_ROTATION
+    if param_shardings is not None and opt.shard_local:
       rotation = shard_local_rotation(rotation, abstract_params, param_shardings)
     kwargs = {"rotation": rotation}
     core = orthoadam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                      weight_decay=opt.weight_decay, mask=weight_decay_mask,
-                     seed=int(opt.get("seed", 0) or 0), **kwargs)
+                     seed=int(opt.seed), **kwargs)
   elif opt.name == "sgd":
-    core = sgd_momentum(schedule, momentum=float(opt.get("momentum", 0.9)),
+    core = sgd_momentum(schedule, momentum=float(opt.momentum),
                         weight_decay=opt.weight_decay)
   else:
     raise ValueError(f"config.optimizer.name={opt.name!r} is not allowed; choose one of "

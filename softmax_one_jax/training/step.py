@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from softmax_one_jax.data import BATCH_KEYS
 from softmax_one_jax.models.loss import linear_cross_entropy
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.training.state import TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 
 def _loss_sums(params: nnx.State, batch: Batch, graphdef: Any, rest: Any

@@ -7,6 +7,7 @@ from flax import nnx
 
 from softmax_one_jax.analysis import extreme_tokens as E
 from softmax_one_jax.analysis import outliers as O
+from softmax_one_jax.analysis import sums as S
 from softmax_one_jax.analysis.layout import counted_queries
 
 
@@ -132,7 +133,7 @@ def test_first_token_argmax_share_counts_every_document():
   flags = jnp.array([True, True, False, True, True, True]).reshape(1, 1, 1, 6)
   seg = jnp.array([[1, 1, 1, 2, 2, 0]])
   assert float(E.first_token_argmax_share(flags, seg)) == pytest.approx(2 / 3)
-  sums = O.first_token_sums_from_flags(flags, jnp.zeros((1, 1, 1, 6)), seg)
+  sums = S.first_token_sums_from_flags(flags, jnp.zeros((1, 1, 1, 6)), seg)
   assert O.finalize(sums).scalars["first_token_attention"] == pytest.approx(2 / 3)
 
 
@@ -163,7 +164,7 @@ def test_outlier_metrics_takes_the_first_token_share_from_logits():
   # The probabilities alone would say 1.0 (all-zero rows: argmax names key 0); the "probs"
   # source takes the hits from the logit-decided flags as well.
   probs = _UnderflowModel()(tokens, intermediates=("attention_probs",))[1]["attention_probs"]
-  assert O.finalize(O.first_token_sums_from_probs(probs)).scalars["first_token_attention"] == 1.0
+  assert O.finalize(S.first_token_sums_from_probs(probs)).scalars["first_token_attention"] == 1.0
   via_probs = O.finalize(O.evaluate_sums(_UnderflowModel(), {"inputs": tokens[None]}))
   assert via_probs.scalars["first_token_attention"] == 0.5
   m = O.outlier_metrics(_UnderflowModel(), tokens)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from softmax_one_jax.analysis import cli, outliers, report, seeds
+from softmax_one_jax.analysis import analyze, cli, compare, outliers, report, seeds
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def test_parse_and_default_heads():
     cli.parse_heads("0-1")
   share = np.array([[0.1, 0.9, 0.2], [0.5, 0.1, 0.0], [0.0, 0.0, 0.7], [0.3, 0.2, 0.1],
                     [0.0, 1.0, 0.0]])
-  assert cli.default_heads(share, max_maps=3) == [(0, 1), (2, 2), (4, 1)]
+  assert analyze.default_heads(share, max_maps=3) == [(0, 1), (2, 2), (4, 1)]
 
 
 def _fake_analysis(root: pathlib.Path, name: str, softmax: str, optimizer: str, seed: int,
@@ -81,9 +81,9 @@ def _fake_analysis(root: pathlib.Path, name: str, softmax: str, optimizer: str, 
           "nll": 20.0, "nll_weight": 10.0}
   rep = outliers.finalize(sums)
   maps = [("layer 0 head 0", np.tril(np.ones((6, 6))) / np.arange(1, 7)[:, None])]
-  paths = cli.write_outputs(root / "analysis", name, rep.scalars, rep, maps,
-                            {"softmax": softmax, "optimizer": optimizer,
-                             **({} if config is None else {"config": config})})
+  paths = analyze.write_outputs(root / "analysis", name, rep.scalars, rep, maps,
+                                {"softmax": softmax, "optimizer": optimizer,
+                                 **({} if config is None else {"config": config})})
   return rep, paths
 
 
@@ -92,7 +92,7 @@ def test_grid_order_rows_softmax_softmax1_learned_sink():
                             ["run"])
             for soft in ("learned_sink", "other", "softmax1", "softmax")
             for opt in ("orthoadam", "adamw")]
-  assert [g.label for g in cli._grid_order(groups)] == [  # pylint: disable=protected-access
+  assert [g.label for g in compare._grid_order(groups)] == [  # pylint: disable=protected-access
       "softmax + adamw", "softmax + orthoadam", "softmax1 + adamw", "softmax1 + orthoadam",
       "learned_sink + adamw", "learned_sink + orthoadam", "other + adamw", "other + orthoadam"]
 

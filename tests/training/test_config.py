@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments.configs import gpt2, llama2, tiny
+from softmax_one_jax.models import config as model_config
 from softmax_one_jax.training.config import ALLOWED_VALUES, validate_config
 from tests.training._micro import REPO, cpu_env
 
@@ -39,6 +40,26 @@ def test_each_enumerated_field_names_itself_and_the_allowed_values(path):
       assert repr(allowed) in msg
 
 
+# The model's enumerated fields, checked by TransformerConfig, its messages in the run's terms.
+MODEL_ENUMS = {"softmax": model_config.SOFTMAXES, "norm": model_config.NORMS,
+               "position": model_config.POSITIONS, "mlp": model_config.MLPS,
+               "dtype": model_config.DTYPES, "param_dtype": model_config.DTYPES,
+               "attention_impl": model_config.ATTENTION_IMPLS}
+
+
+@pytest.mark.parametrize("field", sorted(MODEL_ENUMS))
+def test_each_enumerated_model_field_names_itself_and_the_allowed_values(field):
+  c = tiny.get_config()
+  _set(c, f"model.{field}", "no-such-value")
+  with pytest.raises(ValueError) as e:
+    validate_config(c)
+  msg = str(e.value)
+  assert f"config.model.{field}='no-such-value' is not allowed" in msg
+  for allowed in MODEL_ENUMS[field]:
+    if allowed is not None:
+      assert repr(allowed) in msg
+
+
 @pytest.mark.parametrize("path,value,fragment", [
     ("num_train_steps", 0, "config.num_train_steps=0 must be a positive integer"),
     ("optimizer.learning_rate", -1.0, "config.optimizer.learning_rate=-1.0 must be a number > 0"),
@@ -46,6 +67,9 @@ def test_each_enumerated_field_names_itself_and_the_allowed_values(path):
     ("grad_accum_steps", 3, "not a multiple of config.grad_accum_steps=3"),
     ("seq_len", 4096, "exceeds config.model.max_seq_len"),
     ("model.num_heads", 3, "not a multiple of config.model.num_heads=3"),
+    ("model.num_layers", 0, "config.model.num_layers=0 must be a positive integer"),
+    ("model.num_kv_heads", 3, "config.model.num_heads=4 is not a multiple of "
+     "config.model.num_kv_heads=3"),
     ("data_shards", 3, "config.global_batch_size=16 is not a multiple of config.data_shards=3"),
 ])
 def test_numeric_and_consistency_errors(path, value, fragment):
@@ -114,5 +138,5 @@ def test_cli_rejects_an_invalid_value_before_compiling(tmp_path: pathlib.Path):
          f"--workdir={tmp_path}", "--config.model.softmax=softmax2"]
   r = subprocess.run(cmd, env=cpu_env(1), capture_output=True, text=True, timeout=120)
   assert r.returncode != 0
-  assert "config.model.softmax='softmax2' is not allowed; choose one of" in r.stderr
+  assert "config.model.softmax='softmax2' is not allowed; expected one of" in r.stderr
   assert not (tmp_path / "checkpoints").exists()
