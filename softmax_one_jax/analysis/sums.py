@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from softmax_one_jax.analysis.layout import counted_queries, document_layout, first_token_probs
+from softmax_one_jax.attention.stats import first_token_prob
 from softmax_one_jax.models.loss import weighted_cross_entropy
 
 Sums = dict[str, jax.Array]
@@ -98,8 +99,7 @@ def first_token_sums_from_stats(
   first = first_logit_lbnt.astype(jnp.float32)
   seen = ~jnp.isneginf(first)
   hit_lbnt = seen & (first >= row_max_lbnt.astype(jnp.float32))
-  log_mass = jnp.where(seen, first - lse_lbnt.astype(jnp.float32), 0.0)
-  mass_lbnt = jnp.where(seen, jnp.exp(log_mass), 0.0)
+  mass_lbnt = first_token_prob(first, lse_lbnt)
   return first_token_sums_from_flags(hit_lbnt, mass_lbnt, segment_ids_bt)
 
 

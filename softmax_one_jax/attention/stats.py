@@ -254,6 +254,28 @@ def attention_stats(
   return lse, row_max, jnp.where(hit, first, below)
 
 
+
+def first_token_prob(first_logit: jax.Array, lse: jax.Array) -> jax.Array:
+  """Attention probability on the first visible key: ``exp(first_logit - lse)``, in [0, 1].
+
+  Args:
+    first_logit: ``[..., T]`` the first visible key's logit per query; ``-inf`` where the query
+      sees no key.
+    lse: ``[..., T]`` the row's log-normaliser (including the null key of softmax-1 / sinks).
+
+  Returns:
+    float32 ``[..., T]``: 0 where no key is visible. ``first_logit <= lse`` exactly; in float32
+    the two roundings may put it a hair above, so the result is clipped at 1.
+
+  Example:
+    >>> first_token_prob(jnp.array([0.0, -jnp.inf]), jnp.log(jnp.array([4.0, 1.0]))).tolist()
+    [0.25, 0.0]
+  """
+  first = first_logit.astype(jnp.float32)
+  seen = ~jnp.isneginf(first)
+  log_p = jnp.minimum(jnp.where(seen, first - lse.astype(jnp.float32), 0.0), 0.0)
+  return jnp.where(seen, jnp.exp(log_p), 0.0)
+
 def first_token_stats(
     query: jax.Array,
     key: jax.Array,
@@ -295,13 +317,7 @@ def first_token_stats(
       query, key, softmax=softmax, is_causal=is_causal, segment_ids=segment_ids, mask=mask,
       scale=scale, implementation=implementation, interpret=interpret, sharding=sharding,
       sinks=sinks)
-  seen = ~jnp.isneginf(first)
-  out = {
-      # first <= lse exactly; in float32 the two roundings may put it a hair above: p <= 1.
-      "prob_first": jnp.where(seen, jnp.exp(jnp.minimum(jnp.where(seen, first - lse, 0.0), 0.0)),
-                              0.0),
-      "argmax_first": hit,
-  }
+  out = {"prob_first": first_token_prob(first, lse), "argmax_first": hit}
   sinks_n = resolve_sinks(softmax, sinks, (query.shape[2],))
   if sinks_n is not None:  # the null key's logit minus the log-normaliser (which includes it)
     sinks_n = jax.lax.stop_gradient(sinks_n).astype(lse.dtype)

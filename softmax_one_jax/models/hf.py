@@ -317,13 +317,8 @@ def _check_all_used(take: _Taker) -> None:
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
-  names = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        names.append(str(getattr(k, attr)))
-        break
-  return ".".join(n for n in names if n != "value")
+  """A parameter's dotted name (``blocks.0.attn.qkv.kernel``), the keys of ``params``."""
+  return jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
 
 
 def assign_params(model: nnx.Module, params: Mapping[str, np.ndarray], dtype: Any) -> None:
