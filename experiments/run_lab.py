@@ -343,11 +343,12 @@ def attention_and_norms(run: pathlib.Path, trigger_ids: Sequence[int]) -> dict[s
   """
   from softmax_one_jax.data import get_tokenizer  # pylint: disable=import-outside-toplevel
   from softmax_one_jax.data.pipeline import validation_batches  # pylint: disable=import-outside-toplevel
+  from softmax_one_jax.models import with_intermediates  # pylint: disable=import-outside-toplevel
   model, config = _load(run)
   tokenizer = get_tokenizer(config.data)
   batch = validation_batches(config.data, tokenizer, config.seq_len, config.eval_batch_size, 1)[0]
   tokens = jax.numpy.asarray(batch["inputs"])
-  _, inter = model(tokens, intermediates=("hidden", "attention_probs"))
+  _, inter = with_intermediates(model, tokens, ["hidden", "attention_probs"])
   probs = np.asarray(inter["attention_probs"][:, 0, 0])                  # [L, T, T]
   norms = np.linalg.norm(np.asarray(inter["hidden"]), axis=-1).mean(1)   # [L, T]
   return {"probs": probs.tolist(), "tokens": batch["inputs"][0].tolist(),

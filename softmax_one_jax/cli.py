@@ -204,10 +204,11 @@ def _train() -> int:
 
 def _eval() -> int:
   from softmax_one_jax import analysis  # pylint: disable=import-outside-toplevel
-  from softmax_one_jax.training import loop  # pylint: disable=import-outside-toplevel
+  from softmax_one_jax.training import evaluation  # pylint: disable=import-outside-toplevel
   _init_distributed()
-  loop.evaluate(_need_workdir("eval"), step=_STEP.value, eval_batches=_EVAL_BATCHES.value,
-                outlier_metrics=analysis.outlier_metrics, report=analysis.print_metrics_table)
+  evaluation.evaluate(_need_workdir("eval"), step=_STEP.value, eval_batches=_EVAL_BATCHES.value,
+                      outlier_metrics=analysis.outlier_metrics,
+                      report=analysis.print_metrics_table)
   return 0
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 
 from softmax_one_jax.analysis import layout, outliers, quantize, report
 from softmax_one_jax.errors import ConfigError
+from softmax_one_jax.models.intermediates import with_intermediates
 
 FIGURES = ("attention_maps.png", "first_token_per_layer.png", "kurtosis_per_layer.png",
            "max_abs_per_layer.png", "max_abs_channels.png")
@@ -104,8 +105,8 @@ def attention_maps(
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _attention_probs(graphdef, state, row):
   model = nnx.merge(graphdef, state)
-  _, inter = model(row["inputs"], segment_ids=row.get("segment_ids"),
-                   positions=row.get("positions"), intermediates=("attention_probs",))
+  _, inter = with_intermediates(model, row["inputs"], ["attention_probs"],
+                                segment_ids=row.get("segment_ids"), positions=row.get("positions"))
   return inter["attention_probs"]
 
 

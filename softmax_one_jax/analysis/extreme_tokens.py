@@ -42,7 +42,7 @@ from flax import nnx
 
 from softmax_one_jax.analysis.layout import (attention_intermediates, counted_queries,
                                              document_layout, first_token_probs)
-from softmax_one_jax.models.transformer import positions_from_segments
+from softmax_one_jax.models.intermediates import with_intermediates
 
 SINK_EPSILON = 0.3
 
@@ -223,45 +223,6 @@ def residual_peak_ratio(hidden_lbtd: jax.Array, segment_ids_bt: jax.Array | None
   return first_l / jnp.nanmedian(rest_lbt.reshape(rest_lbt.shape[0], -1), axis=-1)
 
 
-def value_states(
-    model: nnx.Module,
-    tokens_bt: jax.Array,
-    hidden_lbtd: jax.Array,
-    segment_ids: jax.Array | None = None,
-    positions: jax.Array | None = None,
-) -> jax.Array:
-  """Every layer's value states, recomputed from the block inputs: ``v_proj(attn_norm(x))``.
-
-  The input of block ``l`` is the output of block ``l - 1`` (the ``hidden`` intermediate), and
-  the token (plus position) embedding for block 0. Rotary embeddings touch queries and keys
-  only, so these are the values attention mixes.
-
-  Args:
-    model: a ``softmax_one_jax.models.Transformer``.
-    tokens_bt: ``[B, T]`` int tokens.
-    hidden_lbtd: ``[L, B, T, D]`` block outputs of the same call.
-    segment_ids: optional ``[B, T]``; positions restart in each document when ``positions`` is
-      None, as in the model.
-    positions: optional ``[B, T]``.
-
-  Returns:
-    ``[L, B, T, K * H]`` float32.
-
-  Example:
-    >>> _, inter = model(tokens_bt, intermediates=("hidden",))       # doctest: +SKIP
-    >>> value_states(model, tokens_bt, inter["hidden"]).shape        # doctest: +SKIP
-  """
-  if positions is None:
-    positions = (positions_from_segments(segment_ids) if segment_ids is not None else
-                 jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape))
-  dtype = jnp.dtype(model.config.dtype)
-  # The embedding is the model's own (private) step; a public hook would be "block_inputs".
-  x0_btd = model._embed(tokens_bt, positions)  # pylint: disable=protected-access
-  inputs = [x0_btd] + [hidden_lbtd[i].astype(dtype) for i in range(hidden_lbtd.shape[0] - 1)]
-  return jnp.stack([block.attn.v_proj(block.attn_norm(x_btd)).astype(jnp.float32)
-                    for block, x_btd in zip(model.blocks, inputs)])
-
-
 def extreme_token_arrays(
     model: nnx.Module,
     tokens_bt: jax.Array,
@@ -277,8 +238,9 @@ def extreme_token_arrays(
   Returns:
     Scalars and ``[L]`` arrays (keys ending in ``_per_layer``).
   """
-  wanted = attention_intermediates(attention)
-  _, inter = model(tokens_bt, segment_ids=segment_ids, positions=positions, intermediates=wanted)
+  wanted = attention_intermediates(attention) + ("values",)
+  _, inter = with_intermediates(model, tokens_bt, wanted, segment_ids=segment_ids,
+                                positions=positions)
   hidden = inter["hidden"]
   out: dict[str, jax.Array] = {}
   if attention != "none":
@@ -292,9 +254,7 @@ def extreme_token_arrays(
     out["first_token_attention"] = first_token_argmax_share(st["argmax_first"], segment_ids)
     if "null_mass" in st:
       out["null_mass"] = null_mass(st["null_mass"], counted_bt)
-  if hasattr(model, "blocks") and hasattr(model, "_embed"):
-    values = value_states(model, tokens_bt, hidden, segment_ids, positions)
-    out["value_drain_ratio_per_layer"] = value_drain_ratio(values, segment_ids)
+  out["value_drain_ratio_per_layer"] = value_drain_ratio(inter["values"], segment_ids)
   out["residual_peak_ratio_per_layer"] = residual_peak_ratio(hidden, segment_ids)
   for key in [k for k in out if k.endswith("_per_layer")]:
     out[key[:-len("_per_layer")]] = jnp.mean(out[key])

@@ -23,7 +23,7 @@ ATTENTION_SOURCES = ("probs", "stats", "none")
 
 
 def attention_intermediates(attention: str) -> tuple[str, ...]:
-  """The model intermediates a metric source needs (``Transformer.__call__(intermediates=...)``).
+  """The model intermediates a metric source needs (``models.intermediates.with_intermediates``).
 
   The probabilities source also takes ``attention_stats``: probabilities cannot break ties, so
   every query's hit comes from its logit-decided flag.

@@ -60,6 +60,7 @@ from softmax_one_jax.analysis.sums import (Sums, combine_sums, first_token_sums_
                                            first_token_sums_from_probs, hidden_state_sums,
                                            nll_sums, token_kurtosis)
 from softmax_one_jax.data import BATCH_KEYS
+from softmax_one_jax.models.intermediates import with_intermediates
 
 # The kurtosis this module's docstring defines, importable from here too.
 __all__ = ["OutlierReport", "evaluate_sums", "finalize", "model_batch_sums", "outlier_metrics",
@@ -76,7 +77,8 @@ def model_batch_sums(
   """All sums for one batch: one forward pass with the intermediates the metrics need.
 
   Args:
-    model: a ``softmax_one_jax.models.Transformer`` (or anything with its call signature).
+    model: a ``softmax_one_jax.models.Transformer`` (or a model whose layers sow the same
+      intermediates; see ``models.intermediates``).
     batch: ``inputs`` ``[B, T]``; optional ``targets``, ``weights``, ``segment_ids``, ``positions``
       (``[B, T]``, as ``softmax_one_jax.data`` yields them). Without ``targets`` no perplexity.
     outliers: also compute the hidden-state and attention metrics (else logits only).
@@ -96,7 +98,7 @@ def model_batch_sums(
   kwargs = {"segment_ids": seg_bt, "positions": batch.get("positions")}
   sums: Sums = {}
   if outliers:
-    logits_btv, inter = model(tokens_bt, intermediates=wanted, **kwargs)
+    logits_btv, inter = with_intermediates(model, tokens_bt, wanted, **kwargs)
     sums.update(hidden_state_sums(inter["hidden"], seg_bt))
     if attention == "probs":
       sums.update(first_token_sums_from_probs(inter["attention_probs"], seg_bt,

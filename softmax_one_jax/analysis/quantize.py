@@ -4,9 +4,9 @@ Fake-quant = quantise then dequantise, in float32: the model runs unchanged on v
 exactly on the quantisation grid, so perplexity measures the quantisation error alone.
 
 What is quantised is one rule for every model family (``COVERAGE_RULE``): every matrix that
-multiplies activations. That is every linear layer (``q/k/v/o_proj``, ``up/gate/down_proj``) and
-the output head, whether it is its own ``lm_head`` (Llama-2) or the token embedding read as
-``x @ E.T`` (tied, GPT-2); under an activation scheme the input of each of them, the head's
+multiplies activations. That is every linear layer (``qkv_proj``, ``o_proj``,
+``up/gate/down_proj``) and the output head, whether it is its own ``lm_head`` (Llama-2) or the
+token embedding read as ``x @ E.T`` (tied, GPT-2); under an activation scheme the input of each of them, the head's
 included, is quantised too. The token-embedding lookup (a gather, no multiply) is quantised only
 with ``include_embeddings`` (scheme suffix ``+emb``). Position embeddings, norms, biases and sink
 logits stay float. ``quantized_tensors`` lists what a scheme covers in a given model.
@@ -37,14 +37,17 @@ from softmax_one_jax.analysis.quant_schemes import (ACT_GRANULARITIES, ACT_SCALE
                                                     check_act_granularity, fake_quant_absmax,
                                                     fake_quant_activation, fake_quant_asymmetric,
                                                     resolve_schemes)
+from softmax_one_jax.models.layers import fuse_qkv, split_qkv
 
-LINEAR_NAMES = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj", "lm_head")
+LINEAR_NAMES = ("qkv_proj", "o_proj", "up_proj", "gate_proj", "down_proj", "lm_head")
 EMBEDDING_NAMES = ("embed",)
 # What each quantised tensor is, in names shared by every family (gate and up both read the
-# block's normalised input, so both are "mlp.in").
-ROLES = {"q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v", "o_proj": "attn.o",
-         "up_proj": "mlp.in", "gate_proj": "mlp.in", "down_proj": "mlp.out", "lm_head": "head"}
+# block's normalised input, so both are "mlp.in"; q, k and v read one input, "attn.qkv").
+ROLES = {"qkv_proj": "attn.qkv", "o_proj": "attn.o", "up_proj": "mlp.in", "gate_proj": "mlp.in",
+         "down_proj": "mlp.out", "lm_head": "head"}
+# The fused q/k/v kernel is quantised as the three matrices it holds, each with its own scales,
+# exactly as separate q, k and v projections would be.
+QKV_WEIGHT_ROLES = ("attn.q", "attn.k", "attn.v")
 
 COVERAGE_RULE = (
     "Quantised in every model family: the weights of every matrix that multiplies activations "
@@ -58,7 +61,8 @@ COVERAGE_RULE = (
 # The schemes are re-exported: ``quantize.SCHEMES`` and friends are the public spelling.
 __all__ = [
     "ACT_GRANULARITIES", "ACT_SCALE_RULE", "COVERAGE_RULE", "DEFAULT_SCHEMES", "EMBEDDING_NAMES",
-    "EMBEDDING_SUFFIX", "LINEAR_NAMES", "ROLES", "SCHEMES", "WEIGHT_GRANULARITIES",
+    "EMBEDDING_SUFFIX", "LINEAR_NAMES", "QKV_WEIGHT_ROLES", "ROLES", "SCHEMES",
+    "WEIGHT_GRANULARITIES",
     "ActQuantLinear", "QuantScheme", "QuantTarget", "TiedHead", "absmax_quantize",
     "asymmetric_quantize", "fake_quant_absmax", "fake_quant_activation", "fake_quant_asymmetric",
     "quantize_model", "quantize_params", "quantized_param_names", "quantized_tensors",
@@ -71,7 +75,7 @@ __all__ = [
 
 
 def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-  """``('blocks', '0', 'attn', 'q_proj', 'kernel')`` for a key path (nnx's ``.value`` dropped)."""
+  """``('blocks', '0', 'attn', 'qkv_proj', 'kernel')`` for a key path (nnx's ``.value`` dropped)."""
   name = jax.tree_util.keystr(tuple(path), simple=True, separator=".")
   return tuple(name.removesuffix(".value").split("."))
 
@@ -86,7 +90,7 @@ def quantized_param_names(state: Any, scheme: QuantScheme) -> list[str]:
   Example:
     >>> params = nnx.state(model, nnx.Param)                                # doctest: +SKIP
     >>> quantized_param_names(params, SCHEMES["w8_tensor"])[:1]             # doctest: +SKIP
-    ['blocks.0.attn.q_proj.kernel']
+    ['blocks.0.attn.qkv_proj.kernel']
   """
   names: list[str] = []
   for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]:
@@ -110,7 +114,8 @@ def quantize_params(state: Any, scheme: QuantScheme) -> Any:
   (one token = one output channel) for "per_channel", in groups along ``D`` for "group".
 
   Args:
-    state: parameters, e.g. ``nnx.state(model, nnx.Param)``; leaves are ``[in, out]`` kernels.
+    state: parameters, e.g. ``nnx.state(model, nnx.Param)``; leaves are ``[in, out]`` kernels
+      (``qkv_proj``'s ``[D, K, G + 2, H]`` is quantised as its q, k and v matrices).
     scheme: the weight scheme.
 
   Returns:
@@ -128,6 +133,9 @@ def quantize_params(state: Any, scheme: QuantScheme) -> Any:
     w = jnp.asarray(leaf)
     if p[-1] == "embedding":
       return scheme.quantize_weight(w.T).T
+    if p[-2] == "qkv_proj":
+      parts = [scheme.quantize_weight(part) for part in split_qkv(w)]
+      return fuse_qkv(*parts, num_kv_heads=w.shape[1])
     return scheme.quantize_weight(w)
 
   return jax.tree_util.tree_map_with_path(one, state)
@@ -247,7 +255,7 @@ def with_activation_quant(model: nnx.Module, granularity: str) -> nnx.Module:
   head's input; the lookup stays as it is. The original model is not modified.
 
   Args:
-    model: an NNX model whose linear layers are called as sub-modules (``self.q_proj(x)``).
+    model: an NNX model whose linear layers are called as sub-modules (``self.o_proj(x)``).
     granularity: "per_sequence" or "per_token".
 
   Returns:
@@ -299,11 +307,12 @@ class QuantTarget(NamedTuple):
   """One tensor a scheme quantises.
 
   Attributes:
-    path: dotted path of the module that holds it (``blocks.0.attn.q_proj``, ``lm_head``,
+    path: dotted path of the module that holds it (``blocks.0.attn.qkv_proj``, ``lm_head``,
       ``embed``).
-    role: the same names in every family: "attn.q", "attn.k", "attn.v", "attn.o", "mlp.in"
-      (up and gate), "mlp.out" (down), "head" (``lm_head`` or the tied embedding read as a
-      head), "embedding" (the lookup table).
+    role: the same names in every family: "attn.q", "attn.k", "attn.v" (the weights in
+      ``qkv_proj``), "attn.qkv" (their shared input), "attn.o", "mlp.in" (up and gate),
+      "mlp.out" (down), "head" (``lm_head`` or the tied embedding read as a head), "embedding"
+      (the lookup table).
     kind: "weight" or "input" (the activation the weight multiplies).
   """
 
@@ -335,7 +344,10 @@ def quantized_tensors(model: nnx.Module, scheme: QuantScheme) -> list[QuantTarge
     return ".".join([str(p) for p in path] + [name])
 
   for path, _, name, _ in _linear_children(model):
-    out += [QuantTarget(dotted(path, name), ROLES[name], kind) for kind in kinds]
+    weight_roles = QKV_WEIGHT_ROLES if name == "qkv_proj" else (ROLES[name],)
+    out += [QuantTarget(dotted(path, name), role, "weight") for role in weight_roles]
+    if scheme.act is not None:
+      out.append(QuantTarget(dotted(path, name), ROLES[name], "input"))
   for path, _, name, _ in _tied_heads(model):
     out += [QuantTarget(dotted(path, name), "head", kind) for kind in kinds]
   if scheme.include_embeddings:

@@ -110,10 +110,7 @@ def format_metrics_table(runs: Mapping[str, Mapping[str, Value]]) -> str:
             f"int4 PPL ({SCHEME_LABELS[HEADLINE_INT4]})"]
   rows = []
   for name, m in runs.items():
-    quant = []
-    for scheme in (HEADLINE_INT8, HEADLINE_INT4):
-      ppl = m.get(f"ppl_{scheme}")
-      quant.append(_ppl_cell(m, scheme))
+    quant = [_ppl_cell(m, scheme) for scheme in (HEADLINE_INT8, HEADLINE_INT4)]
     rows.append([
         name, str(_count(m)), _fmt(m.get("perplexity")),
         _fmt(m.get("first_token_attention"), "pct"), _fmt(m.get("first_token_prob"), "pct"),

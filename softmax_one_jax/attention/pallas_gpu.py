@@ -21,6 +21,11 @@ Memory is linear in sequence length: per (batch, head, query block) program the 
 ``[block_q, head_dim]`` accumulator and two ``[block_q]`` vectors; no ``[T, S]`` buffer exists in
 the forward or backward pass. The residuals are ``O`` and ``lse`` (``[B, N, T]``).
 
+The file holds one concept at about 580 lines: the forward kernel, the two backward kernels (dq;
+dk and dv) and the ``custom_vjp`` that joins them share one block layout, one masking rule and
+the running-state convention above, and read as a unit against the reference in
+``attention/reference.py``.
+
 Example:
   >>> q = k = v = jnp.ones((1, 16, 2, 64))
   >>> flash_attention(q, k, v, is_causal=True, interpret=True).shape

@@ -9,6 +9,7 @@ Example:
 from softmax_one_jax.models.config import PRESET_NAMES, TransformerConfig, preset
 from softmax_one_jax.models.generate import generate
 from softmax_one_jax.models.hf import load_hf
+from softmax_one_jax.models.intermediates import INTERMEDIATES, SowConfig, with_intermediates
 from softmax_one_jax.models.loss import weighted_cross_entropy
 from softmax_one_jax.models.transformer import (
     KVCache,
@@ -18,8 +19,10 @@ from softmax_one_jax.models.transformer import (
 )
 
 __all__ = [
+    "INTERMEDIATES",
     "KVCache",
     "PRESET_NAMES",
+    "SowConfig",
     "Transformer",
     "TransformerConfig",
     "count_params",
@@ -28,4 +31,5 @@ __all__ = [
     "positions_from_segments",
     "preset",
     "weighted_cross_entropy",
+    "with_intermediates",
 ]

@@ -75,13 +75,13 @@ def _generate(graphdef, state, prompt_bp, rng, max_new_tokens, temperature, top_
   model = nnx.merge(graphdef, state)
   b, p = prompt_bp.shape
   cache = model.init_cache(b, p + max_new_tokens)
-  logits_bpv, cache = model.extend(prompt_bp, cache)
+  logits_bpv, cache = model(prompt_bp, cache=cache)
   rngs = jax.random.split(rng, max_new_tokens)
   first_b = sample_logits(logits_bpv[:, -1], rngs[0], temperature, top_k)
 
   def step(carry, step_rng):
     token_b, cache = carry
-    logits_b1v, cache = model.extend(token_b[:, None], cache)
+    logits_b1v, cache = model(token_b[:, None], cache=cache)
     return (sample_logits(logits_b1v[:, 0], step_rng, temperature, top_k), cache), token_b
 
   (last_b, _), tokens_nb = jax.lax.scan(step, (first_b, cache), rngs[1:])

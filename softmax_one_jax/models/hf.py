@@ -8,12 +8,14 @@ Mapping (our parameter paths on the left):
 
 * GPT-2: ``wte``/``wpe`` -> ``embed``/``pos_embed``; ``ln_1``/``ln_2``/``ln_f`` ->
   ``attn_norm``/``mlp_norm``/``final_norm``; ``attn.c_attn`` (Conv1D ``[D, 3D]``, already
-  ``[in, out]``) is split into ``q/k/v_proj``; ``attn.c_proj`` -> ``o_proj``; ``mlp.c_fc`` ->
-  ``up_proj``; ``mlp.c_proj`` -> ``down_proj``. GELU is the tanh approximation ("gelu_new").
-* Llama: ``torch.nn.Linear`` weights ``[out, in]`` are transposed to ``[in, out]`` kernels;
+  ``[in, out]``) -> ``qkv_proj`` (regrouped by ``layers.fuse_qkv``); ``attn.c_proj`` ->
+  ``o_proj``; ``mlp.c_fc`` -> ``up_proj``; ``mlp.c_proj`` -> ``down_proj``. GELU is the tanh
+  approximation ("gelu_new").
+* Llama: ``torch.nn.Linear`` weights ``[out, in]`` are transposed to ``[in, out]`` kernels, and
+  ``self_attn.q/k/v_proj`` fused into ``qkv_proj`` (``layers.fuse_qkv``);
   ``input_layernorm``/``post_attention_layernorm``/``norm`` -> ``attn_norm``/``mlp_norm``/
   ``final_norm`` (RMSNorm with per-channel weight); RoPE uses HF's half-split (rotate_half)
-  convention, as ours does, so ``q_proj``/``k_proj`` need no permutation.
+  convention, as ours does, so queries and keys need no permutation.
 
 The norm is the checkpoint's ("layernorm" for GPT-2, "rmsnorm" for Llama): a ``norm`` override
 that differs, such as a scalar-gain norm, is refused, since the checkpoint's per-channel gains
@@ -43,6 +45,7 @@ from flax import nnx
 
 from softmax_one_jax.errors import DataError, MissingFileError
 from softmax_one_jax.models.config import TransformerConfig
+from softmax_one_jax.models.layers import fuse_qkv
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -251,14 +254,12 @@ def convert_gpt2(
 ) -> dict[str, np.ndarray]:
   """Our dotted parameter paths -> float32 arrays, from GPT-2 tensors (Conv1D ``[in, out]``)."""
   take = _Taker(_strip(tensors, ("transformer.",)))
-  d = cfg.d_model
   out = {"embed.embedding": take("wte.weight"), "pos_embed.embedding": take("wpe.weight")}
   for i in range(cfg.num_layers):
     h, b = f"h.{i}.", f"blocks.{i}."
     qkv_w, qkv_b = take(h + "attn.c_attn.weight"), take(h + "attn.c_attn.bias")
-    for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-      out[b + f"attn.{name}.kernel"] = qkv_w[:, j * d:(j + 1) * d]
-      out[b + f"attn.{name}.bias"] = qkv_b[j * d:(j + 1) * d]
+    out[b + "attn.qkv_proj.kernel"] = fuse_qkv(*np.split(qkv_w, 3, axis=1), cfg.num_kv_heads)
+    out[b + "attn.qkv_proj.bias"] = fuse_qkv(*np.split(qkv_b, 3), cfg.num_kv_heads)
     pairs = {"attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
     for ours, theirs in pairs.items():
       out[b + ours + ".kernel"] = take(h + theirs + ".weight")
@@ -282,10 +283,13 @@ def convert_llama(
   out = {"embed.embedding": take(m + "embed_tokens.weight")}
   for i in range(cfg.num_layers):
     h, b = f"{m}layers.{i}.", f"blocks.{i}."
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      out[b + f"attn.{name}.kernel"] = take(h + f"self_attn.{name}.weight").T
-      if cfg.use_bias:
-        out[b + f"attn.{name}.bias"] = take(h + f"self_attn.{name}.bias")
+    qkv = [take(h + f"self_attn.{name}_proj.weight").T for name in "qkv"]
+    out[b + "attn.qkv_proj.kernel"] = fuse_qkv(*qkv, cfg.num_kv_heads)
+    out[b + "attn.o_proj.kernel"] = take(h + "self_attn.o_proj.weight").T
+    if cfg.use_bias:
+      qkv_bias = [take(h + f"self_attn.{name}_proj.bias") for name in "qkv"]
+      out[b + "attn.qkv_proj.bias"] = fuse_qkv(*qkv_bias, cfg.num_kv_heads)
+      out[b + "attn.o_proj.bias"] = take(h + "self_attn.o_proj.bias")
     for name in ("gate_proj", "up_proj", "down_proj"):
       out[b + f"mlp.{name}.kernel"] = take(h + f"mlp.{name}.weight").T
       if cfg.use_bias:

@@ -9,15 +9,17 @@ rules table. Names use shape suffixes: ``b`` batch, ``t`` query positions, ``s``
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from softmax_one_jax.attention import (AttentionSharding, dot_product_attention,
                                        first_token_stats, reference_attention)
 from softmax_one_jax.models.config import TransformerConfig
+from softmax_one_jax.models.intermediates import SowConfig
 from softmax_one_jax.sharding import constrain, spec_in_context
 
 # Logical names of activations (see softmax_one_jax.sharding): the batch is split over the data
@@ -225,24 +227,77 @@ def _residual_std(config: TransformerConfig) -> float:
   return config.init_std / math.sqrt(2 * config.num_layers)
 
 
-def _stacked_linear(layers: list[nnx.Linear], x_btd: jax.Array, config: TransformerConfig
-                    ) -> list[jax.Array]:
-  """``[layer(x) for layer in layers]`` (same shapes) as one matmul on the stacked kernels.
+QKV_NAMES: LogicalNames = ("embed", "kv_heads", None, None)
 
-  One ``[B*T, D] @ [D, S*F]`` matmul instead of ``S`` narrow ones (the q/k/v projections). The
-  kernels are stacked on a new middle axis, ``[D, S, F]``, so a sharded ``F`` axis stays local.
-  Layers that are not plain ``nnx.Linear`` (e.g. analysis wrappers that quantise activations)
-  are called one by one.
+
+class QKVProjection(nnx.Module):
+  """The query, key and value projections as one parameter, grouped by key/value head.
+
+  ``kernel`` is ``[D, K, G + 2, H]`` (logical names ``QKV_NAMES``): for key/value head ``k``, the
+  ``G = N / K`` query heads that read it, then its key, then its value. Query head ``n = k * G +
+  g`` reads key/value head ``k``, as in Hugging Face's Llama (``repeat_kv``). Sharding ``K``
+  keeps each group (its queries, key and value) on one device, for multi-head (``G = 1``) and
+  grouped-query attention alike. The call is one ``[B*T, D] @ [D, K * (G + 2) * H]`` matmul.
+  ``bias`` is ``[K, G + 2, H]`` when ``config.use_bias``.
+
+  Example:
+    >>> qkv = QKVProjection(preset("tiny"), rngs=nnx.Rngs(0))
+    >>> [y.shape for y in qkv(jnp.ones((2, 16, 128)))]      # q [B, T, N, H], k and v [B, T, K, H]
+    [(2, 16, 4, 32), (2, 16, 4, 32), (2, 16, 4, 32)]
   """
-  if any(type(layer) is not nnx.Linear for layer in layers):
-    return [layer(x_btd) for layer in layers]
-  dtype = jnp.dtype(config.dtype)
-  kernel_dsf = jnp.stack([layer.kernel.value for layer in layers], axis=1).astype(dtype)
-  y_btsf = jax.lax.dot_general(x_btd.astype(dtype), kernel_dsf,
-                               (((x_btd.ndim - 1,), (0,)), ((), ())))
-  if layers[0].bias is not None:
-    y_btsf = y_btsf + jnp.stack([layer.bias.value for layer in layers]).astype(dtype)
-  return [y_btsf[:, :, i] for i in range(len(layers))]
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    shape = (c.d_model, c.num_kv_heads, c.num_heads // c.num_kv_heads + 2, c.head_dim)
+    param_dtype = jnp.dtype(c.param_dtype)
+    init = logical(nnx.initializers.normal(c.init_std), QKV_NAMES)
+    self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
+    self.bias = (nnx.Param(logical(nnx.initializers.zeros_init(), QKV_NAMES[1:])(
+        rngs.params(), shape[1:], param_dtype)) if c.use_bias else None)
+    self.dtype = jnp.dtype(c.dtype)
+
+  def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(q [B, T, N, H], k [B, T, K, H], v [B, T, K, H])`` in the compute dtype."""
+    b, t, _ = x_btd.shape
+    d, k, s, h = self.kernel.shape
+    kernel = self.kernel[...].astype(self.dtype).reshape(d, k * s * h)
+    y_btksh = (x_btd.astype(self.dtype) @ kernel).reshape(b, t, k, s, h)
+    if self.bias is not None:
+      y_btksh = y_btksh + self.bias[...].astype(self.dtype)
+    q_btnh = y_btksh[:, :, :, :-2].reshape(b, t, k * (s - 2), h)
+    return q_btnh, y_btksh[:, :, :, -2], y_btksh[:, :, :, -1]
+
+
+def fuse_qkv(q: jax.Array, k: jax.Array, v: jax.Array, num_kv_heads: int) -> jax.Array:
+  """``QKVProjection``'s ``[D, K, G + 2, H]`` kernel from separate ``[D, N*H]``, ``[D, K*H]`` ones.
+
+  Biases fuse too: pass ``[N*H]``, ``[K*H]``, ``[K*H]`` and get ``[K, G + 2, H]``. Works on numpy
+  and jax arrays; ``split_qkv`` inverts it.
+
+  Example:
+    >>> fuse_qkv(np.ones((8, 16)), np.ones((8, 4)), np.ones((8, 4)), num_kv_heads=1).shape
+    (8, 1, 6, 4)
+  """
+  lead, kv_width = q.shape[:-1], k.shape[-1]
+  h = kv_width // num_kv_heads
+  q_kgh = q.reshape(*lead, num_kv_heads, -1, h)
+  parts = [q_kgh, k.reshape(*lead, num_kv_heads, 1, h), v.reshape(*lead, num_kv_heads, 1, h)]
+  xp = np if isinstance(q, np.ndarray) else jnp
+  return xp.concatenate(parts, axis=-2)
+
+
+def split_qkv(fused: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The ``[..., N*H]``, ``[..., K*H]``, ``[..., K*H]`` projections in a ``[..., K, G + 2, H]`` one.
+
+  Example:
+    >>> q, k, v = split_qkv(np.ones((8, 1, 6, 4)))
+    >>> q.shape, k.shape, v.shape
+    ((8, 16), (8, 4), (8, 4))
+  """
+  lead = fused.shape[:-3]
+  k, s, h = fused.shape[-3:]
+  return (fused[..., :-2, :].reshape(*lead, k * (s - 2) * h),
+          fused[..., -2, :].reshape(*lead, k * h), fused[..., -1, :].reshape(*lead, k * h))
 
 
 def attention_sharding(q_shape: tuple[int, ...], k_shape: tuple[int, ...]
@@ -264,40 +319,42 @@ def attention_sharding(q_shape: tuple[int, ...], k_shape: tuple[int, ...]
   return AttentionSharding(batch=q_axes[0], heads=q_axes[2] if q_axes[2] == k_axes[2] else None)
 
 
+class LayerCache(NamedTuple):
+  """One layer's slice of a ``KVCache``: keys and values ``[B, S_max, K, H]`` and the fill level."""
+
+  keys: jax.Array
+  values: jax.Array
+  end: jax.Array
+
+
 class Attention(nnx.Module):
   """Multi-head / grouped-query self-attention with softmax, softmax-1 or learned sinks.
 
   With ``softmax="learned_sink"`` the layer owns ``sink_logits`` ``[num_heads]`` (float32,
   logical axis "heads"), one null-key logit per query head, initialised to 0 so that training
-  starts exactly at softmax-1.
+  starts exactly at softmax-1. ``sow_config`` (off by default) names what the layer records as
+  ``nnx.Intermediate`` while it runs; see ``models.intermediates``.
   """
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
+    self.sow_config = SowConfig()
     self.sink_logits = (
         nnx.Param(jnp.zeros((c.num_heads,), jnp.float32), out_sharding=("heads",),
                   eager_sharding=False)
         if c.softmax == "learned_sink" else None)
-    self.q_proj = dense(c, c.d_model, c.num_heads * c.head_dim, ("embed", "heads"), rngs=rngs)
-    self.k_proj = dense(c, c.d_model, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), rngs=rngs)
-    self.v_proj = dense(c, c.d_model, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), rngs=rngs)
+    self.qkv_proj = QKVProjection(c, rngs=rngs)
     self.o_proj = dense(
         c, c.num_heads * c.head_dim, c.d_model, ("heads", "embed"), rngs=rngs, std=_residual_std(c)
     )
 
   def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
     c = self.config
-    b, t, _ = x_btd.shape
-    projections = [self.q_proj, self.k_proj, self.v_proj]
-    if c.num_kv_heads != c.num_heads:  # Grouped-query: q is wider than k and v.
-      q_btnh = self.q_proj(x_btd).reshape(b, t, c.num_heads, c.head_dim)
-      k_btkh, v_btkh = _stacked_linear(projections[1:], x_btd, c)
-    else:
-      q_btnh, k_btkh, v_btkh = _stacked_linear(projections, x_btd, c)
-    q_btnh = q_btnh.reshape(b, t, c.num_heads, c.head_dim)
-    k_btkh = k_btkh.reshape(b, t, c.num_kv_heads, c.head_dim)
-    v_btkh = v_btkh.reshape(b, t, c.num_kv_heads, c.head_dim)
+    q_btnh, k_btkh, v_btkh = self.qkv_proj(x_btd)
+    if self.sow_config.values:
+      values_btf = v_btkh.reshape(*v_btkh.shape[:2], -1).astype(jnp.float32)
+      self.sow(nnx.Intermediate, "values", values_btf)
     if c.position == "rope":
       cos, sin = rope_cos_sin(positions_bt, c.head_dim, c.rope_theta)
       q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
@@ -307,52 +364,28 @@ class Attention(nnx.Module):
     """The ``[N]`` sink logits for ``softmax="learned_sink"``, else None."""
     return None if self.sink_logits is None else self.sink_logits[...]
 
-  def _output(self, out_btnh: jax.Array) -> jax.Array:
-    b, t = out_btnh.shape[:2]
-    out_btnh = constrain(out_btnh, ACT_BTNH)
-    return constrain(self.o_proj(out_btnh.reshape(b, t, -1)), ACT_BTD)
-
-  def __call__(
-      self,
-      x_btd: jax.Array,
-      positions_bt: jax.Array,
-      segment_ids_bt: jax.Array | None = None,
-      analysis: frozenset[str] = frozenset(),
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Causal self-attention; returns ``(y [B, T, D], extras)``.
-
-    ``analysis`` may hold "attention_probs" (``extras["attention_probs"]``: ``[B, N, T, T]`` from
-    the reference path) and "attention_stats" (``extras["attention_stats"]``: first-token
-    statistics ``[B, N, T]`` from ``first_token_stats``, O(T) memory).
-    """
-    q, k, v = self._qkv(x_btd, positions_bt)
+  def _attend(self, q, k, v, segment_ids_bt):
+    """Causal attention over the sequence itself, recording what ``sow_config`` asks for."""
     kwargs = dict(softmax=self.config.softmax, sinks=self._sinks(), is_causal=True,
-                  segment_ids=segment_ids_bt, sharding=attention_sharding(q.shape, k.shape))
-    extras = {}
-    if "attention_stats" in analysis:
-      extras["attention_stats"] = first_token_stats(q, k, **kwargs)
-    if "attention_probs" in analysis:
-      kwargs.pop("sharding")
-      out, extras["attention_probs"] = reference_attention(q, k, v, return_probs=True, **kwargs)
-    else:
-      out = dot_product_attention(q, k, v, implementation=self.config.attention_impl,
-                                  interpret=self.config.attention_interpret, **kwargs)
-    return self._output(out), extras
+                  segment_ids=segment_ids_bt)
+    sharding = attention_sharding(q.shape, k.shape)
+    if self.sow_config.attention_stats:
+      self.sow(nnx.Intermediate, "attention_stats",
+               first_token_stats(q, k, sharding=sharding, **kwargs))
+    if self.sow_config.attention_probs:  # the reference path is the one that forms probabilities
+      out, probs_bnts = reference_attention(q, k, v, return_probs=True, **kwargs)
+      self.sow(nnx.Intermediate, "attention_probs", probs_bnts)
+      return out
+    return dot_product_attention(q, k, v, implementation=self.config.attention_impl,
+                                 interpret=self.config.attention_interpret, sharding=sharding,
+                                 **kwargs)
 
-  def extend(
-      self,
-      x_btd: jax.Array,
-      positions_bt: jax.Array,
-      keys_bskh: jax.Array,
-      values_bskh: jax.Array,
-      end: jax.Array,
-  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Attends ``T`` new tokens to a KV cache after writing theirs at ``end``; returns new cache."""
-    q, k, v = self._qkv(x_btd, positions_bt)
-    keys_bskh = jax.lax.dynamic_update_slice_in_dim(keys_bskh, k.astype(keys_bskh.dtype), end, 1)
-    values_bskh = jax.lax.dynamic_update_slice_in_dim(
-        values_bskh, v.astype(values_bskh.dtype), end, 1
-    )
+  def _attend_cached(self, q, k, v, positions_bt, cache: LayerCache):
+    """Writes the new keys and values at ``cache.end``, then attends to every filled position."""
+    keys_bskh = jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype),
+                                                    cache.end, 1)
+    values_bskh = jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype),
+                                                      cache.end, 1)
     key_positions_s = jnp.arange(keys_bskh.shape[1])
     visible_bts = key_positions_s[None, None, :] <= positions_bt[:, :, None]
     out = dot_product_attention(
@@ -360,13 +393,38 @@ class Attention(nnx.Module):
         softmax=self.config.softmax, sinks=self._sinks(), mask=visible_bts[:, None],
         implementation="xla",
     )
-    return self._output(out), keys_bskh, values_bskh
+    return out, LayerCache(keys_bskh, values_bskh, cache.end)
+
+  def __call__(
+      self,
+      x_btd: jax.Array,
+      positions_bt: jax.Array,
+      segment_ids_bt: jax.Array | None = None,
+      cache: LayerCache | None = None,
+  ) -> tuple[jax.Array, LayerCache | None]:
+    """Causal self-attention: ``(y [B, T, D], cache)``.
+
+    Without a cache the ``T`` tokens attend among themselves (within their segment); with one
+    they are the next ``T`` positions after ``cache.end`` and attend to everything cached.
+    """
+    q, k, v = self._qkv(x_btd, positions_bt)
+    if cache is None:
+      out = self._attend(q, k, v, segment_ids_bt)
+    else:
+      out, cache = self._attend_cached(q, k, v, positions_bt, cache)
+    b, t = out.shape[:2]
+    out_btnh = constrain(out, ACT_BTNH)
+    return constrain(self.o_proj(out_btnh.reshape(b, t, -1)), ACT_BTD), cache
 
 
 class Block(nnx.Module):
-  """Pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+  """Pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+  With ``sow_config.hidden`` it records its output (float32 ``[B, T, D]``) as "hidden".
+  """
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.sow_config = SowConfig()
     self.attn_norm = make_norm(config, rngs=rngs)
     self.attn = Attention(config, rngs=rngs)
     self.mlp_norm = make_norm(config, rngs=rngs)
@@ -377,17 +435,12 @@ class Block(nnx.Module):
       x_btd: jax.Array,
       positions_bt: jax.Array,
       segment_ids_bt: jax.Array | None = None,
-      analysis: frozenset[str] = frozenset(),
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+      cache: LayerCache | None = None,
+  ) -> tuple[jax.Array, LayerCache | None]:
     x_btd = constrain(x_btd, ACT_BTD)
-    y_btd, extras = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt, analysis)
+    y_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt, cache)
     x_btd = x_btd + y_btd
-    return constrain(x_btd + self.mlp(self.mlp_norm(x_btd)), ACT_BTD), extras
-
-  def extend(self, x_btd, positions_bt, keys_bskh, values_bskh, end):
-    """Like ``__call__`` for new tokens against a KV cache; returns ``(x, keys, values)``."""
-    y_btd, keys_bskh, values_bskh = self.attn.extend(
-        self.attn_norm(x_btd), positions_bt, keys_bskh, values_bskh, end
-    )
-    x_btd = x_btd + y_btd
-    return x_btd + self.mlp(self.mlp_norm(x_btd)), keys_bskh, values_bskh
+    x_btd = constrain(x_btd + self.mlp(self.mlp_norm(x_btd)), ACT_BTD)
+    if self.sow_config.hidden:
+      self.sow(nnx.Intermediate, "hidden", x_btd.astype(jnp.float32))
+    return x_btd, cache

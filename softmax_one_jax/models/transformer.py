@@ -10,18 +10,16 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from softmax_one_jax.models.config import TransformerConfig
-from softmax_one_jax.models.layers import ACT_BTD, Block, dense, logical, make_norm
+from softmax_one_jax.models.layers import (ACT_BTD, Block, LayerCache, dense, logical,
+                                           make_norm)
 from softmax_one_jax.sharding import constrain
-
-INTERMEDIATES = ("hidden", "attention_probs", "attention_stats")
-
 
 class KVCache(NamedTuple):
   """Keys and values of every layer for incremental decoding.
@@ -72,8 +70,9 @@ def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
 class Transformer(nnx.Module):
   """Decoder-only Transformer LM with softmax, softmax-1 or learned-sink attention.
 
-  Call it on int tokens ``[B, T]``; it returns float32 logits ``[B, T, V]``, and with
-  ``intermediates`` also a dict of per-layer block outputs and attention probabilities.
+  Call it on int tokens ``[B, T]``; it returns float32 logits ``[B, T, V]``. One forward pass
+  serves training (``features``, its first half), evaluation, incremental decoding (``cache=``)
+  and analysis (intermediates recorded with ``nnx.sow``; see ``models.intermediates``).
   """
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -101,12 +100,13 @@ class Transformer(nnx.Module):
     )
 
   # ----------------------------------------------------------------------------------------------
-  def _check_tokens(self, tokens_bt: jax.Array, positions_needed: int) -> None:
+  def _check_tokens(self, tokens_bt: jax.Array, cache: KVCache | None) -> None:
     if tokens_bt.ndim != 2 or not jnp.issubdtype(tokens_bt.dtype, jnp.integer):
       raise ValueError(
           f"tokens must be integer ids of shape [batch, seq]; got {tokens_bt.dtype} "
           f"{tokens_bt.shape}."
       )
+    positions_needed = tokens_bt.shape[1] if cache is None else cache.keys[0].shape[1]
     if self.config.position == "learned" and positions_needed > self.config.max_seq_len:
       raise ValueError(
           f"sequence needs {positions_needed} positions but max_seq_len="
@@ -137,79 +137,83 @@ class Transformer(nnx.Module):
   def features(
       self,
       tokens_bt: jax.Array,
-      segment_ids: jax.Array | None = None,
+      *,
       positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
   ) -> jax.Array:
     """The final-normalised hidden states ``[B, T, D]`` that the LM head reads (compute dtype).
 
-    ``model(tokens)`` equals ``features(tokens) @ unembedding().T`` in float32; training feeds
-    both to ``models.loss.linear_cross_entropy``, which never builds the ``[B, T, V]`` logits.
+    The first half of ``__call__``: ``model(tokens)`` equals ``features(tokens) @
+    unembedding().T`` in float32. Training feeds both to ``models.loss.linear_cross_entropy``,
+    which never builds the ``[B, T, V]`` logits.
 
     Example:
       >>> x_btd = model.features(tokens_bt)
       >>> loss_sum, n = linear_cross_entropy(x_btd, model.unembedding(), targets_bt, weights_bt)
     """
-    return constrain(self.final_norm(self._body(tokens_bt, segment_ids, positions, frozenset())[0]),
-                     ACT_BTD)
+    x_btd, _ = self._trunk(tokens_bt, positions, segment_ids, None)
+    return constrain(self.final_norm(x_btd), ACT_BTD)
 
-  def _body(self, tokens_bt, segment_ids, positions, analysis):
-    """Embeddings and blocks: ``(x_btd, hidden, extras)`` before the final norm."""
-    self._check_tokens(tokens_bt, tokens_bt.shape[1])
-    if positions is None:
-      positions = (
-          positions_from_segments(segment_ids) if segment_ids is not None
-          else jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
-      )
-    block_fn = _call_block
-    if self.config.remat:
-      block_fn = nnx.remat(_call_block, static_argnums=(4,))
+  def _trunk(self, tokens_bt, positions, segment_ids, cache):
+    """Embeddings and blocks, before the final norm: ``(x_btd, cache)``."""
+    self._check_tokens(tokens_bt, cache)
+    b, t = tokens_bt.shape
+    if cache is not None:
+      if segment_ids is not None or positions is not None:
+        raise ValueError("with a cache, positions follow cache.end; pass neither positions nor "
+                         "segment_ids.")
+      positions = jnp.broadcast_to(cache.end + jnp.arange(t, dtype=jnp.int32), (b, t))
+    elif positions is None:
+      positions = (positions_from_segments(segment_ids) if segment_ids is not None
+                   else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
     x_btd = self._embed(tokens_bt, positions)
-    hidden, extras = [], []
-    for block in self.blocks:
-      x_btd, block_extras = block_fn(block, x_btd, positions, segment_ids, analysis)
-      hidden.append(x_btd.astype(jnp.float32))
-      extras.append(block_extras)
-    return x_btd, hidden, extras
+    if cache is None:
+      block_fn = nnx.remat(_call_block) if self.config.remat else _call_block
+      for block in self.blocks:
+        x_btd = block_fn(block, x_btd, positions, segment_ids)
+      return x_btd, None
+    keys, values = [], []
+    for block, k, v in zip(self.blocks, cache.keys, cache.values):
+      x_btd, layer = block(x_btd, positions, None, LayerCache(k, v, cache.end))
+      keys.append(layer.keys)
+      values.append(layer.values)
+    return x_btd, KVCache(tuple(keys), tuple(values), cache.end + t)
 
   # ----------------------------------------------------------------------------------------------
   def __call__(
       self,
       tokens_bt: jax.Array,
-      segment_ids: jax.Array | None = None,
-      positions: jax.Array | None = None,
       *,
-      intermediates: Sequence[str] = (),
-  ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-    """Runs the model on a batch.
+      positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+      cache: KVCache | None = None,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
+    """Runs the model on a batch, or on the next tokens after a KV cache.
 
     Args:
       tokens_bt: int ``[B, T]``.
-      segment_ids: int ``[B, T]`` document ids of packed sequences; tokens attend only within
-        their own segment.
       positions: int ``[B, T]``; by default ``0..T-1``, restarting in each segment when
         ``segment_ids`` is given.
-      intermediates: any of "hidden" (block outputs ``[L, B, T, D]``, float32),
-        "attention_probs" (``[L, B, N, T, T]``, float32; uses the reference attention path) and
-        "attention_stats" (a dict of first-token statistics, each ``[L, B, N, T]``:
-        "prob_first", "argmax_first" and, for softmax-1 and learned sinks, "null_mass"; no
-        ``T x T`` buffer).
+      segment_ids: int ``[B, T]`` document ids of packed sequences; tokens attend only within
+        their own segment.
+      cache: a ``KVCache`` (``init_cache``): the tokens are the ``T`` positions after
+        ``cache.end`` and attend to everything before them; the result equals the full forward
+        pass over all tokens so far, restricted to the new ones.
 
     Returns:
-      float32 logits ``[B, T, V]``, or ``(logits, dict)`` when ``intermediates`` is non-empty.
+      float32 logits ``[B, T, V]``, and the updated cache when given one.
+
+    Intermediates for analysis (block outputs, attention probabilities, ...) are recorded with
+    ``nnx.sow``; ``models.intermediates.with_intermediates`` collects them.
+
+    Example:
+      >>> cache = model.init_cache(1, 8)
+      >>> logits, cache = model(jnp.array([[1, 2, 3]]), cache=cache)
+      >>> logits, cache = model(jnp.array([[4]]), cache=cache)   # the next position
     """
-    unknown = set(intermediates) - set(INTERMEDIATES)
-    if unknown:
-      raise ValueError(f"unknown intermediates {sorted(unknown)}; expected some of {INTERMEDIATES}.")
-    analysis = frozenset(intermediates) - {"hidden"}
-    x_btd, hidden, extras = self._body(tokens_bt, segment_ids, positions, analysis)
+    x_btd, new_cache = self._trunk(tokens_bt, positions, segment_ids, cache)
     logits_btv = self._logits(x_btd)
-    if not intermediates:
-      return logits_btv
-    out = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *[e[name] for e in extras])
-           for name in analysis}
-    if "hidden" in intermediates:
-      out["hidden"] = jnp.stack(hidden)
-    return logits_btv, out
+    return logits_btv if cache is None else (logits_btv, new_cache)
 
   def init_cache(self, batch_size: int, max_len: int, dtype: str | None = None) -> KVCache:
     """An empty KV cache for ``max_len`` positions.
@@ -230,30 +234,9 @@ class Transformer(nnx.Module):
         end=jnp.zeros((), jnp.int32),
     )
 
-  def extend(self, tokens_bt: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Feeds ``T`` new tokens after those already in ``cache``; returns their logits and the cache.
 
-    The result equals the full forward pass over all tokens so far, restricted to the new ones.
-
-    Example:
-      >>> cache = model.init_cache(1, 8)
-      >>> logits, cache = model.extend(jnp.array([[1, 2, 3]]), cache)
-      >>> logits, cache = model.extend(jnp.array([[4]]), cache)  # next position
-    """
-    self._check_tokens(tokens_bt, cache.keys[0].shape[1])
-    b, t = tokens_bt.shape
-    positions_bt = jnp.broadcast_to(cache.end + jnp.arange(t, dtype=jnp.int32), (b, t))
-    x_btd = self._embed(tokens_bt, positions_bt)
-    keys, values = [], []
-    for block, k, v in zip(self.blocks, cache.keys, cache.values):
-      x_btd, k, v = block.extend(x_btd, positions_bt, k, v, cache.end)
-      keys.append(k)
-      values.append(v)
-    return self._logits(x_btd), KVCache(tuple(keys), tuple(values), cache.end + t)
-
-
-def _call_block(block, x_btd, positions_bt, segment_ids_bt, analysis):
-  return block(x_btd, positions_bt, segment_ids_bt, analysis)
+def _call_block(block: Block, x_btd, positions_bt, segment_ids_bt):
+  return block(x_btd, positions_bt, segment_ids_bt)[0]
 
 
 def count_params(config: TransformerConfig) -> int:

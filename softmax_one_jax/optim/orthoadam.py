@@ -48,7 +48,7 @@ class ScaleByOrthoAdamState(NamedTuple):
 
 
 def path_name(path: tuple[Any, ...]) -> str:
-  """``'blocks.0.attn.q_proj.kernel'`` for a jax key path (a trailing nnx ``.value`` dropped).
+  """``'blocks.0.attn.qkv_proj.kernel'`` for a jax key path (a trailing nnx ``.value`` dropped).
 
   ``jax.tree_util.keystr(path, simple=True, separator=".")`` less the ``.value`` that nnx
   variables add; the names ``rotation_policy`` and ``optim.sharding`` match against.
@@ -74,7 +74,7 @@ def rotation_policy(rotation: Any) -> Callable[[str, rot_lib.Shape], rot_lib.Rot
       a pytree of names / instances with the params' structure (or a prefix of it).
 
   Returns:
-    A function of a parameter's path (``"blocks.0.attn.q_proj.kernel"``) and shape that returns
+    A function of a parameter's path (``"blocks.0.attn.qkv_proj.kernel"``) and shape that returns
     its family instance; it raises ``ValueError`` for an unknown name or a path not in the pytree.
 
   Example:
@@ -152,7 +152,7 @@ def scale_by_orthoadam(
     rotation: the family per parameter: a name (``"hadamard"`` (default), ``"dense"``,
       ``"kronecker"``, ``"block"``, ``"identity"``), a family instance (``Block(size=128)``), a
       callable ``(path: str, shape: tuple) -> name | family`` or a pytree of those with the params'
-      structure (or a prefix of it). Paths look like ``"blocks.0.attn.q_proj.kernel"``.
+      structure (or a prefix of it). Paths look like ``"blocks.0.attn.qkv_proj.kernel"``.
     seed: the rotations are drawn from ``fold_in(key(seed), crc32(path))`` in ``init``.
     mu_dtype: dtype of the first moment (default: the parameter's).
 

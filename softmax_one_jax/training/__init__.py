@@ -7,7 +7,8 @@ Example:
 
 from softmax_one_jax.models.loss import weighted_cross_entropy
 from softmax_one_jax.training.config import validate_config
-from softmax_one_jax.training.loop import evaluate, train
+from softmax_one_jax.training.evaluation import evaluate
+from softmax_one_jax.training.loop import train
 from softmax_one_jax.training.mesh import LOGICAL_AXIS_RULES, MESH_AXES, make_mesh
 from softmax_one_jax.training.state import TrainState, build_optimizer, init_train_state, make_setup
 from softmax_one_jax.training.step import jit_train_step, make_train_step

@@ -34,7 +34,7 @@ from softmax_one_jax.training import gpu_targets
 from softmax_one_jax.training import hlo
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.training.config import validate_config
-from softmax_one_jax.training.loop import build_run
+from softmax_one_jax.training.state import build_run
 from softmax_one_jax.training.step import jit_eval_step, jit_train_step
 
 TPU_AOT_HINT = ('Compiling for a TPU slice needs libtpu: pip install -e ".[tpu-aot]" (it installs '

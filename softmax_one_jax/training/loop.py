@@ -1,4 +1,4 @@
-"""The training loop (``train``) and checkpoint evaluation (``evaluate``).
+"""The training loop (``train``); evaluation is ``training.evaluation``.
 
 ``train`` builds everything from one ml_collections config, resumes from the newest readable
 checkpoint in ``workdir`` (the same command continues a run), and writes metrics.jsonl, TensorBoard
@@ -23,30 +23,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import pathlib
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
 
 from softmax_one_jax import rundir
-from softmax_one_jax.data import BATCH_KEYS, get_tokenizer, validation_batches
 from softmax_one_jax.errors import ConfigError
-from softmax_one_jax.rundir import model_config_from, padded_vocab_size
 from softmax_one_jax.training import checkpoint as ckpt_lib
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.training.config import validate_config
 from softmax_one_jax.training.data_iter import ShardedIterator
-from softmax_one_jax.training.state import (TrainSetup, init_train_state, merge_model,
-                                            setup_for_run)
+from softmax_one_jax.training.evaluation import (OutlierMetricsFn, ReportFn, outlier_metrics_for,
+                                                 validation_batches_for, validation_metrics)
+from softmax_one_jax.training.state import TrainSetup, build_run, init_train_state
 from softmax_one_jax.training.step import jit_eval_step, jit_train_step
 from softmax_one_jax.training.step_log import NonFiniteError, StepLog
 from softmax_one_jax.training.workdir_lock import hold_workdir
@@ -54,13 +50,6 @@ from softmax_one_jax.training.workdir_lock import hold_workdir
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run stopped early and can be resumed
-
-# ``fn(model, tokens_bt, *, segment_ids, positions, trigger_positions) -> {name: scalar}``: the
-# outlier metrics of one batch ``[B, T]`` (``softmax_one_jax.analysis.outlier_metrics`` fits).
-OutlierMetricsFn = Callable[..., Mapping[str, Any]]
-# ``fn(name, metrics)``: shows a run's final metrics (``analysis.print_metrics_table`` fits).
-ReportFn = Callable[[str, dict[str, float]], Any]
-
 
 def _notice(msg: str) -> None:
   """A lifecycle message (resume, preemption) on stderr of process 0 and in the log."""
@@ -94,19 +83,6 @@ class _StopRequest:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _global_from_full(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """A batch every process holds in full -> global arrays (multi-host safe)."""
-  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-          for k, v in batch.items()}
-
-
-def _resolve(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> ml_collections.ConfigDict:
-  """A copy of the config with the model's vocabulary resolved (what config.json records)."""
-  resolved = ml_collections.ConfigDict(config.to_dict())
-  resolved.model.vocab_size = padded_vocab_size(config, tokenizer_vocab_size)
-  return resolved
-
-
 def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a run whose model or optimizer kind differ from the saved config.json."""
   if not (workdir / rundir.CONFIG_FILE).exists():
@@ -128,86 +104,6 @@ def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
         f"{workdir} holds a run with a different model or optimizer "
         f"({', '.join(f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in diff)}); use a new "
         "--workdir, or the original config to resume.")
-
-
-def _validation_batches(config: ml_collections.ConfigDict, tokenizer: Any, num_batches: int,
-                        batch_size: int) -> list[dict[str, np.ndarray]]:
-  if num_batches <= 0:
-    return []
-  return [{k: np.asarray(b[k]) for k in BATCH_KEYS} for b in validation_batches(
-      config.data, tokenizer=tokenizer, seq_len=config.seq_len, batch_size=batch_size,
-      num_batches=num_batches)]
-
-
-def validation_metrics(setup: TrainSetup, params: Any, batches: Iterable[dict[str, np.ndarray]],
-                       batch_size: int, eval_step: Any = None) -> dict[str, float]:
-  """Weighted-token validation loss and perplexity over ``batches``.
-
-  Args:
-    setup, params: the model.
-    batches: full (unsharded) validation batches ``[batch_size, T]``.
-    batch_size: their rows.
-    eval_step: a ``jit_eval_step(setup, batch_size)`` to reuse (its compilation) across calls.
-
-  Returns:
-    ``{"val_loss": ..., "val_ppl": ...}`` (empty if there are no batches).
-  """
-  eval_step = eval_step or jit_eval_step(setup, batch_size)
-  b_sh = mesh_lib.batch_sharding(setup.mesh, batch_size)
-  loss_sum, weight_sum = 0.0, 0.0
-  for batch in batches:
-    l, w = eval_step(params, _global_from_full(batch, b_sh))
-    loss_sum += float(l)
-    weight_sum += float(w)
-  if weight_sum == 0:
-    return {}
-  loss = loss_sum / weight_sum
-  return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
-
-
-def outlier_metrics_for(setup: TrainSetup, params: Any, batch: dict[str, np.ndarray] | None,
-                        outlier_metrics: OutlierMetricsFn | None,
-                        trigger_ids: Sequence[int] = ()) -> dict[str, float]:
-  """``outlier_metrics`` of the model on a fixed batch (empty without a batch or a function).
-
-  ``trigger_ids`` (the tokenizer's, Bigram-Backcopy) add the first-token mass split into query
-  positions whose input is a trigger and the others.
-
-  Example:
-    >>> outlier_metrics_for(setup, state.params, batch, analysis.outlier_metrics)  # doctest: +SKIP
-    {'first_token_attention': 0.41, 'kurtosis': 12.3, ...}
-  """
-  if batch is None or outlier_metrics is None:
-    return {}
-  model = merge_model(setup, params)
-  # Under the run's mesh the model runs its Pallas kernels per shard, as in the train step.
-  with jax.set_mesh(setup.mesh):
-    return {k: float(v) for k, v in outlier_metrics(
-        model, batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-        trigger_positions=np.isin(batch["inputs"], trigger_ids) if trigger_ids else None,
-    ).items()}
-
-
-def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
-           rotation_mesh: Any = None):
-  """Tokenizer, resolved config, model config, mesh and setup of a run.
-
-  Args:
-    config: the run config.
-    devices: the mesh's devices (default: all of this process's global devices); a compile-only
-      topology's devices build the same setup for a slice this host does not have.
-    rotation_mesh: the mesh OrthoAdam's shard-local rotations follow (default: the run's own).
-  """
-  tokenizer = get_tokenizer(config.data)
-  config = _resolve(config, tokenizer.vocab_size)
-  model_cfg = model_config_from(config, tokenizer.vocab_size)
-  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                            devices=devices)
-  for axis in mesh_lib.MESH_AXES:   # config.json records the mesh the run really used
-    config.mesh[axis] = int(mesh.shape[axis])
-  setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, config.seed,
-                        rotation_mesh=rotation_mesh)
-  return tokenizer, config, model_cfg, setup
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -305,7 +201,8 @@ def _open_run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   manager = rundir.make_manager(workdir, config.checkpoint.max_to_keep,
                                 config.checkpoint.async_save)
   state, start = _restore_or_init(manager, setup, model_cfg, config, train_iter, workdir)
-  val_batches = _validation_batches(config, tokenizer, config.eval_batches, config.eval_batch_size)
+  val_batches = validation_batches_for(config, tokenizer, config.eval_batches,
+                                       config.eval_batch_size)
   outlier_fn = outlier_metrics if config.outlier_every_steps else None
   if config.outlier_every_steps and outlier_metrics is None:
     log.info("config.outlier_every_steps=%d, but train() was given no outlier_metrics function: "
@@ -405,54 +302,4 @@ def _maybe_save(run: _Run, done: int, state: Any, preempted: bool) -> bool:
   return False
 
 
-def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches: int | None = None,
-             *, outlier_metrics: OutlierMetricsFn | None = None,
-             report: ReportFn | None = None) -> dict[str, float]:
-  """Validation loss / perplexity (and outlier metrics) of a run's checkpoint.
-
-  Args:
-    workdir: a run directory written by ``train``.
-    step: checkpoint step (None = newest readable).
-    eval_batches: number of validation batches (None = the run's ``eval_batches``).
-    outlier_metrics: also computes these on the first validation batch (as in ``train``).
-    report: called with the run's name and step and the metrics (``softmax-one eval`` prints a
-      table); None shows nothing.
-
-  Returns:
-    ``{"val_loss", "val_ppl", ...outlier metrics, "step"}``.
-
-  Example:
-    >>> evaluate("runs/tiny")["val_ppl"]                            # doctest: +SKIP
-  """
-  workdir = pathlib.Path(workdir)
-  config = rundir.read_config(workdir)
-  validate_config(config)
-  # Evaluation runs on whatever devices are here, all of them on fsdp; OrthoAdam's state keeps
-  # the shapes of the training mesh, which config.json records.
-  training_mesh = mesh_lib.recorded_mesh(config)
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-  tokenizer, config, _, setup = build_run(config, rotation_mesh=training_mesh)
-  manager = rundir.make_manager(workdir, read_only=True, async_save=False)
-  try:
-    restored = ckpt_lib.restore_latest(manager, setup.abstract_state, None, step)
-  finally:
-    manager.close()
-  if restored is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir / rundir.CHECKPOINT_DIR}.")
-  state, restored_step = restored
-  n = config.eval_batches if eval_batches is None else eval_batches
-  batches = _validation_batches(config, tokenizer, max(n, 1), config.eval_batch_size)
-  metrics = validation_metrics(setup, state.params, batches, config.eval_batch_size)
-  if outlier_metrics is not None:
-    k = min(config.outlier_batch_size, config.eval_batch_size)
-    trigger_ids = tuple(getattr(tokenizer, "trigger_ids", ()))
-    metrics.update(outlier_metrics_for(setup, state.params,
-                                       {k2: v[:k] for k2, v in batches[0].items()},
-                                       outlier_metrics, trigger_ids))
-  if report is not None:
-    report(f"{config.get('name', workdir.name)} @ step {restored_step}", metrics)
-  return {**metrics, "step": restored_step}
-
-
-__all__ = ["NonFiniteError", "OutlierMetricsFn", "PREEMPTED_EXIT_CODE", "ReportFn", "build_run",
-           "evaluate", "outlier_metrics_for", "train", "validation_metrics"]
+__all__ = ["NonFiniteError", "PREEMPTED_EXIT_CODE", "train"]

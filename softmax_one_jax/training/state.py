@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.nnx as nnx
@@ -30,7 +30,9 @@ from jax.sharding import Mesh, NamedSharding
 from softmax_one_jax.models import Transformer
 from softmax_one_jax.optim import (DEFAULT_ROTATION, optimizer_state_shardings, orthoadam,
                                    shard_local_rotation)
-from softmax_one_jax.rundir import abstract_model, param_shardings
+from softmax_one_jax.data import get_tokenizer
+from softmax_one_jax.rundir import (abstract_model, model_config_from, padded_vocab_size,
+                                    param_shardings)
 from softmax_one_jax.training import mesh as mesh_lib
 
 
@@ -245,3 +247,32 @@ def init_train_state(setup: TrainSetup, model_cfg: Any, seed: int) -> TrainState
 def merge_model(setup: TrainSetup, params: nnx.State) -> nnx.Module:
   """The ``Transformer`` with ``params`` (for evaluation and analysis)."""
   return nnx.merge(setup.graphdef, params, setup.rest)
+
+
+def _resolve(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> ml_collections.ConfigDict:
+  """A copy of the config with the model's vocabulary resolved (what config.json records)."""
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  resolved.model.vocab_size = padded_vocab_size(config, tokenizer_vocab_size)
+  return resolved
+
+
+def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
+           rotation_mesh: Any = None):
+  """Tokenizer, resolved config, model config, mesh and setup of a run.
+
+  Args:
+    config: the run config.
+    devices: the mesh's devices (default: all of this process's global devices); a compile-only
+      topology's devices build the same setup for a slice this host does not have.
+    rotation_mesh: the mesh OrthoAdam's shard-local rotations follow (default: the run's own).
+  """
+  tokenizer = get_tokenizer(config.data)
+  config = _resolve(config, tokenizer.vocab_size)
+  model_cfg = model_config_from(config, tokenizer.vocab_size)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                            devices=devices)
+  for axis in mesh_lib.MESH_AXES:   # config.json records the mesh the run really used
+    config.mesh[axis] = int(mesh.shape[axis])
+  setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, config.seed,
+                        rotation_mesh=rotation_mesh)
+  return tokenizer, config, model_cfg, setup

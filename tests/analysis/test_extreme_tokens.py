@@ -9,6 +9,7 @@ from softmax_one_jax.analysis import extreme_tokens as E
 from softmax_one_jax.analysis import outliers as O
 from softmax_one_jax.analysis import sums as S
 from softmax_one_jax.analysis.layout import counted_queries
+from softmax_one_jax.models.intermediates import SowConfig, with_intermediates
 
 
 def _f32(a):
@@ -137,33 +138,45 @@ def test_first_token_argmax_share_counts_every_document():
   assert O.finalize(sums).scalars["first_token_attention"] == pytest.approx(2 / 3)
 
 
-class _UnderflowModel(nnx.Module):
-  """Returns hand-made intermediates: softmax-1 rows whose probabilities all underflowed to 0.
+class _UnderflowLayer(nnx.Module):
+  """Sows hand-made intermediates: softmax-1 rows whose probabilities all underflowed to 0.
 
-  Real logits of the rows (one layer, head, batch row): query 1 [-99, -100] (first token is the
+  Real logits of the rows (one head, batch row): query 1 [-99, -100] (first token is the
   argmax), query 2 [-100, -99, -90] (it is not). The probabilities are all 0 in float32.
   """
 
-  def __call__(self, tokens, segment_ids=None, positions=None, *, intermediates=()):
+  def __init__(self):
+    self.sow_config = SowConfig()
+
+  def __call__(self, b: int, t: int) -> None:
+    probs = jnp.zeros((b, 1, t, t)).at[:, :, 0, 0].set(1.0)
+    made = {"hidden": jnp.ones((b, t, 4)), "values": jnp.ones((b, t, 4)),
+            "attention_probs": probs,
+            "attention_stats": {"argmax_first": jnp.array([True, True, False])[None, None],
+                                "prob_first": probs[..., 0],
+                                "null_mass": jnp.array([0.0, 1.0, 1.0])[None, None]}}
+    for name, value in made.items():
+      if getattr(self.sow_config, name):
+        self.sow(nnx.Intermediate, name, value)
+
+
+class _UnderflowModel(nnx.Module):
+  """One layer of ``_UnderflowLayer`` and constant logits."""
+
+  def __init__(self):
+    self.layer = _UnderflowLayer()
+
+  def __call__(self, tokens, segment_ids=None, positions=None):
     b, t = tokens.shape
-    logits = jnp.zeros((b, t, 7))
-    if not intermediates:
-      return logits
-    probs = jnp.zeros((1, b, 1, t, t)).at[:, :, :, 0, 0].set(1.0)
-    inter = {"hidden": jnp.ones((1, b, t, 4)),
-             "attention_probs": probs,
-             "attention_stats": {
-                 "argmax_first": jnp.array([True, True, False])[None, None, None],
-                 "prob_first": probs[..., 0],
-                 "null_mass": jnp.array([0.0, 1.0, 1.0])[None, None, None]}}
-    return logits, {k: v for k, v in inter.items() if k in intermediates}
+    self.layer(b, t)
+    return jnp.zeros((b, t, 7))
 
 
 def test_outlier_metrics_takes_the_first_token_share_from_logits():
   tokens = jnp.zeros((1, 3), jnp.int32)
   # The probabilities alone would say 1.0 (all-zero rows: argmax names key 0); the "probs"
   # source takes the hits from the logit-decided flags as well.
-  probs = _UnderflowModel()(tokens, intermediates=("attention_probs",))[1]["attention_probs"]
+  probs = with_intermediates(_UnderflowModel(), tokens, ["attention_probs"])[1]["attention_probs"]
   assert O.finalize(S.first_token_sums_from_probs(probs)).scalars["first_token_attention"] == 1.0
   via_probs = O.finalize(O.evaluate_sums(_UnderflowModel(), {"inputs": tokens[None]}))
   assert via_probs.scalars["first_token_attention"] == 0.5
@@ -197,12 +210,12 @@ def test_residual_peak_ratio_uses_the_median_of_the_other_tokens():
 
 
 def test_value_states_reproduce_the_attention_output_of_layer_zero(tiny_model):
-  """Independent check of the recomputed values: probs @ V through o_proj is the attention
+  """Independent check of the sown values: probs @ V through o_proj is the attention
   sublayer's output, which is block 0's output minus its input and its MLP term."""
   rng = np.random.default_rng(1)
   tokens = jnp.asarray(rng.integers(0, 97, (2, 8)), jnp.int32)
-  _, inter = tiny_model(tokens, intermediates=("hidden", "attention_probs"))
-  v = E.value_states(tiny_model, tokens, inter["hidden"])
+  _, inter = with_intermediates(tiny_model, tokens, ["hidden", "values", "attention_probs"])
+  v = inter["values"]
   c = tiny_model.config
   assert v.shape == (c.num_layers, 2, 8, c.num_kv_heads * c.head_dim)
   block = tiny_model.blocks[0]

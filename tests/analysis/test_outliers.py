@@ -11,6 +11,7 @@ from softmax_one_jax.analysis import outliers as O
 from softmax_one_jax.analysis import sums as S
 from softmax_one_jax.analysis.layout import counted_queries, document_layout
 from softmax_one_jax.attention import attention_stats, first_token_stats
+from softmax_one_jax.models.intermediates import with_intermediates
 from tests.attention.reference_np import (assert_ties_present, np_decidable,
                                           np_first_token, tie_case)
 
@@ -253,8 +254,8 @@ def test_evaluate_over_batches_matches_numpy_on_intermediates(tiny_model):
 
   @jax.jit
   def forward(state, tokens, seg):
-    return nnx.merge(graphdef, state)(
-        tokens, segment_ids=seg, intermediates=("hidden", "attention_probs", "attention_stats"))
+    return with_intermediates(nnx.merge(graphdef, state), tokens,
+                              ["hidden", "attention_probs", "attention_stats"], segment_ids=seg)
 
   for batch in batches:
     seg = batch["segment_ids"]

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from softmax_one_jax.analysis import quantize as Q
+from softmax_one_jax.models.layers import split_qkv
 
 
 def _heavy_tailed(rng, shape):
@@ -272,16 +273,19 @@ def _weight(node, role):
   node = node.inner if isinstance(node, Q.ActQuantLinear) else node
   if isinstance(node, Q.TiedHead):
     node = node.head if role == "head" else node.lookup
-  table = node.embedding if isinstance(node, nnx.Embed) else node.kernel
-  return np.asarray(table[...])
+  table = np.asarray((node.embedding if isinstance(node, nnx.Embed) else node.kernel)[...])
+  if role in Q.QKV_WEIGHT_ROLES:  # one of the three matrices in the fused [D, K, G + 2, H] kernel
+    return split_qkv(table)[Q.QKV_WEIGHT_ROLES.index(role)]
+  return table
 
 
 @pytest.mark.parametrize("name", ["w8_tensor", "w8a8_token", "w4_g128+emb", "w8a8_tensor+emb"])
 def test_every_family_gets_the_same_coverage(name):
   (scheme,) = Q.resolve_schemes(name)
   weights = {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out", "head"}
+  inputs = {"attn.qkv", "attn.o", "mlp.in", "mlp.out", "head"}
   expected = ({(r, "weight") for r in weights}
-              | ({(r, "input") for r in weights} if scheme.act else set())
+              | ({(r, "input") for r in inputs} if scheme.act else set())
               | ({("embedding", "weight")} if scheme.include_embeddings else set()))
   for family in ("gpt2", "llama"):
     model = _family(family)
@@ -341,7 +345,7 @@ def test_quantize_params_touches_exactly_the_linear_kernels(include_embeddings):
             and k.split(".")[-3] in Q.LINEAR_NAMES}
   expected = linear | ({"embed.embedding.value"} if include_embeddings else set())
   assert changed == expected
-  assert len(linear) == 2 * 7 + 1  # q,k,v,o,gate,up,down per block + lm_head
+  assert len(linear) == 2 * 5 + 1  # qkv,o,gate,up,down per block + lm_head
   names = Q.quantized_param_names(nnx.state(model, nnx.Param), scheme)
   assert {n + ".value" for n in names} == expected
 
@@ -353,11 +357,27 @@ def test_quantize_model_leaves_original_and_wraps_linears():
   qmodel = Q.quantize_model(model, Q.SCHEMES["w8a8_tensor"])
   np.testing.assert_array_equal(np.asarray(model(tokens)), ref)  # original untouched
   wrapped = [m for _, m in nnx.iter_modules(qmodel) if isinstance(m, Q.ActQuantLinear)]
-  assert len(wrapped) == 2 * 6  # q,k,v,o,up,down per block
+  assert len(wrapped) == 2 * 4  # qkv,o,up,down per block
   assert isinstance(qmodel.embed, Q.TiedHead) and qmodel.embed.act == "per_sequence"  # the head
   out = np.asarray(qmodel(tokens))
   assert not np.array_equal(out, ref)
   assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max() + 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("scheme", HEAD_SCHEMES, ids=lambda s: s.name)
+def test_fused_qkv_is_quantised_as_three_separate_matrices(family, scheme):
+  # Each of q, k and v gets its own scales, as separate projections would: the [in, out] matrix
+  # quantised like the head's [out, in] rows (output channels, groups along the input).
+  model = _family(family)
+  kernel = np.asarray(model.blocks[1].attn.qkv_proj.kernel[...], np.float64)
+  kernel[0, 0, -1, 0] *= 30.0  # an outlier in v: under one shared scale it would coarsen q and k
+  model.blocks[1].attn.qkv_proj.kernel.set_value(jnp.asarray(kernel, jnp.float32))
+  got = np.asarray(Q.quantize_params(nnx.state(model, nnx.Param), scheme)
+                   ["blocks"][1]["attn"]["qkv_proj"]["kernel"][...], np.float64)
+  for want_part, got_part in zip(split_qkv(kernel), split_qkv(got)):
+    np.testing.assert_allclose(got_part, _np_head_quant(want_part.T, scheme).T, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_act_quant_linear_equals_numpy_reference():

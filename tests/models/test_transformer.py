@@ -7,8 +7,10 @@ import optax
 import pytest
 from flax import nnx
 
-from softmax_one_jax.models import Transformer, generate, positions_from_segments, preset
-from softmax_one_jax.models.layers import ScalarLayerNorm
+from softmax_one_jax.models import (Transformer, generate, positions_from_segments, preset,
+                                    with_intermediates)
+from softmax_one_jax.models.intermediates import SowConfig
+from softmax_one_jax.models.layers import ScalarLayerNorm, fuse_qkv, split_qkv
 
 FLAVOURS = {
     "gpt2": dict(),
@@ -41,7 +43,9 @@ def randomize_sinks(model, rng):
 
 @nnx.jit(static_argnames="intermediates")
 def forward(model, x, segment_ids=None, intermediates=()):
-  return model(x, segment_ids=segment_ids, intermediates=intermediates)
+  if intermediates:
+    return with_intermediates(model, x, intermediates, segment_ids=segment_ids)
+  return model(x, segment_ids=segment_ids)
 
 
 def tokens(rng, b, t, vocab=97):
@@ -82,7 +86,7 @@ def test_kv_cache_decoding_equals_full_forward(np_rng, flavour):
   model = randomize_sinks(Transformer(small(flavour), rngs=nnx.Rngs(2)), np_rng)
   x = tokens(np_rng, 3, 12)
   full = forward(model, x)
-  extend = nnx.jit(lambda m, x, cache: m.extend(x, cache))
+  extend = nnx.jit(lambda m, x, cache: m(x, cache=cache))
   cache = model.init_cache(3, 16)
   logits, cache = extend(model, x[:, :5], cache)
   pieces = [logits]
@@ -185,7 +189,10 @@ def test_clear_errors_for_bad_inputs():
   with pytest.raises(ValueError, match="integer ids of shape"):
     model(jnp.zeros((1, 4)))
   with pytest.raises(ValueError, match="unknown intermediates"):
-    model(jnp.zeros((1, 4), jnp.int32), intermediates=("logits",))
+    with_intermediates(model, jnp.zeros((1, 4), jnp.int32), ["logits"])
+  with pytest.raises(ValueError, match="pass neither positions nor segment_ids"):
+    model(jnp.zeros((1, 4), jnp.int32), segment_ids=jnp.ones((1, 4), jnp.int32),
+          cache=model.init_cache(1, 8))
 
 
 @pytest.mark.parametrize("flavour", ["llama", "llama-learned-sink"])
@@ -321,4 +328,55 @@ def test_a_scalar_layernorm_model_trains_one_step(np_rng, optimizer):
     assert decayed[path].value is False, path  # gains and biases: never weight-decayed
     moved += 1
   assert moved == 3 * 2  # attn_norm, mlp_norm and final_norm, each a scale and a bias
-  assert decayed[("blocks", 0, "attn", "q_proj", "kernel")].value is True
+  assert decayed[("blocks", 0, "attn", "qkv_proj", "kernel")].value is True
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused q/k/v parameter and the intermediates the layers sow.
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])   # multi-head; grouped-query (2 kv heads)
+def test_fused_qkv_kernel_is_each_kv_head_with_the_query_heads_that_read_it(np_rng, flavour):
+  model = Transformer(small(flavour), rngs=nnx.Rngs(int(np_rng.integers(1 << 30))))
+  c, attn = model.config, model.blocks[0].attn
+  w = np.asarray(attn.qkv_proj.kernel[...], np.float64)          # [D, K, G + 2, H]
+  g = c.num_heads // c.num_kv_heads
+  assert w.shape == (c.d_model, c.num_kv_heads, g + 2, c.head_dim)
+  x = np_rng.standard_normal((2, 5, c.d_model))
+  q, k, v = (np.asarray(a, np.float64) for a in attn.qkv_proj(jnp.asarray(x, jnp.float32)))
+  bias = (np.zeros(w.shape[1:]) if attn.qkv_proj.bias is None
+          else np.asarray(attn.qkv_proj.bias[...], np.float64))
+  # Query head n reads kv head n // G (Hugging Face's repeat_kv): its weights sit at [:, n // G,
+  # n % G]; kv head j's key and value at [:, j, G] and [:, j, G + 1].
+  for n in range(c.num_heads):
+    want = x @ w[:, n // g, n % g] + bias[n // g, n % g]
+    np.testing.assert_allclose(q[:, :, n], want, rtol=1e-5, atol=1e-5)
+  for j in range(c.num_kv_heads):
+    np.testing.assert_allclose(k[:, :, j], x @ w[:, j, g] + bias[j, g], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(v[:, :, j], x @ w[:, j, g + 1] + bias[j, g + 1], rtol=1e-5,
+                               atol=1e-5)
+  wq, wk, wv = split_qkv(w)
+  np.testing.assert_array_equal(wq[:, 3 * c.head_dim:4 * c.head_dim], w[:, 3 // g, 3 % g])
+  np.testing.assert_array_equal(fuse_qkv(wq, wk, wv, c.num_kv_heads), w)
+
+
+def test_with_intermediates_records_once_and_leaves_the_model_as_it_was(np_rng):
+  model = Transformer(small("llama-learned-sink", remat=True), rngs=nnx.Rngs(9))
+  x = tokens(np_rng, 2, 8)
+  before = nnx.graphdef(model)
+  logits, inter = forward(model, x, intermediates=("hidden", "values", "attention_stats"))
+  np.testing.assert_array_equal(logits, forward(model, x))
+  assert inter["hidden"].shape == (2, 2, 8, 32) and inter["values"].shape == (2, 2, 8, 16)
+  assert inter["attention_stats"]["prob_first"].shape == (2, 2, 4, 8)
+  assert nnx.graphdef(model) == before and not nnx.state(model, nnx.Intermediate)
+  assert {m.sow_config for _, m in model.iter_modules() if hasattr(m, "sow_config")} == {
+      SowConfig()}
+  # The last block's output is what the final norm reads: the logits follow from it alone.
+  head = model.embed.attend if model.lm_head is None else model.lm_head
+  np.testing.assert_allclose(head(model.final_norm(inter["hidden"][-1])), logits, rtol=2e-5,
+                             atol=2e-5)
+  # Values: layer 1's are its normalised input (layer 0's output) times the value weights.
+  w = np.asarray(model.blocks[1].attn.qkv_proj.kernel[...])
+  x1 = np.asarray(model.blocks[1].attn_norm(inter["hidden"][0]), np.float64)
+  want = np.einsum("btd,dkh->btkh", x1, w[:, :, -1]).reshape(2, 8, -1)
+  np.testing.assert_allclose(inter["values"][1], want, rtol=1e-4, atol=1e-5)

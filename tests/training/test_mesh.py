@@ -50,7 +50,7 @@ def test_model_parameters_get_shardings_from_their_annotations():
   flat = {jax.tree_util.keystr(k).removesuffix(".value"): v.spec
           for k, v in jax.tree_util.tree_leaves_with_path(shardings)}
   assert flat["['embed']['embedding']"] == P("tensor", "fsdp")
-  assert flat["['blocks'][0]['attn']['q_proj']['kernel']"] == P("fsdp", "tensor")
+  assert flat["['blocks'][0]['attn']['qkv_proj']['kernel']"] == P("fsdp", "tensor")  # [D, K, ...]
   assert flat["['blocks'][0]['attn']['o_proj']['kernel']"] == P("tensor", "fsdp")
   assert flat["['blocks'][0]['mlp']['down_proj']['kernel']"] == P("tensor", "fsdp")
   assert flat["['blocks'][0]['attn_norm']['scale']"] == P()          # scalar gain
