@@ -41,6 +41,38 @@ def logical(init: Callable, names: LogicalNames) -> Callable:
   return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
+class Dense(nnx.Module):
+  """``x @ kernel + bias`` over the last axis, the tokens as the rows of one 2-D matmul.
+
+  ``kernel`` is ``[in, out]`` and ``bias`` ``[out]``, as in ``nnx.Linear``. The leading axes are
+  folded into one row axis (a reshape, free for a row-major array), so the weight gradient is the
+  plain ``x^T @ dy`` of two matrices, which matmul libraries read in place; contracting two token
+  axes of 3-D operands makes XLA lay out a transposed copy of the activations first
+  (bench/RESULTS.md, 2026-12-02).
+
+  Example:
+    >>> layer = Dense(4, 2, use_bias=True, kernel_init=nnx.initializers.lecun_normal(),
+    ...               bias_init=nnx.initializers.zeros_init(), dtype=jnp.float32,
+    ...               param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((3, 5, 4))).shape
+    (3, 5, 2)
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, kernel_init: Callable,
+               bias_init: Callable, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+    self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias
+                 else None)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    rows_ni = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+    y_no = rows_ni @ self.kernel[...].astype(self.dtype)
+    if self.bias is not None:
+      y_no = y_no + self.bias[...].astype(self.dtype)
+    return y_no.reshape(*x.shape[:-1], y_no.shape[-1])
+
+
 def dense(
     config: TransformerConfig,
     in_features: int,
@@ -50,13 +82,13 @@ def dense(
     rngs: nnx.Rngs,
     std: float | None = None,
     use_bias: bool | None = None,
-) -> nnx.Linear:
-  """A linear layer ``[in, out]`` with normal(std) kernel, zero bias and logical names.
+) -> Dense:
+  """A ``Dense`` layer ``[in, out]`` with normal(std) kernel, zero bias and logical names.
 
   Example:
     >>> layer = dense(preset("tiny"), 128, 512, ("embed", "mlp"), rngs=nnx.Rngs(0))
   """
-  return nnx.Linear(
+  return Dense(
       in_features,
       out_features,
       use_bias=config.use_bias if use_bias is None else use_bias,
@@ -261,7 +293,8 @@ class QKVProjection(nnx.Module):
     b, t, _ = x_btd.shape
     d, k, s, h = self.kernel.shape
     kernel = self.kernel[...].astype(self.dtype).reshape(d, k * s * h)
-    y_btksh = (x_btd.astype(self.dtype) @ kernel).reshape(b, t, k, s, h)
+    rows_nd = x_btd.reshape(b * t, d).astype(self.dtype)    # tokens as rows, as in ``Dense``
+    y_btksh = (rows_nd @ kernel).reshape(b, t, k, s, h)
     if self.bias is not None:
       y_btksh = y_btksh + self.bias[...].astype(self.dtype)
     q_btnh = y_btksh[:, :, :, :-2].reshape(b, t, k * (s - 2), h)

@@ -123,20 +123,22 @@ def _chunk_loss_and_grads(x_bcd, unembed_vd, t_bc, w_bc):
   the per-token negative log-likelihoods ``nll`` are the gradient with respect to the weights.
   """
   logits_bcv = _chunk_logits(x_bcd, unembed_vd)
-  # One exp per logit serves the loss and its gradient: with m the row maximum,
-  # lse = m + log(sum exp(l - m)) and d nll / d logits = exp(l - m) / sum - onehot(target).
-  m_bc = jnp.max(logits_bcv, axis=-1)
-  exp_bcv = jnp.exp(logits_bcv - m_bc[..., None])
-  sum_bc = jnp.sum(exp_bcv, axis=-1)
-  nll_bc = m_bc + jnp.log(sum_bc) - _target_logit(logits_bcv, t_bc)
+  # d nll / d logits = exp(l - lse) - onehot(target). The exponentials are taken twice, inside
+  # the row sum and inside the gradient, so that neither writes a [B, c, V] array of them to
+  # memory: the logits are read again instead, and the only [B, c, V] written after them is the
+  # gradient itself.
+  lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+  nll_bc = lse_bc - _target_logit(logits_bcv, t_bc)
   onehot_bcv = jnp.arange(logits_bcv.shape[-1], dtype=jnp.int32) == t_bc[..., None]
-  g_logits_bcv = ((exp_bcv * (1.0 / sum_bc)[..., None] - onehot_bcv) * w_bc[..., None]
+  g_logits_bcv = ((jnp.exp(logits_bcv - lse_bc[..., None]) - onehot_bcv) * w_bc[..., None]
                   ).astype(x_bcd.dtype)
   g_x_bcd = jnp.einsum("bcv,vd->bcd", g_logits_bcv, unembed_vd,
                        preferred_element_type=jnp.float32).astype(x_bcd.dtype)
-  # As [D, V]: both operands then contract their leading (token) axis, which matmul libraries
-  # read in place; a [V, D] result would transpose the [c, V] chunk first.
-  g_unembed_dv = jnp.einsum("bcd,bcv->dv", x_bcd, g_logits_bcv,
+  # As [D, V], with the tokens as the rows of 2-D operands: both then contract their leading axis,
+  # which matmul libraries read in place; a [V, D] result, or two token axes, would make XLA
+  # transpose one operand first.
+  g_unembed_dv = jnp.einsum("nd,nv->dv", x_bcd.reshape(-1, x_bcd.shape[-1]),
+                            g_logits_bcv.reshape(-1, g_logits_bcv.shape[-1]),
                             preferred_element_type=jnp.float32)
   return jnp.sum(nll_bc * w_bc), g_x_bcd, g_unembed_dv, nll_bc
 
