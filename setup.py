@@ -38,7 +38,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        "notebooks": ["jupyter", "jupytext>=1.16"],
+        # Pairing and executing notebooks/ (tests/test_notebooks.py); Colab needs none of it.
+        "notebooks": ["jupytext>=1.16", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                      "matplotlib-inline>=0.1"],
         # libtpu for `softmax-one compile` (TPU programs built on a CPU host): jax's own tpu
         # extra pins the libtpu that matches the installed jax.
         "tpu-aot": ["jax[tpu]>=0.10"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -22,16 +23,46 @@ needs_libtpu = pytest.mark.skipif(
     reason='libtpu is not installed (pip install -e ".[tpu-aot]"); CI installs it')
 
 
-def _compile(tmp_path, config: str, topology: str = "v5e:2x2", *overrides: str
-             ) -> tuple[dict, str]:
+def _compile_command(tmp_path, config: str, topology: str, *overrides: str
+                     ) -> tuple[list[str], pathlib.Path]:
   out = tmp_path / f"{config.replace(':', '_').replace(',', '_')}.json"
   cmd = [sys.executable, "-m", "softmax_one_jax.cli", "compile",
          f"--config={REPO}/experiments/configs/{config}", f"--topology={topology}",
          f"--json={out}", *overrides]
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(1), cwd=REPO,
-                        timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(out.read_text()), proc.stdout
+  return cmd, out
+
+
+def _compile_all(tmp_path, runs: list[tuple[str, str, tuple[str, ...]]]) -> list[tuple[dict, str]]:
+  """Runs ``softmax-one compile`` once per (config, topology, overrides), side by side.
+
+  Each is its own subprocess, exactly as a user runs it. They run at the same time because a
+  compile spends most of its time on one thread: on two cores the two overlap instead of queueing.
+  Output goes to files, so that no process waits on a pipe that is not being read.
+  """
+  procs = []
+  try:
+    for i, (config, topology, overrides) in enumerate(runs):
+      cmd, out = _compile_command(tmp_path, config, topology, *overrides)
+      logs = tmp_path / f"compile{i}.stdout", tmp_path / f"compile{i}.stderr"
+      with open(logs[0], "w", encoding="utf-8") as o, open(logs[1], "w", encoding="utf-8") as e:
+        procs.append((subprocess.Popen(cmd, stdout=o, stderr=e, text=True, env=cpu_env(1),
+                                       cwd=REPO), out, logs))
+    results = []
+    for proc, out, (stdout, stderr) in procs:
+      proc.wait(timeout=900)
+      assert proc.returncode == 0, stderr.read_text()[-3000:]
+      results.append((json.loads(out.read_text()), stdout.read_text()))
+    return results
+  finally:
+    for proc, _, _ in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _compile(tmp_path, config: str, topology: str = "v5e:2x2", *overrides: str
+             ) -> tuple[dict, str]:
+  return _compile_all(tmp_path, [(config, topology, overrides)])[0]
 
 
 @needs_libtpu
@@ -51,8 +82,9 @@ def test_gpt2_60m_orthoadam_moves_what_adamw_moves_on_a_v5e_slice(tmp_path):
   # The 60m widths (512, 2048, the vocabulary padded to 50304) with 2 of its 11 layers: every
   # parameter shape the rotations meet, at about a third of the compile time.
   two_layers = "--config.model.num_layers=2"
-  adamw, _ = _compile(tmp_path, "gpt2.py:60m,softmax1,adamw", "v5e:2x2", two_layers)
-  ortho, _ = _compile(tmp_path, "gpt2.py:60m,softmax1,orthoadam", "v5e:2x2", two_layers)
+  (adamw, _), (ortho, _) = _compile_all(
+      tmp_path, [("gpt2.py:60m,softmax1,adamw", "v5e:2x2", (two_layers,)),
+                 ("gpt2.py:60m,softmax1,orthoadam", "v5e:2x2", (two_layers,))])
   for r in (adamw, ortho):
     assert r["train"]["kernels"]["mosaic"] >= 3 and r["fits"]
     # FSDP moves weights: a few times the model's parameter bytes per chip per step.
