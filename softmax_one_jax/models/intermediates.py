@@ -94,8 +94,7 @@ def stack_by_layer(recorded: nnx.State) -> dict[str, Any]:
     by_name.setdefault(str(path[-1]), []).append((tuple(path[:-1]), value[-1]))
   out = {}
   for name, entries in by_name.items():
-    entries.sort(key=lambda e: tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p))
-                                     for p in e[0]))
+    entries.sort(key=lambda e: [(isinstance(p, str), p) for p in e[0]])  # blocks.2 < blocks.10
     out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[value for _, value in entries])
   return out
 

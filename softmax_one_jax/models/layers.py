@@ -66,11 +66,24 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    rows_ni = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-    y_no = rows_ni @ self.kernel[...].astype(self.dtype)
-    if self.bias is not None:
-      y_no = y_no + self.bias[...].astype(self.dtype)
-    return y_no.reshape(*x.shape[:-1], y_no.shape[-1])
+    bias_o = None if self.bias is None else self.bias[...]
+    return token_rows_matmul(x, self.kernel[...], bias_o, self.dtype)
+
+
+def token_rows_matmul(x: jax.Array, kernel_io: jax.Array, bias_o: jax.Array | None,
+                      dtype: jnp.dtype) -> jax.Array:
+  """``x [..., I] @ kernel [I, O] (+ bias [O])`` in ``dtype``, as one ``[rows, I]`` matmul.
+
+  The leading axes of ``x`` become the rows (see ``Dense`` for why); the result has them back.
+
+  Example:
+    >>> token_rows_matmul(jnp.ones((2, 3, 4)), jnp.ones((4, 5)), None, jnp.float32).shape
+    (2, 3, 5)
+  """
+  y_no = x.reshape(-1, x.shape[-1]).astype(dtype) @ kernel_io.astype(dtype)
+  if bias_o is not None:
+    y_no = y_no + bias_o.astype(dtype)
+  return y_no.reshape(*x.shape[:-1], y_no.shape[-1])
 
 
 def dense(
@@ -292,11 +305,9 @@ class QKVProjection(nnx.Module):
     """``(q [B, T, N, H], k [B, T, K, H], v [B, T, K, H])`` in the compute dtype."""
     b, t, _ = x_btd.shape
     d, k, s, h = self.kernel.shape
-    kernel = self.kernel[...].astype(self.dtype).reshape(d, k * s * h)
-    rows_nd = x_btd.reshape(b * t, d).astype(self.dtype)    # tokens as rows, as in ``Dense``
-    y_btksh = (rows_nd @ kernel).reshape(b, t, k, s, h)
-    if self.bias is not None:
-      y_btksh = y_btksh + self.bias[...].astype(self.dtype)
+    bias_f = None if self.bias is None else self.bias[...].reshape(k * s * h)
+    y_btf = token_rows_matmul(x_btd, self.kernel[...].reshape(d, k * s * h), bias_f, self.dtype)
+    y_btksh = y_btf.reshape(b, t, k, s, h)
     q_btnh = y_btksh[:, :, :, :-2].reshape(b, t, k * (s - 2), h)
     return q_btnh, y_btksh[:, :, :, -2], y_btksh[:, :, :, -1]
 
