@@ -29,6 +29,7 @@ Usage::
   python bench/train.py --shapes=tiny --steps=10
   python bench/train.py --no_host_allocator   # glibc's default malloc, for comparison
   python bench/train.py --no_floor          # skip timing the step's matmuls alone
+  python bench/train.py --loss_chunk_logits=524288   # also with the loss's chunk opt-in
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def attention_flops_per_token(cfg, seq: int) -> float:
   return 12 * cfg.num_layers * cfg.d_model * seq
 
 
-def _config(shape: str, softmax: str, optimizer: str):
+def _config(shape: str, softmax: str, optimizer: str, loss_chunk_logits: int = 0):
   preset, tokenizer, bpe_vocab, batch, seq = SHAPES[shape]
   c = get_base_config()
   c.seq_len, c.global_batch_size = seq, batch
@@ -185,6 +186,7 @@ def _config(shape: str, softmax: str, optimizer: str):
   c.optimizer.name = optimizer
   c.optimizer.warmup_steps = 0
   c.mesh.fsdp = 1
+  c.loss_chunk_logits = loss_chunk_logits
   return c
 
 
@@ -201,7 +203,8 @@ def jax_stepper(c, tok, data, census: bool = False
   mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   model_cfg = model_config_from(c, tok.vocab_size)
   tx, schedule = build_optimizer(c.optimizer, c.num_train_steps)
-  setup = make_setup(model_cfg, tx, schedule, mesh, seed=0)
+  setup = make_setup(model_cfg, tx, schedule, mesh, seed=0,
+                     loss_chunk_logits=c.loss_chunk_logits or None)
   state = init_train_state(setup, model_cfg, seed=0)
   step = jit_train_step(setup, 1, c.global_batch_size)
   sh = mesh_lib.batch_sharding(mesh, c.global_batch_size)
@@ -276,6 +279,9 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--no_floor", action="store_true", help="skip the matmul-floor runners")
   p.add_argument("--no_host_allocator", action="store_true",
                  help="leave glibc's malloc at its defaults (for comparison)")
+  p.add_argument("--loss_chunk_logits", default="",
+                 help="comma-separated budgets of config.loss_chunk_logits: each also times both "
+                      "JAX variants with the loss's chunks of at most that many logits")
   args = p.parse_args(argv)
   # Before the first computation starts jax's CPU threads.
   allocator = not args.no_host_allocator and configure_host_allocator()
@@ -292,10 +298,14 @@ def main(argv=None) -> list[dict]:
     tok = get_tokenizer(c.data)
     data = batches(c, tok, args.warmup + args.steps)
     runners, model_cfg, matmuls = {}, None, None
+    budgets = [int(b) for b in args.loss_chunk_logits.split(",") if b]
     for variant in (baseline, ("softmax1", "orthoadam")):
       run, cfg, found = jax_stepper(_config(shape, *variant), tok, data,
                                     census=variant == baseline and not args.no_floor)
       runners[f"jax ({variant[0]}+{variant[1]})"] = run
+      for budget in budgets:
+        runners[f"jax ({variant[0]}+{variant[1]}), loss_chunk_logits={budget}"] = jax_stepper(
+            _config(shape, *variant, loss_chunk_logits=budget), tok, data)[0]
       if variant == baseline:
         model_cfg, matmuls = cfg, found
         if not args.no_torch:
@@ -315,7 +325,7 @@ def main(argv=None) -> list[dict]:
     fpt = flops_per_token(model_cfg) + attention_flops_per_token(model_cfg, c.seq_len)
     torch_sec = next((v for k, v in seconds.items() if k.startswith("pytorch")), None)
     for impl, sec in seconds.items():
-      baseline_row = impl.startswith("jax (softmax+")
+      baseline_row = impl == "jax (softmax+adamw)"
       row = {"shape": shape, "impl": impl, "batch": c.global_batch_size, "seq": c.seq_len,
              "step_s": sec, "tokens_per_s": tokens / sec, "mfu": fpt * tokens / sec / peak,
              "vs_pytorch": torch_sec / sec if torch_sec else None,

@@ -55,27 +55,32 @@ def weighted_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights
 # compute-bound on accelerators, whose matmul peak is some 100-600 FLOPs per byte of memory
 # bandwidth. A smaller budget (2^22: 83 and 32 rows) would push the head towards the speed of
 # memory there; it could only pay off where the unembedding sits in a cache, as on a small CPU
-# model, which is not a reason to change the rule for every platform.
+# model, which is not a reason to change the rule for every platform: such hosts opt in
+# (``sequence_chunk``'s ``logits_per_device``).
 _CHUNK_LOGITS_PER_DEVICE = 1 << 24
 
 
-def sequence_chunk(batch: int, seq: int, vocab: int, max_logits: int | None = None) -> int:
-  """The largest divisor ``c`` of ``seq`` with ``batch * c * vocab <= max_logits`` (at least 1).
+def sequence_chunk(batch: int, seq: int, vocab: int, logits_per_device: int | None = None) -> int:
+  """The largest divisor ``c`` of ``seq`` with ``batch * c * vocab <= budget`` (at least 1).
 
-  ``max_logits`` defaults to 2^24 elements (64 MiB of float32) per device: times the devices of
-  the mesh in context, else ``jax.device_count()``, since the batch axis is sharded over them.
-  The same budget on every platform: bounded memory for any vocabulary, and enough rows per
-  chunk (``batch * c``, hundreds at a 50k vocabulary) for the head's matmuls to be
-  compute-bound rather than re-reading the unembedding at memory speed.
+  The budget is ``logits_per_device`` times the devices of the mesh in context, else
+  ``jax.device_count()``, since the batch axis is sharded over them. Its default, 2^24 logits
+  (64 MiB of float32) per device, is the same on every platform: bounded memory for any
+  vocabulary, and enough rows per chunk (``batch * c``, hundreds at a 50k vocabulary) for the
+  head's matmuls to be compute-bound rather than re-reading the unembedding at memory speed.
+  A smaller budget is a speed opt-in for hosts where a chunk then stays in cache (training's
+  ``config.loss_chunk_logits``; measured in ``bench/train.py``).
 
   Example:
-    >>> sequence_chunk(4, 256, 50257, max_logits=1 << 24)
+    >>> sequence_chunk(4, 256, 50257, logits_per_device=1 << 24)   # on one device
     64
   """
-  if max_logits is None:
-    mesh = current_mesh()
-    devices = jax.device_count() if mesh is None else mesh.size
-    max_logits = _CHUNK_LOGITS_PER_DEVICE * devices
+  if logits_per_device is None:
+    logits_per_device = _CHUNK_LOGITS_PER_DEVICE
+  if logits_per_device <= 0:
+    raise ValueError(f"logits_per_device must be positive; got {logits_per_device}.")
+  mesh = current_mesh()
+  max_logits = logits_per_device * (jax.device_count() if mesh is None else mesh.size)
   best = 1
   for c in range(1, seq + 1):
     if seq % c == 0 and batch * c * vocab <= max_logits:

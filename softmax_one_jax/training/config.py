@@ -45,7 +45,8 @@ _POSITIVE_INTS = ("seq_len", "global_batch_size", "grad_accum_steps", "num_train
                   "max_nonfinite_steps", "log_every_steps")
 _NON_NEGATIVE_INTS = ("optimizer.warmup_steps", "optimizer.decay_steps", "eval_every_steps",
                       "eval_batches", "outlier_every_steps", "checkpoint.every_steps",
-                      "model.vocab_size", "data_shards", "optimizer.seed")
+                      "model.vocab_size", "data_shards", "optimizer.seed",
+                      "loss_chunk_logits")
 _POSITIVE_NUMBERS = ("optimizer.learning_rate", "optimizer.eps")
 _UNIT_INTERVAL = ("optimizer.b1", "optimizer.b2", "optimizer.end_lr_fraction", "optimizer.momentum")
 _NON_NEGATIVE_NUMBERS = ("optimizer.weight_decay", "optimizer.grad_clip_norm")  # 0 disables

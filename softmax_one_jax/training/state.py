@@ -66,6 +66,9 @@ class TrainSetup:
   mesh: Mesh
   state_shardings: TrainState    # NamedSharding per leaf
   abstract_state: TrainState     # ShapeDtypeStruct (with sharding) per leaf
+  # Logits per device in one chunk of the fused LM-head loss; None: the platform-neutral default
+  # of ``models.loss.sequence_chunk``. Smaller is a speed opt-in for hosts with small caches.
+  loss_chunk_logits: int | None = None
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
@@ -177,7 +180,7 @@ def _init_fn(model_cfg: Any, tx: optax.GradientTransformation, seed: int
 
 
 def make_setup(model_cfg: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               mesh: Mesh, seed: int) -> TrainSetup:
+               mesh: Mesh, seed: int, loss_chunk_logits: int | None = None) -> TrainSetup:
   """Graph, shardings and abstract state of a run; allocates no parameters.
 
   Args:
@@ -186,6 +189,7 @@ def make_setup(model_cfg: Any, tx: optax.GradientTransformation, schedule: optax
     schedule: its learning-rate schedule (for metrics).
     mesh: the device mesh.
     seed: parameter-initialisation seed (also seeds the training RNG).
+    loss_chunk_logits: logits per device per chunk of the loss (None: the default budget).
 
   Returns:
     A ``TrainSetup``; ``setup.abstract_state`` is the restore target for checkpoints.
@@ -205,16 +209,18 @@ def make_setup(model_cfg: Any, tx: optax.GradientTransformation, schedule: optax
   if jax.tree.leaves(abs_rest):
     rest = jax.jit(lambda: init()[1], out_shardings=jax.tree.map(lambda _: rep, abs_rest))()
   return TrainSetup(graphdef=graphdef, rest=rest, tx=tx, schedule=schedule, mesh=mesh,
-                    state_shardings=shardings, abstract_state=abstract)
+                    state_shardings=shardings, abstract_state=abstract,
+                    loss_chunk_logits=loss_chunk_logits)
 
 
 def setup_for_run(model_cfg: Any, opt: ml_collections.ConfigDict, num_train_steps: int,
-                  mesh: Mesh, seed: int, rotation_mesh: Any = None) -> TrainSetup:
+                  mesh: Mesh, seed: int, rotation_mesh: Any = None,
+                  loss_chunk_logits: int | None = None) -> TrainSetup:
   """``make_setup`` with the run's optimizer built for its mesh (``build_optimizer`` given the
   parameter shardings, so OrthoAdam's rotations act within each shard).
 
   Args:
-    model_cfg, mesh, seed: as ``make_setup``.
+    model_cfg, mesh, seed, loss_chunk_logits: as ``make_setup``.
     opt, num_train_steps: as ``build_optimizer``.
     rotation_mesh: the mesh whose shards OrthoAdam's rotations follow (default ``mesh``); e.g.
       ``jax.sharding.AbstractMesh`` of a run's training mesh, to read its checkpoint elsewhere.
@@ -226,7 +232,7 @@ def setup_for_run(model_cfg: Any, opt: ml_collections.ConfigDict, num_train_step
   tx, schedule = build_optimizer(opt, num_train_steps,
                                  param_shardings(abstract_params, rotation_mesh or mesh),
                                  abstract_params)
-  return make_setup(model_cfg, tx, schedule, mesh, seed)
+  return make_setup(model_cfg, tx, schedule, mesh, seed, loss_chunk_logits)
 
 
 def init_train_state(setup: TrainSetup, model_cfg: Any, seed: int) -> TrainState:
@@ -274,5 +280,6 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
   for axis in mesh_lib.MESH_AXES:   # config.json records the mesh the run really used
     config.mesh[axis] = int(mesh.shape[axis])
   setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, config.seed,
-                        rotation_mesh=rotation_mesh)
+                        rotation_mesh=rotation_mesh,
+                        loss_chunk_logits=config.loss_chunk_logits or None)
   return tokenizer, config, model_cfg, setup

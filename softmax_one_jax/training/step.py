@@ -23,20 +23,22 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from softmax_one_jax.data import BATCH_KEYS
-from softmax_one_jax.models.loss import linear_cross_entropy
+from softmax_one_jax.models.loss import linear_cross_entropy, sequence_chunk
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.training.state import TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
 
 
-def _loss_sums(params: nnx.State, batch: Batch, graphdef: Any, rest: Any
-               ) -> tuple[jax.Array, jax.Array]:
-  """Weighted token-loss sums; the LM head and softmax are fused (no [B, T, V] logits)."""
-  model = nnx.merge(graphdef, params, rest)
+def _loss_sums(params: nnx.State, batch: Batch, setup: TrainSetup) -> tuple[jax.Array, jax.Array]:
+  """Weighted token-loss sums; the LM head and softmax are fused (no [B, T, V] logits), a chunk
+  of at most ``setup.loss_chunk_logits`` logits per device at a time."""
+  model = nnx.merge(setup.graphdef, params, setup.rest)
   x_btd = model.features(batch["inputs"], segment_ids=batch["segment_ids"],
                          positions=batch["positions"])
-  return linear_cross_entropy(x_btd, model.unembedding(), batch["targets"], batch["weights"])
+  unembed_vd = model.unembedding()
+  chunk = sequence_chunk(*x_btd.shape[:2], unembed_vd.shape[0], setup.loss_chunk_logits)
+  return linear_cross_entropy(x_btd, unembed_vd, batch["targets"], batch["weights"], chunk=chunk)
 
 
 def _microbatches(batch: Batch, num: int, sharding: NamedSharding | None) -> Batch:
@@ -67,19 +69,19 @@ def make_train_step(setup: TrainSetup, grad_accum_steps: int = 1,
     clipping), "learning_rate", "tokens" (sum of weights), "finite" (1.0 if applied),
     "nonfinite_total".
   """
-  graphdef, rest, tx, schedule = setup.graphdef, setup.rest, setup.tx, setup.schedule
+  tx, schedule = setup.tx, setup.schedule
   grad_fn = jax.value_and_grad(_loss_sums, has_aux=True)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     batch = {k: batch[k] for k in BATCH_KEYS}
     if grad_accum_steps == 1:
-      (loss_sum, weight_sum), grads = grad_fn(state.params, batch, graphdef, rest)
+      (loss_sum, weight_sum), grads = grad_fn(state.params, batch, setup)
     else:
       micro = _microbatches(batch, grad_accum_steps, microbatch_sharding)
 
       def body(carry, mb):
         g_acc, l_acc, w_acc = carry
-        (l, w), g = grad_fn(state.params, mb, graphdef, rest)
+        (l, w), g = grad_fn(state.params, mb, setup)
         return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, w_acc + w), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -152,10 +154,9 @@ def jit_eval_step(setup: TrainSetup, batch_size: int
   """
   b_sh = mesh_lib.batch_sharding(setup.mesh, batch_size)
   rep = mesh_lib.replicated(setup.mesh)
-  graphdef, rest = setup.graphdef, setup.rest
 
   def eval_step(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    return _loss_sums(params, {k: batch[k] for k in BATCH_KEYS}, graphdef, rest)
+    return _loss_sums(params, {k: batch[k] for k in BATCH_KEYS}, setup)
 
   return jax.jit(in_mesh(eval_step, setup.mesh), in_shardings=(setup.state_shardings.params,
                                           {k: b_sh for k in BATCH_KEYS}),

@@ -104,9 +104,11 @@ def test_model_features_times_unembedding_are_the_logits(tie):
 
 
 def test_sequence_chunk_is_the_largest_divisor_within_the_bound():
-  for b, t, v, cap in [(16, 128, 4096, 1 << 20), (4, 256, 50257, 1 << 24), (1, 7, 10, 30),
-                       (64, 256, 50257, 1 << 20)]:
-    c = sequence_chunk(b, t, v, max_logits=cap)
+  n = jax.device_count()
+  for b, t, v, per_device in [(16, 128, 4096, 1 << 20), (4, 256, 50257, 1 << 24), (1, 7, 10, 30),
+                              (64, 256, 50257, 1 << 20)]:
+    cap = per_device * n
+    c = sequence_chunk(b, t, v, logits_per_device=per_device)
     assert t % c == 0 and (c == 1 or b * c * v <= cap)
     assert c == t or b * next(d for d in range(c + 1, t + 1) if t % d == 0) * v > cap
 

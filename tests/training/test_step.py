@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from softmax_one_jax.models.loss import weighted_cross_entropy
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.rundir import model_config_from
-from softmax_one_jax.training.state import (build_optimizer, init_train_state,
+from softmax_one_jax.training.state import (build_optimizer, build_run, init_train_state,
                                             learning_rate_schedule, make_setup)
-from softmax_one_jax.training.step import jit_train_step
+from softmax_one_jax.training.step import in_mesh, jit_train_step, make_train_step
 from tests.training._micro import micro_config, random_batch
 
 VOCAB = 512
@@ -50,7 +53,7 @@ def test_schedule_is_linear_warmup_then_cosine():
     np.testing.assert_allclose(float(s(t)), want, rtol=1e-5, atol=1e-9)
 
 
-def _setup(optimizer, mesh, lr=3e-3):
+def _setup(optimizer, mesh, lr=3e-3, loss_chunk_logits=None):
   c = micro_config(optimizer=optimizer)
   c.optimizer.learning_rate = lr
   c.optimizer.warmup_steps = 0
@@ -61,7 +64,7 @@ def _setup(optimizer, mesh, lr=3e-3):
   c.optimizer.eps = 1e-3
   model_cfg = model_config_from(c, VOCAB)
   tx, schedule = build_optimizer(c.optimizer, c.num_train_steps)
-  setup = make_setup(model_cfg, tx, schedule, mesh, seed=0)
+  setup = make_setup(model_cfg, tx, schedule, mesh, seed=0, loss_chunk_logits=loss_chunk_logits)
   return setup, init_train_state(setup, model_cfg, seed=0)
 
 
@@ -127,6 +130,37 @@ def test_gradient_accumulation_equals_one_big_batch(batches, single_device_runs)
   ref_state, ref_m = single_device_runs("adamw")
   one = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   got_state, got_m = _run(*_setup("adamw", one), batches, 8, accum=4)
+  for a, b in zip(got_m, ref_m):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  _assert_states_close(got_state, ref_state)
+
+
+def _scan_lengths(jaxpr) -> list[int]:
+  """Lengths of every ``lax.scan`` in ``jaxpr`` and its sub-jaxprs."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      found.append(eqn.params["length"])
+    for sub in jaxprs_in_params(eqn.params):
+      found += _scan_lengths(sub)
+  return found
+
+
+def test_loss_chunk_opt_in_changes_the_chunks_not_the_step(batches, single_device_runs):
+  """``config.loss_chunk_logits`` reaches the step's loss, which then scans over more chunks and
+  computes the same step as the default single chunk."""
+  c = micro_config(optimizer="adamw", loss_chunk_logits=8 * 4 * VOCAB)
+  assert build_run(c, devices=jax.devices()[:1])[3].loss_chunk_logits == 8 * 4 * VOCAB
+  one = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  ref_state, ref_m = single_device_runs("adamw")
+  setup, state = _setup("adamw", one, loss_chunk_logits=8 * 4 * VOCAB)
+  batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
+  default_setup, _ = _setup("adamw", one)
+  scans = lambda s: Counter(_scan_lengths(jax.make_jaxpr(in_mesh(make_train_step(s), one))(state, batch).jaxpr))
+  # The loss's scans (forward and gradient) over 32 / 4 chunks instead of one.
+  added, removed = scans(setup) - scans(default_setup), scans(default_setup) - scans(setup)
+  assert set(added) == {32 // 4} and set(removed) == {1} and added[8] == removed[1]
+  got_state, got_m = _run(setup, state, batches, 8)
   for a, b in zip(got_m, ref_m):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
   _assert_states_close(got_state, ref_state)
