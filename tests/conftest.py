@@ -3,10 +3,21 @@
 XLA reads the flag when jax initialises its backends, so this must run before any test imports jax.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent XLA compilation cache for the whole session, empty at its start: the same
+# programs are compiled in many tests and in the training subprocesses they start (a resumed run
+# compiles what the interrupted one did), and jax reads the directory from the environment, which
+# xdist's workers and every subprocess inherit. The process that makes it removes it at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="softmax_one_jax_test_xla_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 from softmax_one_jax.runtime import apply_cpu_workarounds  # noqa: E402  (no backend started yet)
 
@@ -24,18 +35,19 @@ def np_rng(request) -> np.random.Generator:
   return np.random.default_rng(seed)
 
 
-# The longest tests, run first (seconds alone on a 2-core machine: 165, 62, 84, 68). Under
-# ``pytest -n 2`` xdist's load scheduler hands each worker a chunk of consecutive tests at the
-# start; with ``--maxschedchunk=2`` (pytest.ini) the first worker gets the first two of this list
-# and the second worker the next two, so the longest ones run side by side instead of ending the
-# run one after another on one worker. Only the order changes: every test runs, unchanged.
+# The longest tests, run first (seconds each in a full ``-n 2`` run on a 2-core machine: 191,
+# 145, 108, 90, 82, 72). Under ``pytest -n 2`` xdist's load scheduler hands each worker a chunk
+# of consecutive tests at the start; with ``--maxschedchunk=2`` (pytest.ini) the first worker
+# gets the first two of this list and the second worker the next two, so the longest ones run side
+# by side instead of ending the run one after another on one worker. Only the order changes:
+# every test runs, unchanged.
 SLOWEST_FIRST = (
-    "tests/training/test_aot.py::test_gpt2_60m_orthoadam_moves_what_adamw_moves_on_a_v5e_slice",
-    "tests/training/test_resume.py::"
-    "test_sigkill_and_sigterm_resume_reproduce_the_uninterrupted_losses",
-    "tests/training/test_sharded_step.py::"
-    "test_step_with_pallas_attention_per_shard_equals_one_device[pallas_tpu-layout1]",
+    "tests/test_notebooks.py::test_notebook_runs_in_the_small_setting[softmax_one_tour]",
+    "tests/test_notebooks.py::test_notebook_runs_in_the_small_setting[orthoadam_in_your_code]",
+    "tests/test_notebooks.py::test_notebook_runs_in_the_small_setting[outliers_and_quantisation]",
+    "tests/test_notebooks.py::test_notebook_runs_in_the_small_setting[extreme_token_lab]",
     "tests/experiments/test_lab.py::test_softmax_adamw_grows_an_attention_sink_on_bigram_backcopy",
+    "tests/test_notebooks.py::test_notebook_runs_in_the_small_setting[scale_out]",
 )
 
 
