@@ -29,7 +29,7 @@ Usage::
   python bench/train.py --shapes=tiny --steps=10
   python bench/train.py --no_host_allocator   # glibc's default malloc, for comparison
   python bench/train.py --no_floor          # skip timing the step's matmuls alone
-  python bench/train.py --loss_chunk_logits=524288   # also with the loss's chunk opt-in
+  python bench/train.py --loss_chunk_logits=524288   # also with a lower logit cap in the loss
 """
 
 from __future__ import annotations

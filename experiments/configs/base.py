@@ -108,9 +108,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.outlier_every_steps = 100     # first-token attention, kurtosis, max |activation|; 0 disables
   c.outlier_batch_size = 8
   c.max_nonfinite_steps = 10      # stop after this many consecutive non-finite steps
-  # Logits per device in one chunk of the fused LM-head loss; 0 = 2^24, the same on every
-  # platform. Smaller chunks are a speed opt-in on hosts where they then stay in cache (a small
-  # model on CPU: bench/RESULTS.md); the results do not change.
+  # Most logits per device in one chunk of the fused LM-head loss (chunks also hold at most 512
+  # tokens per device); 0 = 2^24, the same on every platform. Smaller saves memory at large
+  # vocabularies, at some speed (bench/train.py --loss_chunk_logits); the results do not change.
   c.loss_chunk_logits = 0
   c.progress_bar = True
   return c

@@ -46,44 +46,46 @@ def weighted_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights
   return jnp.sum(nll_bt * w_bt), jnp.sum(w_bt)
 
 
-# The logits of one chunk, per device: 2^24 elements (64 MiB in float32). Memory: a chunk's
-# temporaries (its logits, their exponentials and their gradient) stay a few times 64 MiB for any
-# vocabulary and sequence, small beside any accelerator's or host's memory. Speed: every chunk
-# reads the whole [V, D] unembedding again for its matmuls (logits, d/dx, d/dunembed), which do
-# 2 * rows FLOPs per element of it each, so the rows per chunk (batch * c = 2^24 / V: 333 at
-# GPT-2's 50257 words, 130 at a 128k vocabulary) must stay in the hundreds for the head to be
-# compute-bound on accelerators, whose matmul peak is some 100-600 FLOPs per byte of memory
-# bandwidth. A smaller budget (2^22: 83 and 32 rows) would push the head towards the speed of
-# memory there; it could only pay off where the unembedding sits in a cache, as on a small CPU
-# model, which is not a reason to change the rule for every platform: such hosts opt in
-# (``sequence_chunk``'s ``logits_per_device``).
+# The loss's chunks, per device: at most 512 rows (tokens) and at most 2^24 logits (64 MiB of
+# float32). Speed: every chunk reads the whole [V, D] unembedding again for its matmuls (logits,
+# d/dx, d/dunembed), which do 2 * rows FLOPs per element of it each. Accelerators' matmul peak
+# is some 100-600 FLOPs per byte of memory bandwidth, so the head is compute-bound with hundreds
+# of rows per chunk; 512 rows (512 FLOPs per byte of a bfloat16 unembedding) is that on every
+# platform, and more rows only make the chunk's temporaries (its logits and their gradient)
+# larger, so that more of them fall out of the faster memories. Memory: the logit cap keeps those
+# temporaries a few times 64 MiB for any vocabulary; at large vocabularies it is the cap that
+# binds (333 rows at GPT-2's 50257 words, 130 at a 128k vocabulary).
+_CHUNK_ROWS_PER_DEVICE = 512
 _CHUNK_LOGITS_PER_DEVICE = 1 << 24
 
 
 def sequence_chunk(batch: int, seq: int, vocab: int, logits_per_device: int | None = None) -> int:
-  """The largest divisor ``c`` of ``seq`` with ``batch * c * vocab <= budget`` (at least 1).
+  """The largest divisor ``c`` of ``seq`` whose chunk of ``batch * c`` rows fits (at least 1).
 
-  The budget is ``logits_per_device`` times the devices of the mesh in context, else
-  ``jax.device_count()``, since the batch axis is sharded over them. Its default, 2^24 logits
-  (64 MiB of float32) per device, is the same on every platform: bounded memory for any
-  vocabulary, and enough rows per chunk (``batch * c``, hundreds at a 50k vocabulary) for the
-  head's matmuls to be compute-bound rather than re-reading the unembedding at memory speed.
-  A smaller budget is a speed opt-in for hosts where a chunk then stays in cache (training's
-  ``config.loss_chunk_logits``; measured in ``bench/train.py``).
+  Fits: at most 512 rows and ``logits_per_device`` logits (``batch * c * vocab``) per device, the
+  devices being those of the mesh in context, else ``jax.device_count()``, since the batch axis
+  is sharded over them. The defaults are the same on every platform: enough rows for the head's
+  matmuls to be compute-bound rather than re-reading the unembedding at memory speed, and no
+  more, with memory bounded by 2^24 logits (64 MiB of float32) for any vocabulary. A smaller
+  logit budget (training's ``config.loss_chunk_logits``) trades speed for memory at large
+  vocabularies; ``bench/train.py --loss_chunk_logits`` measures it.
 
   Example:
-    >>> sequence_chunk(4, 256, 50257, logits_per_device=1 << 24)   # on one device
+    >>> sequence_chunk(4, 256, 50257)   # on one device: 256 rows, 12.9M logits
     64
+    >>> sequence_chunk(16, 128, 4096)   # 512 rows
+    32
   """
   if logits_per_device is None:
     logits_per_device = _CHUNK_LOGITS_PER_DEVICE
   if logits_per_device <= 0:
     raise ValueError(f"logits_per_device must be positive; got {logits_per_device}.")
   mesh = current_mesh()
-  max_logits = logits_per_device * (jax.device_count() if mesh is None else mesh.size)
+  devices = jax.device_count() if mesh is None else mesh.size
+  max_rows, max_logits = _CHUNK_ROWS_PER_DEVICE * devices, logits_per_device * devices
   best = 1
   for c in range(1, seq + 1):
-    if seq % c == 0 and batch * c * vocab <= max_logits:
+    if seq % c == 0 and batch * c <= max_rows and batch * c * vocab <= max_logits:
       best = c
   return best
 
@@ -212,7 +214,7 @@ def linear_cross_entropy(x_btd: jax.Array, unembed_vd: jax.Array, targets_bt: ja
   """``weighted_cross_entropy(x @ unembed^T, targets, weights)`` without the ``[B, T, V]`` logits.
 
   The LM head and the loss, fused: logits are made a sequence chunk at a time (``[B, c, V]``,
-  by default at most 2^24 logits, 64 MiB of float32, per device: see ``sequence_chunk``) in a
+  by default at most 512 rows and 2^24 logits per device: see ``sequence_chunk``) in a
   ``lax.scan``, so the full logits, their softmax and their gradient never exist. Under
   differentiation the same pass over the chunks also makes the gradient with respect to ``x``,
   the unembedding and the weights (a ``jax.custom_jvp`` whose tangent is the inner product of that

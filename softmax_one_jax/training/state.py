@@ -66,8 +66,8 @@ class TrainSetup:
   mesh: Mesh
   state_shardings: TrainState    # NamedSharding per leaf
   abstract_state: TrainState     # ShapeDtypeStruct (with sharding) per leaf
-  # Logits per device in one chunk of the fused LM-head loss; None: the platform-neutral default
-  # of ``models.loss.sequence_chunk``. Smaller is a speed opt-in for hosts with small caches.
+  # Most logits per device in one chunk of the fused LM-head loss; None: the platform-neutral
+  # default of ``models.loss.sequence_chunk``. Smaller saves memory at large vocabularies.
   loss_chunk_logits: int | None = None
 
 

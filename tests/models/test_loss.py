@@ -103,23 +103,30 @@ def test_model_features_times_unembedding_are_the_logits(tie):
   np.testing.assert_allclose(np.asarray(via_features), np.asarray(logits), rtol=1e-5, atol=1e-5)
 
 
+def _largest_chunk(b: int, t: int, v: int, max_rows: int, max_logits: int) -> int:
+  return max([1] + [c for c in range(1, t + 1)
+                    if t % c == 0 and b * c <= max_rows and b * c * v <= max_logits])
+
+
 def test_sequence_chunk_is_the_largest_divisor_within_the_bound():
   n = jax.device_count()
   for b, t, v, per_device in [(16, 128, 4096, 1 << 20), (4, 256, 50257, 1 << 24), (1, 7, 10, 30),
                               (64, 256, 50257, 1 << 20)]:
-    cap = per_device * n
     c = sequence_chunk(b, t, v, logits_per_device=per_device)
-    assert t % c == 0 and (c == 1 or b * c * v <= cap)
-    assert c == t or b * next(d for d in range(c + 1, t + 1) if t % d == 0) * v > cap
+    assert t % c == 0
+    assert c == _largest_chunk(b, t, v, 512 * n, per_device * n)
 
 
 def test_default_chunk_is_one_budget_per_device():
-  # 2^24 logits per device, whatever the platform and the unembedding's width.
+  # At most 512 rows and 2^24 logits per device, whatever the platform and the vocabulary: the
+  # rows bind at small vocabularies, the logits at large ones.
   n = jax.device_count()
-  largest = lambda b, t, v, cap: max(c for c in range(1, t + 1) if t % c == 0 and b * c * v <= cap)
-  for b, t, v in [(16, 128, 4096), (4 * n, 256, 50257), (64 * n, 256, 50257), (1, 7, 1 << 25)]:
-    want = largest(b, t, v, n << 24) if b * v <= n << 24 else 1
+  cases = {(16, 128, 4096): 32 if n == 1 else None, (4 * n, 256, 50257): 64,
+           (64 * n, 256, 50257): 4, (1, 7, 1 << 25): 1, (2 * n, 1024, 512): 256}
+  for (b, t, v), hand in cases.items():
+    want = _largest_chunk(b, t, v, 512 * n, n << 24)
     assert sequence_chunk(b, t, v) == want
+    assert hand is None or want == hand
 
 
 def test_bad_shapes_and_chunks_fail_clearly():
