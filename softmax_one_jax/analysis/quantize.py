@@ -6,10 +6,10 @@ exactly on the quantisation grid, so perplexity measures the quantisation error 
 What is quantised is one rule for every model family (``COVERAGE_RULE``): every matrix that
 multiplies activations. That is every linear layer (``qkv_proj``, ``o_proj``,
 ``up/gate/down_proj``) and the output head, whether it is its own ``lm_head`` (Llama-2) or the
-token embedding read as ``x @ E.T`` (tied, GPT-2); under an activation scheme the input of each of them, the head's
-included, is quantised too. The token-embedding lookup (a gather, no multiply) is quantised only
-with ``include_embeddings`` (scheme suffix ``+emb``). Position embeddings, norms, biases and sink
-logits stay float. ``quantized_tensors`` lists what a scheme covers in a given model.
+token embedding read as ``x @ E.T`` (tied, GPT-2); under an activation scheme the input of each
+of them, the head's included, is quantised too. The token-embedding lookup (a gather, no
+multiply) is quantised only with ``include_embeddings`` (scheme suffix ``+emb``). Position
+embeddings, norms, biases and sink logits stay float. ``quantized_tensors`` lists what a scheme covers in a given model.
 
 The head's output channels are vocabulary rows and its groups run along ``d_model``, tied or
 not. The quantisers and the named schemes (``SCHEMES``) are ``analysis.quant_schemes``.

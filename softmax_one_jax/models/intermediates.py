@@ -31,9 +31,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-INTERMEDIATES = ("hidden", "values", "attention_probs", "attention_stats")
-
-
 @dataclasses.dataclass(frozen=True)
 class SowConfig:
   """Which intermediates the layers record (``nnx.sow``); all off by default.
@@ -63,6 +60,10 @@ class SowConfig:
     if unknown:
       raise ValueError(f"unknown intermediates {unknown}; expected some of {INTERMEDIATES}.")
     return cls(**{name: True for name in names})
+
+
+# The names ``with_intermediates`` accepts: SowConfig's fields.
+INTERMEDIATES = tuple(field.name for field in dataclasses.fields(SowConfig))
 
 
 def sowing(model: nnx.Module, sow_config: SowConfig) -> nnx.Module:

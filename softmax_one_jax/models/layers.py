@@ -307,9 +307,8 @@ class QKVProjection(nnx.Module):
     d, k, s, h = self.kernel.shape
     bias_f = None if self.bias is None else self.bias[...].reshape(k * s * h)
     y_btf = token_rows_matmul(x_btd, self.kernel[...].reshape(d, k * s * h), bias_f, self.dtype)
-    y_btksh = y_btf.reshape(b, t, k, s, h)
-    q_btnh = y_btksh[:, :, :, :-2].reshape(b, t, k * (s - 2), h)
-    return q_btnh, y_btksh[:, :, :, -2], y_btksh[:, :, :, -1]
+    q_btf, k_btf, v_btf = split_qkv(y_btf.reshape(b, t, k, s, h))
+    return (q_btf.reshape(b, t, -1, h), k_btf.reshape(b, t, k, h), v_btf.reshape(b, t, k, h))
 
 
 def fuse_qkv(q: jax.Array, k: jax.Array, v: jax.Array, num_kv_heads: int) -> jax.Array:

@@ -255,7 +255,8 @@ def merge_model(setup: TrainSetup, params: nnx.State) -> nnx.Module:
   return nnx.merge(setup.graphdef, params, setup.rest)
 
 
-def _resolve(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> ml_collections.ConfigDict:
+def _resolve(config: ml_collections.ConfigDict, tokenizer_vocab_size: int
+             ) -> ml_collections.ConfigDict:
   """A copy of the config with the model's vocabulary resolved (what config.json records)."""
   resolved = ml_collections.ConfigDict(config.to_dict())
   resolved.model.vocab_size = padded_vocab_size(config, tokenizer_vocab_size)
@@ -263,8 +264,9 @@ def _resolve(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> ml
 
 
 def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
-           rotation_mesh: Any = None):
-  """Tokenizer, resolved config, model config, mesh and setup of a run.
+              rotation_mesh: Any = None
+              ) -> tuple[Any, ml_collections.ConfigDict, Any, TrainSetup]:
+  """Tokenizer, resolved config, model config and setup (its mesh included) of a run.
 
   Args:
     config: the run config.
