@@ -109,8 +109,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.outlier_batch_size = 8
   c.max_nonfinite_steps = 10      # stop after this many consecutive non-finite steps
   # Most logits per device in one chunk of the fused LM-head loss (chunks also hold at most 512
-  # tokens per device); 0 = 2^24, the same on every platform. Smaller saves memory at large
-  # vocabularies, at some speed (bench/train.py --loss_chunk_logits); the results do not change.
+  # tokens per device); 0 = 2^24, the same on every platform. Smaller keeps smaller chunks of
+  # logits in memory; the results do not change (bench/train.py --loss_chunk_logits: its speed).
   c.loss_chunk_logits = 0
   c.progress_bar = True
   return c

@@ -67,8 +67,8 @@ def sequence_chunk(batch: int, seq: int, vocab: int, logits_per_device: int | No
   is sharded over them. The defaults are the same on every platform: enough rows for the head's
   matmuls to be compute-bound rather than re-reading the unembedding at memory speed, and no
   more, with memory bounded by 2^24 logits (64 MiB of float32) for any vocabulary. A smaller
-  logit budget (training's ``config.loss_chunk_logits``) trades speed for memory at large
-  vocabularies; ``bench/train.py --loss_chunk_logits`` measures it.
+  logit budget (training's ``config.loss_chunk_logits``) makes smaller chunks at large
+  vocabularies, fewer rows each; ``bench/train.py --loss_chunk_logits`` measures its speed.
 
   Example:
     >>> sequence_chunk(4, 256, 50257)   # on one device: 256 rows, 12.9M logits

@@ -67,7 +67,7 @@ class TrainSetup:
   state_shardings: TrainState    # NamedSharding per leaf
   abstract_state: TrainState     # ShapeDtypeStruct (with sharding) per leaf
   # Most logits per device in one chunk of the fused LM-head loss; None: the platform-neutral
-  # default of ``models.loss.sequence_chunk``. Smaller saves memory at large vocabularies.
+  # default of ``models.loss.sequence_chunk``. Smaller keeps smaller chunks of logits in memory.
   loss_chunk_logits: int | None = None
 
 
