@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -55,8 +57,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from softmax_one_jax.optim import (optimizer_state_shardings, path_name, scale_by_orthoadam,
-                                   shard_local_rotation)
+from softmax_one_jax.optim import optimizer_state_shardings, path_name, scale_by_orthoadam
 
 PLATFORM = jax.devices()[0].platform
 SMALL = os.environ.get("SOFTMAX_ONE_NOTEBOOK_SMALL") == "1"
@@ -157,7 +158,7 @@ def matrix_mask(params):
 
 
 def make_optimizer(rotation, steps: int, seed: int = 0, rotate=matrix_mask,
-                   peak_lr: float = 3e-3) -> optax.GradientTransformation:
+                   peak_lr: float = 3e-3, shardings=None) -> optax.GradientTransformation:
   """clip -> OrthoAdam (``rotate``) | Adam (the rest) -> decay (matrices) -> scale by -lr."""
 
   def adam_mask(params):
@@ -167,7 +168,8 @@ def make_optimizer(rotation, steps: int, seed: int = 0, rotate=matrix_mask,
   def chain(learning_rate, weight_decay):
     return optax.chain(
         optax.clip_by_global_norm(1.0),
-        optax.masked(scale_by_orthoadam(b2=0.99, rotation=rotation, seed=seed), rotate),
+        optax.masked(scale_by_orthoadam(b2=0.99, rotation=rotation, seed=seed,
+                                        shardings=shardings), rotate),
         optax.masked(optax.scale_by_adam(b2=0.99), adam_mask),
         optax.add_decayed_weights(weight_decay, mask=matrix_mask),
         optax.scale_by_learning_rate(learning_rate),
@@ -363,9 +365,11 @@ print("identical:", losses["continued"] == losses["restored"])
 #
 # A `("data", "model")` mesh over the devices (eight fake CPU devices here when there is no
 # accelerator). The matrices are sharded along their wider axis over `"model"`, the rest is
-# replicated. `shard_local_rotation` makes each rotation act within a shard, and
-# `optimizer_state_shardings` gives the state's shardings without building it. The train step
-# then runs on sharded arrays; the cell compares three steps with the same steps on one device.
+# replicated. `Q` does not depend on the mesh: given the shardings, OrthoAdam only chooses where
+# to rotate (each axis in a layout where it is whole, so a sharded matrix moves one shard by
+# all-to-all instead of being gathered), and `optimizer_state_shardings` gives the state's
+# shardings without building it (the moments live in that layout). The train step then runs on
+# sharded arrays; the cell compares three steps with the same optimizer on one device.
 
 # %%
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -389,7 +393,7 @@ def param_sharding(path, x):
 
 abstract_params = jax.eval_shape(lambda: params)
 shardings = jax.tree.map_with_path(param_sharding, abstract_params)
-tx = make_optimizer(shard_local_rotation("hadamard", abstract_params, shardings), STEPS)
+tx = make_optimizer("hadamard", STEPS, shardings=shardings)
 state_shardings = optimizer_state_shardings(tx, abstract_params, shardings)
 sharded_params = jax.device_put(params, shardings)
 sharded_state = jax.jit(tx.init, out_shardings=state_shardings)(sharded_params)
@@ -400,8 +404,11 @@ rot = inner.rotations["blocks"][0]["up"]["kernel"]
 rot = rot.value if isinstance(rot, nnx.Variable) else rot   # nnx wraps each leaf in its Param
 print("its rotation state:", {type(rot).__name__: [(x.shape, x.sharding.spec)
                                                    for x in jax.tree.leaves(rot)]})
+mu = inner.mu["blocks"][0]["up"]["kernel"]
+mu = mu.value if isinstance(mu, nnx.Variable) else mu
+print("its moments, in the layout the rotation ends in:", mu.sharding.spec)
 
-single_tx = make_optimizer(shard_local_rotation("hadamard", abstract_params, shardings), STEPS)
+single_tx = make_optimizer("hadamard", STEPS, shardings=shardings)
 single_step, sharded_step = make_train_step(single_tx), make_train_step(tx)
 single = (params, single_tx.init(params))
 sharded = (sharded_params, sharded_state)

@@ -17,7 +17,7 @@ import optax
 import pytest
 import scipy.stats
 from flax import nnx
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softmax_one_jax import first_token_stats, softmax1
 from softmax_one_jax.analysis.outliers import token_kurtosis
@@ -27,9 +27,7 @@ from softmax_one_jax.optim import (
     ScaleByOrthoAdamState,
     orthoadam,
     rotation_state_bytes,
-    shard_local_rotation,
 )
-from tests.optim.test_shard_local import SPECS, _abstract, _compiled_collectives, _shardings
 
 # ----------------------------------------------------------------------------- softmax-1
 
@@ -185,32 +183,12 @@ def test_rotation_cost_is_n_log_n_plus_n_m(n, m):
   assert _rotate_flops(n) <= 12.8 * n * math.log2(n) + 2 * n * m + 3 * n, (n, m)
 
 
-def _mesh_8():
-  assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
-  return jax.make_mesh((2, 4), ("data", "fsdp"))
-
-
-def test_shard_local_update_moves_no_more_data_than_adamw():
-  # "On sharded parameters, `rotation=shard_local_rotation("hadamard", abstract_params,
-  # param_shardings)` makes each rotation block-diagonal with one block per shard, so the update
-  # moves no more data between devices than AdamW's"
-  mesh = _mesh_8()
-  abstract, shardings = _abstract(SPECS, scale=4), _shardings(mesh, SPECS)
-  local = _compiled_collectives(
-      orthoadam(1e-3, weight_decay=0.1,
-                rotation=shard_local_rotation("hadamard", abstract, shardings)),
-      abstract, shardings)
-  adamw = _compiled_collectives(optax.adamw(1e-3, weight_decay=0.1), abstract, shardings)
-  total = lambda c: sum(b for _, b in c.values())
-  assert total(local) <= total(adamw), (local, adamw)
-
-
-def test_shard_local_on_one_device_is_the_default_rotation():
-  # "(on one device it is the rotation above)"
+def test_shardings_change_where_the_rotation_runs_not_q():
+  # "`orthoadam(..., shardings=param_shardings)` keeps `Q` as on one device"
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   params = {"w": jnp.zeros((768, 64)), "b": jnp.zeros((3072,))}
-  one = {k: SingleDeviceSharding(jax.devices()[0]) for k in params}
-  policy = shard_local_rotation("hadamard", params, one)
-  a = jax.jit(orthoadam(1e-3, rotation=policy).init)(params)
+  shardings = {"w": NamedSharding(mesh, P("fsdp")), "b": NamedSharding(mesh, P(("data", "fsdp")))}
+  a = jax.jit(orthoadam(1e-3, shardings=shardings).init)(jax.device_put(params, shardings))
   b = jax.jit(orthoadam(1e-3).init)(params)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

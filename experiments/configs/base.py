@@ -78,10 +78,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.1  # decoupled; matrices only (ndim >= 2)
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
   c.optimizer.rotation = config_dict.placeholder(str)  # OrthoAdam rotation family; None = default
-  c.optimizer.seed = 0            # OrthoAdam rotation seed
-  # OrthoAdam rotations act within each shard of a sharded parameter (no extra communication);
-  # False mixes whole axes across shards (the update then gathers whole parameters).
-  c.optimizer.shard_local = True
+  # OrthoAdam rotation seed: Q is a function of (seed, parameter path, shape, family), never of
+  # the mesh.
+  c.optimizer.seed = 0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1

@@ -5,8 +5,9 @@ layernorm (the default for every optimizer) | rmsnorm | scalar_rmsnorm | scalar_
 norm is its own axis, so the optimizer column changes only the optimizer. The paper's pairing of
 OrthoAdam with a scalar-gain norm is the explicit fourth part,
 ``60m,softmax1,orthoadam,scalar_layernorm`` (LayerNorm with one scalar gain: centring and bias
-kept), named ``gpt2-60m-softmax1-orthoadam-scalar_layernorm``. See paper.py for the settings and
-guesses.
+kept), named ``gpt2-60m-softmax1-orthoadam-scalar_layernorm``; ``60m,paper`` is the same cell
+(softmax-1, OrthoAdam mixing every axis whole, scalar LayerNorm). See paper.py for the settings
+and guesses.
 
 Example::
 

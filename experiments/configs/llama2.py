@@ -4,7 +4,8 @@ sizes 60m | 130m | 350m | 1b | 7b; softmax | softmax1 | learned_sink; adamw | or
 norm: rmsnorm (the default for every optimizer) | layernorm | scalar_rmsnorm | scalar_layernorm.
 The norm is its own axis, so the optimizer column changes only the optimizer. The paper's pairing
 of OrthoAdam with a scalar-gain norm is the explicit fourth part,
-``60m,softmax1,orthoadam,scalar_rmsnorm``, named ``llama2-60m-softmax1-orthoadam-scalar_rmsnorm``.
+``60m,softmax1,orthoadam,scalar_rmsnorm``, named ``llama2-60m-softmax1-orthoadam-scalar_rmsnorm``;
+``60m,paper`` is the same cell (softmax-1, OrthoAdam mixing every axis whole, scalar RMSNorm).
 1b and 7b use remat. See paper.py.
 
 Example::

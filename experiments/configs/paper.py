@@ -13,7 +13,9 @@ The norm is its own axis: by default each family keeps its own (GPT-2: LayerNorm
 RMSNorm) with either optimizer, so the optimizer column changes only the optimizer. The paper's
 pairing of OrthoAdam with a scalar-gain norm is one explicit argument away:
 ``gpt2.py:60m,softmax1,orthoadam,scalar_layernorm`` (LayerNorm with one scalar gain: centring and
-bias kept) and ``llama2.py:60m,softmax1,orthoadam,scalar_rmsnorm``.
+bias kept) and ``llama2.py:60m,softmax1,orthoadam,scalar_rmsnorm``, or ``gpt2.py:60m,paper`` and
+``llama2.py:60m,paper`` for short. The grid at the paper's norm holds it fixed in every cell:
+``60m,softmax,adamw,scalar_layernorm`` ... ``60m,softmax1,orthoadam,scalar_layernorm``.
 Slices (``config.topology``, what ``softmax-one compile`` builds for; see experiments/README.md):
 v5e:4x4 (16 x TPU v5e) up to 350M, v5p:2x2x2 (8 x TPU v5p) for 1B, v5p:4x4x4 (64 x TPU v5p) for 7B.
 Data: run ``softmax-one prepare --source c4 --output_dir data/c4`` first, or point
@@ -47,6 +49,11 @@ SLICES = {"60m": "v5e:4x4", "130m": "v5e:4x4", "350m": "v5e:4x4", "1b": "v5p:2x2
 
 # family -> its own norm, the default for every optimizer.
 FAMILY_NORMS = {"gpt2": "layernorm", "llama2": "rmsnorm"}
+# family -> the single-scalar-gain norm the paper pairs with OrthoAdam: ``SIZE,paper`` is the
+# paper's recipe (softmax-1, OrthoAdam with its default whole-axis "hadamard" rotation, this
+# norm). The paper does not say which rotation it used beyond "random orthogonal" (GUESS: a
+# randomized Hadamard product mixes every axis whole, as a dense Haar Q would).
+PAPER_NORMS = {"gpt2": "scalar_layernorm", "llama2": "scalar_rmsnorm"}
 
 
 def parse_grid_arg(arg: str, sizes: dict, family: str) -> tuple[str, str, str, str]:
@@ -64,6 +71,8 @@ def parse_grid_arg(arg: str, sizes: dict, family: str) -> tuple[str, str, str, s
     raise ValueError(f"{family} config: size={size!r} is not allowed; choose one of "
                      f"{', '.join(sizes)} (argument 'size,softmax,optimizer[,norm]', e.g. "
                      f"'{next(iter(sizes))},softmax1,orthoadam').")
+  if rest.strip().lower() == "paper":
+    return size, "softmax1", "orthoadam", PAPER_NORMS[family]
   softmax, optimizer, norm = parse_variant(rest, default_norm=FAMILY_NORMS[family])
   return size, softmax, optimizer, norm
 

@@ -169,7 +169,9 @@ def write_outputs(
   paths = {"metrics": out / "metrics.json", "table": out / "table.md"}
   payload = {"name": name, "meta": dict(meta), "metrics": dict(metrics), "report": rep.to_json()}
   paths["metrics"].write_text(json.dumps(payload, indent=1, default=float))
-  paths["table"].write_text(report.format_analysis_markdown({name: metrics}, meta_note=meta))
+  trained = {name: report.training_note(meta["config"])} if meta.get("config") else None
+  paths["table"].write_text(report.format_analysis_markdown({name: metrics}, meta_note=meta,
+                                                            trained=trained))
   if maps:
     paths["attention_maps"] = report.plot_attention_maps(maps, out / "attention_maps.png")
   pl = rep.per_layer

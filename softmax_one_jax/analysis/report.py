@@ -214,14 +214,48 @@ output channel; inputs float; embedding lookup quantised as the head.'
   return "\n".join(lines)
 
 
+# How far each OrthoAdam rotation family mixes a parameter's coordinates (the same on every mesh).
+_MIXING = {
+    "hadamard": "every axis mixed whole (block-diagonal only on an axis whose odd part exceeds "
+                "1024)",
+    "kronecker": "every axis mixed whole",
+    "dense": "the whole flattened parameter mixed",
+    "block": "blocks of 64 consecutive elements mixed",
+    "identity": "no rotation (Adam's basis)",
+}
+
+
+def training_note(config: Mapping[str, Any]) -> str:
+  """One line on a run's optimizer, OrthoAdam rotation and mixing width, and norm.
+
+  Args:
+    config: the run's flattened config (``seeds.flatten_config``), as analyses keep it.
+
+  Example:
+    >>> training_note({"optimizer.name": "orthoadam", "optimizer.rotation": "dense",
+    ...                "model.norm": "scalar_layernorm"})
+    'orthoadam, rotation dense (the whole flattened parameter mixed), norm scalar_layernorm'
+  """
+  name = config.get("optimizer.name")
+  parts = [str(name)] if name else []
+  if name == "orthoadam":
+    rotation = config.get("optimizer.rotation") or "hadamard"
+    parts.append(f"rotation {rotation} ({_MIXING.get(rotation, 'see its family')})")
+  if config.get("model.norm"):
+    parts.append(f"norm {config['model.norm']}")
+  return ", ".join(parts) or "not a training run"
+
+
 def format_analysis_markdown(
-    runs: Mapping[str, Mapping[str, Value]], meta_note: Mapping[str, Any] | None = None
+    runs: Mapping[str, Mapping[str, Value]], meta_note: Mapping[str, Any] | None = None,
+    trained: Mapping[str, str] | None = None,
 ) -> str:
   """``table.md``: the Table 2 form, its reading notes and (with ``ppl_*``) the Table 3 form.
 
   Args:
     runs: row label -> flat metrics (lists of per-seed values for groups of seeds).
     meta_note: run metadata; its data fields head the page.
+    trained: row label -> how it was trained (``training_note``), listed under the tables.
 
   Example:
     >>> format_analysis_markdown({"a": {"perplexity": 3.0}}).splitlines()[0]
@@ -243,6 +277,9 @@ def format_analysis_markdown(
       "and max |act| of block outputs, averaged over layers (kurtosis: per token, averaged over "
       "tokens first). Penalty = PPL(quantised) - PPL(full precision).", "",
   ]
+  if trained:
+    parts += ["Trained with:", ""] + [f"- {label}: {note}" for label, note in trained.items()]
+    parts += [""]
   if any(k.startswith("ppl_") for m in runs.values() for k in m):
     parts += ["## Round-to-nearest quantisation (Table 3 form)", "",
               format_quant_table(runs), ""]

@@ -7,8 +7,9 @@ Example:
   >>> from softmax_one_jax.optim import orthoadam
   >>> tx = optax.chain(optax.clip_by_global_norm(1.0), orthoadam(3e-4, weight_decay=0.1))
 
-On sharded parameters, ``shard_local_rotation`` keeps each rotation within a shard:
-  >>> tx = orthoadam(3e-4, rotation=shard_local_rotation("hadamard", abstract, shardings))
+On sharded parameters, pass their shardings: ``Q`` stays the same, and each axis is rotated in
+a layout where it is whole (an all-to-all, not an all-gather; ``layout.py``):
+  >>> tx = orthoadam(3e-4, shardings=param_shardings)
 """
 
 from softmax_one_jax.optim.orthoadam import (
@@ -34,11 +35,8 @@ from softmax_one_jax.optim.rotations import (
     haar_orthogonal,
     rotation_state_bytes,
 )
-from softmax_one_jax.optim.sharding import (
-    optimizer_state_shardings,
-    rotation_shardings,
-    shard_local_rotation,
-)
+from softmax_one_jax.optim.layout import MixingPlan, mixing_plan
+from softmax_one_jax.optim.sharding import optimizer_state_shardings, rotation_shardings
 
 __all__ = [
     "DEFAULT_ROTATION",
@@ -51,10 +49,12 @@ __all__ = [
     "HadamardRotation",
     "Identity",
     "IdentityRotation",
+    "MixingPlan",
     "Kronecker",
     "KroneckerRotation",
     "ScaleByOrthoAdamState",
     "haar_orthogonal",
+    "mixing_plan",
     "optimizer_state_shardings",
     "orthoadam",
     "param_key",
@@ -62,5 +62,4 @@ __all__ = [
     "rotation_shardings",
     "rotation_state_bytes",
     "scale_by_orthoadam",
-    "shard_local_rotation",
 ]

@@ -1,10 +1,10 @@
-"""Per-axis block counts: block-diagonal (shard-local) "hadamard" and "kronecker" rotations.
+"""Per-axis block counts: block-diagonal "hadamard" and "kronecker" rotations.
 
 With ``blocks = (k_0, k_1, ...)``, axis ``i`` of a parameter (length ``d_i``) is cut into ``k_i``
 equal contiguous blocks of length ``b_i = d_i / k_i`` and the rotation on that axis is
 block-diagonal, ``diag(Q_i^(1), ..., Q_i^(k_i))``, each block an independent rotation of length
-``b_i``. When axis ``i`` is sharded over ``k_i`` devices, block ``j`` is device ``j``'s shard and
-the rotation moves no data between devices.
+``b_i``. The counts are the user's choice, fixed and the same on every mesh (a weaker mixing
+than the default's whole axes: coordinates mix only within a block).
 
 A blocked axis's state arrays carry the block axis first (``[k_i, b_i]`` signs, ``[k_i, b_i,
 b_i]`` Haar factors); an unblocked axis keeps its one-block shapes (``[d_i]``, ``[d_i, d_i]``).
@@ -66,8 +66,7 @@ def resolve_blocks(blocks: tuple[int, ...], shape: Shape, family: str,
   if len(blocks) > len(shape):
     raise ValueError(
         f"rotation {family!r} for parameter {name} of shape {shape} has blocks={blocks}, "
-        f"{len(blocks)} block counts for {len(shape)} axes; give at most one per axis, or use "
-        "shard_local_rotation(...) to derive them per parameter from its sharding."
+        f"{len(blocks)} block counts for {len(shape)} axes; give at most one per axis."
     )
   counts = tuple(blocks) + (1,) * (len(shape) - len(blocks))
   for axis, (d, k) in enumerate(zip(shape, counts)):
@@ -76,8 +75,7 @@ def resolve_blocks(blocks: tuple[int, ...], shape: Shape, family: str,
       raise ValueError(
           f"rotation {family!r} for parameter {name} of shape {shape}: blocks[{axis}]={k} does "
           f"not divide axis {axis} of length {d} into equal blocks. Use a block count that "
-          f"divides {d} (e.g. one of {divisors}), 1 to rotate the whole axis, or "
-          "shard_local_rotation(...) to derive the counts from the parameter's sharding."
+          f"divides {d} (e.g. one of {divisors}), or 1 to rotate the whole axis."
       )
   return counts
 

@@ -61,17 +61,17 @@ _OTHER_AXES_MAX_LOG2 = 3
 def _left_factors(x: jax.Array, axis: int, max_log2: int) -> jax.Array:
   """Unnormalised ``H_{2^k}`` along ``axis`` as small Hadamard matrices multiplied from the left.
 
-  With the axis split into factors ``[f_0, f_1, ...]``, factor ``i`` views the array as
-  ``[pre, f_i, post]`` and computes ``H_{f_i} @ x[p]`` for every ``p``: a batched matmul in the
-  array's own layout.
+  With the axis split into factors ``[f_0, f_1, ...]``, factor ``i`` views the axis alone as
+  ``[done, f_i, rest]`` and contracts ``H_{f_i}`` with its middle part. No other axis is reshaped,
+  so a sharded neighbouring axis stays sharded (``layout.py`` rotates one axis at a time).
   """
-  shape = x.shape
-  y, pre = x, math.prod(shape[:axis])
-  for c in _pow2_chunks(shape[axis].bit_length() - 1, max_log2):
+  shape, dim = x.shape, x.shape[axis]
+  y, done = x, 1
+  for c in _pow2_chunks(dim.bit_length() - 1, max_log2):
     h = jnp.asarray(sylvester_signs(c), dtype=y.dtype)
-    y = y.reshape(pre, 1 << c, -1)
-    y = jnp.matmul(jnp.broadcast_to(h, (pre,) + h.shape), y, precision=_HIGHEST)
-    pre <<= c
+    y = y.reshape(shape[:axis] + (done, 1 << c, dim // (done << c)) + shape[axis + 1:])
+    y = jnp.moveaxis(jnp.tensordot(h, y, axes=([1], [axis + 1]), precision=_HIGHEST), 0, axis + 1)
+    done <<= c
   return y.reshape(shape)
 
 

@@ -20,7 +20,7 @@ The state is ``sum d_i`` int8 signs plus ``m_i^2`` float32 per mixed axis (int32
 per permuted axis); the transform costs ``log2 d`` additions plus ``2 m_i`` multiply-adds per
 element on a mixed axis. With per-axis ``blocks`` (``axis_blocks.py``), each factor is
 block-diagonal, one independent ``Q_i`` per block of length ``d_i / k_i`` (the rules above apply
-to the block length): shard-local on a sharded parameter.
+to the block length).
 
 Example:
   >>> rot = Hadamard().init(jax.random.key(0), (4, 6))
@@ -107,28 +107,58 @@ class HadamardRotation(NamedTuple):
     mixed = tuple(i for i, b in enumerate(lengths) if is_mixed(b))
     return HadamardRotation(tuple(range(len(self.signs))), permuted, permuted, mixed)
 
-  def _rotate_one_block(self, x: jax.Array) -> jax.Array:
-    x = _scale_by_axis_signs(x, self.signs)
-    perms, mixes = iter(self.perms), iter(self.mixes)
-    for axis in range(x.ndim):
-      if is_mixed(x.shape[axis]):
-        x = _mixed_hadamard(x, axis, next(mixes), transpose=False)
+  def _axis_parts(self) -> list[tuple[jax.Array | None, jax.Array | None, jax.Array | None]]:
+    """Per axis: its ``(perm, inv_perm, mix)``, each None where the axis has none."""
+    perms, inv_perms, mixes = iter(self.perms), iter(self.inv_perms), iter(self.mixes)
+    parts = []
+    for s in self.signs:
+      b = s.shape[-1]
+      if is_mixed(b):
+        parts.append((None, None, next(mixes)))
+      elif is_permuted(b):
+        parts.append((next(perms), next(inv_perms), None))
+      else:
+        parts.append((None, None, None))
+    return parts
+
+  def _rotate_one_block(self, x: jax.Array, axes: tuple[int, ...] | None = None) -> jax.Array:
+    for axis, (perm, _, mix) in enumerate(self._axis_parts()):
+      if axes is not None and axis not in axes:
         continue
-      if is_permuted(x.shape[axis]):
-        x = jnp.take(x, next(perms), axis=axis)
+      x = _scale_along(x, self.signs[axis], axis)
+      if mix is not None:
+        x = _mixed_hadamard(x, axis, mix, transpose=False)
+        continue
+      if perm is not None:
+        x = jnp.take(x, perm, axis=axis)
       x = block_hadamard(x, axis)
     return x
 
-  def _unrotate_one_block(self, y: jax.Array) -> jax.Array:
-    inv_perms, mixes = iter(self.inv_perms), iter(self.mixes)
-    for axis in range(y.ndim):
-      if is_mixed(y.shape[axis]):
-        y = _mixed_hadamard(y, axis, next(mixes), transpose=True)
+  def _unrotate_one_block(self, y: jax.Array, axes: tuple[int, ...] | None = None) -> jax.Array:
+    for axis, (_, inv_perm, mix) in enumerate(self._axis_parts()):
+      if axes is not None and axis not in axes:
         continue
-      y = block_hadamard(y, axis)
-      if is_permuted(y.shape[axis]):
-        y = jnp.take(y, next(inv_perms), axis=axis)
-    return _scale_by_axis_signs(y, self.signs)
+      if mix is not None:
+        y = _mixed_hadamard(y, axis, mix, transpose=True)
+      else:
+        y = block_hadamard(y, axis)
+        if inv_perm is not None:
+          y = jnp.take(y, inv_perm, axis=axis)
+      y = _scale_along(y, self.signs[axis], axis)
+    return y
+
+  def rotate_axes(self, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """The factors ``Q_i`` of ``axes`` only, each along its own axis (no other axis is read).
+
+    ``Q`` is their product over all axes in any order (the factors act on different axes and
+    commute), so ``rotate`` is ``rotate_axes`` over every axis, in any grouping. One-block
+    rotations only.
+    """
+    return self._rotate_one_block(x, tuple(axes))
+
+  def unrotate_axes(self, y: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``Q_i^T`` of ``axes`` only (``rotate_axes``'s inverse on those axes)."""
+    return self._unrotate_one_block(y, tuple(axes))
 
   def rotate(self, x: jax.Array) -> jax.Array:
     return axis_blocks.apply_in_blocks(HadamardRotation._rotate_one_block, self,
@@ -173,11 +203,9 @@ def _mixed_hadamard(x: jax.Array, axis: int, r_mm: jax.Array, transpose: bool) -
   return jnp.moveaxis(y, 0, axis).reshape(shape)
 
 
-def _scale_by_axis_signs(x: jax.Array, signs: tuple[jax.Array, ...]) -> jax.Array:
-  """``x * (D_0 (x) D_1 (x) ...)``: multiplies by the outer product of per-axis sign vectors."""
-  for axis, s_d in enumerate(signs):
-    x = x * s_d.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
-  return x
+def _scale_along(x: jax.Array, s_d: jax.Array, axis: int) -> jax.Array:
+  """``x`` times the sign vector ``s_d`` (``[d]``) along ``axis``: one factor of ``D``."""
+  return x * s_d.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,9 +219,8 @@ class Hadamard:
     blocks: block count per axis (``()``: one per axis; shorter: padded with 1s). Axis ``i`` is
       cut into ``blocks[i]`` equal contiguous blocks, each an independent randomized Hadamard
       (own signs; own ``R`` or permutation if the block length is not a power of two), so ``Q``
-      mixes coordinates only within a block: with ``blocks[i]`` = the shard count of a sharded axis,
-      the rotation is shard-local (``shard_local_rotation`` sets this from the shardings). Each
-      must divide its axis.
+      mixes coordinates only within a block. Each must divide its axis. The default, one block
+      per axis, mixes every axis whole on every mesh.
 
   Example:
     >>> rot = Hadamard(blocks=(4, 1)).init(jax.random.key(0), (768, 3072))

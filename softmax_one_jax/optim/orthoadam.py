@@ -17,6 +17,7 @@ Models", ICLR 2025 (arXiv:2410.17174).
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from softmax_one_jax.optim import layout as layout_lib
 from softmax_one_jax.optim import rotations as rot_lib
 
 Params = Any
@@ -141,6 +143,7 @@ def scale_by_orthoadam(
     rotation: Any = rot_lib.DEFAULT_ROTATION,
     seed: int | jax.Array = 0,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    shardings: Any = None,
 ) -> optax.GradientTransformation:
   """Rescales updates by Adam in a fixed random orthogonal basis (OrthoAdam, Algorithm 1).
 
@@ -155,6 +158,11 @@ def scale_by_orthoadam(
       structure (or a prefix of it). Paths look like ``"blocks.0.attn.qkv_proj.kernel"``.
     seed: the rotations are drawn from ``fold_in(key(seed), crc32(path))`` in ``init``.
     mu_dtype: dtype of the first moment (default: the parameter's).
+    shardings: optional, the params' ``NamedSharding``s (the params' structure). They change
+      where the rotation is computed, never ``Q``: each axis is rotated in a layout where it is
+      whole (``layout.py``: an all-to-all per sharded matrix, not an all-gather), and the
+      moments live in that layout (``optimizer_state_shardings`` gives the same). Without
+      them the compiler places the rotation, which on a sharded axis gathers the parameter.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a ``ScaleByOrthoAdamState``. The numeric
@@ -178,21 +186,28 @@ def scale_by_orthoadam(
     rotations = _init_rotations(params, rotation, seed)
     return ScaleByOrthoAdamState(jnp.zeros([], jnp.int32), mu, nu, rotations)
 
+  sharding_of = _shardings_by_path(shardings)
+
   def update_fn(updates, state, params=None):
     del params
     count_inc = optax.safe_increment(state.count)
-    leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=lambda x: x is None)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
     rots = treedef.flatten_up_to(state.rotations)
     out_u, out_m, out_v = [], [], []
-    for g, m, v, rot in zip(leaves, mus, nus, rots):
+    for (path, g), m, v, rot in zip(with_paths, mus, nus, rots):
       if g is None:
         out_u.append(None)
         out_m.append(m)
         out_v.append(v)
         continue
-      u, m_new, v_new = _leaf_update_any_mesh(g, m, v, rot, count_inc, b1, b2, eps, eps_root)
+      _check_rotation(rot, g.shape, path_name(path))
+      sharding = sharding_of(path_name(path))
+      plan = None if sharding is None else layout_lib.plan_for(rot, g.shape, sharding)
+      mesh = None if plan is None else sharding.mesh
+      u, m_new, v_new = _leaf_update_any_mesh(g, m, v, rot, count_inc, b1, b2, eps, eps_root,
+                                              plan, mesh)
       out_u.append(u)
       out_m.append(m_new.astype(mu_dtype if mu_dtype is not None else m.dtype))
       out_v.append(v_new.astype(v.dtype))
@@ -203,6 +218,40 @@ def scale_by_orthoadam(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _check_rotation(rot: Any, shape: tuple[int, ...], path: str) -> None:
+  """Refuses, at trace time, a rotation state drawn for another shape than the gradient's."""
+  want = rot_lib.rotated_shape(rot)
+  size = rot_lib.rotated_size(rot)
+  if (want is not None and tuple(want) != tuple(shape)) or (
+      size is not None and size != math.prod(shape)):
+    raise ValueError(
+        f"OrthoAdam's rotation for parameter {path!r} was drawn for shape {want or size}, but its "
+        f"gradient has shape {tuple(shape)}: the parameter was reshaped, or the state belongs to "
+        "other params. Build the state again with tx.init(params) (Q is derived from the seed, "
+        "the path, the shape and the family, so the new Q is the one a fresh run would use).")
+
+
+def _shardings_by_path(shardings: Any) -> Callable[[str], Any]:
+  """``path -> sharding`` for ``scale_by_orthoadam(shardings=...)`` (None: no shardings).
+
+  Matched by path, so the updates may hold fewer leaves (``optax.masked``) than the params.
+  """
+  if shardings is None:
+    return lambda path: None
+  flat = jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda x: x is None or isinstance(x, jax.sharding.Sharding))[0]
+  by_path = {path_name(p): s for p, s in flat}
+
+  def lookup(path: str) -> Any:
+    if path not in by_path:
+      raise ValueError(
+          f"scale_by_orthoadam(shardings=...) has no sharding for parameter {path!r}; give one "
+          f"per parameter, in the params' structure. Known paths: {sorted(by_path)[:8]}...")
+    return by_path[path]
+
+  return lookup
+
+
 def _explicit_sharding(x: jax.Array) -> Any:
   """``x``'s sharding when it is typed on a mesh with Explicit axes, else None."""
   sharding = getattr(jax.typeof(x), "sharding", None)
@@ -210,27 +259,30 @@ def _explicit_sharding(x: jax.Array) -> Any:
   return sharding if mesh is not None and getattr(mesh, "explicit_axes", ()) else None
 
 
-def _leaf_update_any_mesh(g, m, v, rot, count, b1, b2, eps, eps_root):
+def _leaf_update_any_mesh(g, m, v, rot, count, b1, b2, eps, eps_root, plan=None, mesh=None):
   """``_leaf_update``; on an Explicit-axes mesh the rotation runs in Auto mode (the compiler
   partitions its contractions) and the results keep the gradient's and moments' shardings."""
   g_sh, m_sh, v_sh = map(_explicit_sharding, (g, m, v))
   if g_sh is None and m_sh is None and v_sh is None:
-    return _leaf_update(g, m, v, rot, count, b1, b2, eps, eps_root)
+    return _leaf_update(g, m, v, rot, count, b1, b2, eps, eps_root, plan, mesh)
   out = (g_sh or m_sh or v_sh, m_sh or g_sh or v_sh, v_sh or m_sh or g_sh)
   fn = lambda *a: _leaf_update(*a, b1, b2, eps, eps_root)
   return jax.sharding.auto_axes(fn, out_sharding=out)(g, m, v, rot, count)
 
 
-def _leaf_update(g, m, v, rot, count, b1, b2, eps, eps_root):
-  """One parameter's OrthoAdam step; returns ``(update, m, v)`` (moments in compute dtype)."""
+def _leaf_update(g, m, v, rot, count, b1, b2, eps, eps_root, plan=None, mesh=None):
+  """One parameter's OrthoAdam step; returns ``(update, m, v)`` (moments in compute dtype).
+
+  With a ``layout.MixingPlan`` the rotation runs in its layouts (moments in ``plan.moments``).
+  """
   dtype = jnp.promote_types(g.dtype, jnp.float32)
-  g_rot = rot.rotate(g.astype(dtype))
+  g_rot = layout_lib.rotate(rot, g.astype(dtype), plan, mesh)
   m = (1 - b1) * g_rot + b1 * m.astype(dtype)
   v = (1 - b2) * jnp.square(g_rot) + b2 * v.astype(dtype)
   m_hat = m / (1 - jnp.asarray(b1, dtype) ** count.astype(dtype)).astype(dtype)
   v_hat = v / (1 - jnp.asarray(b2, dtype) ** count.astype(dtype)).astype(dtype)
   u_rot = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
-  return rot.unrotate(u_rot.astype(dtype)).astype(g.dtype), m, v
+  return layout_lib.unrotate(rot, u_rot.astype(dtype), plan, mesh).astype(g.dtype), m, v
 
 
 def orthoadam(
@@ -245,6 +297,7 @@ def orthoadam(
     rotation: Any = rot_lib.DEFAULT_ROTATION,
     seed: int | jax.Array = 0,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    shardings: Any = None,
 ) -> optax.GradientTransformation:
   """OrthoAdam with decoupled weight decay (in the original basis), built like ``optax.adamw``.
 
@@ -253,7 +306,7 @@ def orthoadam(
 
   Args:
     learning_rate: a float or an optax schedule.
-    b1, b2, eps, eps_root, rotation, seed, mu_dtype: see ``scale_by_orthoadam``.
+    b1, b2, eps, eps_root, rotation, seed, mu_dtype, shardings: see ``scale_by_orthoadam``.
     weight_decay: decoupled weight decay (default 0.0).
     mask: which params get weight decay (a pytree of bools or a callable), as in optax.adamw.
 
@@ -262,7 +315,8 @@ def orthoadam(
     ...                  orthoadam(optax.cosine_decay_schedule(3e-4, 1000), weight_decay=0.1))
   """
   return optax.chain(
-      scale_by_orthoadam(b1, b2, eps, eps_root, rotation=rotation, seed=seed, mu_dtype=mu_dtype),
+      scale_by_orthoadam(b1, b2, eps, eps_root, rotation=rotation, seed=seed, mu_dtype=mu_dtype,
+                         shardings=shardings),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

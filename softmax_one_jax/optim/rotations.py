@@ -33,11 +33,9 @@ family and its state live in ``hadamard_rotation.py``, the Hadamard transform in
 
 "kronecker" and "hadamard" take per-axis block counts, ``Hadamard(blocks=(4, 1))``: axis ``i`` is
 cut into ``blocks[i]`` equal contiguous blocks and ``Q_i`` is block-diagonal, an independent
-rotation per block (``axis_blocks.py``). On a parameter sharded over those blocks, ``Q`` is
-shard-local and the update moves no parameter-sized data between devices;
-``sharding.shard_local_rotation`` derives the counts from the parameters' shardings. The counts
-are part of the state's shapes (a blocked axis's arrays lead with the block axis), so restoring
-a checkpoint onto another blocking fails on shapes.
+rotation per block (``axis_blocks.py``): a fixed, weaker mixing, the same on every mesh. ``Q``
+never depends on the mesh: on sharded parameters ``layout.py`` only chooses where each factor
+is computed.
 
 Each family is a frozen dataclass with ``init(key, shape) -> state``; each state is a NamedTuple
 of arrays with ``rotate(x)`` (``Q vec(x)``) and ``unrotate(y)`` (``Q^T vec(y)``), both
@@ -96,6 +94,14 @@ class IdentityRotation(NamedTuple):
   def unrotate(self, y: jax.Array) -> jax.Array:
     return y
 
+  def rotate_axes(self, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    del axes
+    return x
+
+  def unrotate_axes(self, y: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    del axes
+    return y
+
 
 class DenseRotation(NamedTuple):
   """The paper's ``Q``: ``q_nn`` float32 ``[n, n]`` acting on ``vec(x)`` (row-major)."""
@@ -129,12 +135,22 @@ class KroneckerRotation(NamedTuple):
     """The parameter axis of each state array."""
     return KroneckerRotation(tuple(range(len(self.factors))))
 
-  def _apply_one_block(self, x: jax.Array, transpose: bool) -> jax.Array:
+  def _apply_one_block(self, x: jax.Array, transpose: bool,
+                       axes: tuple[int, ...] | None = None) -> jax.Array:
     contract = 0 if transpose else 1
     for axis, q_dd in enumerate(self.factors):
-      x = jnp.moveaxis(
-          jnp.tensordot(q_dd, x, axes=([contract], [axis]), precision=_HIGHEST), 0, axis)
+      if axes is None or axis in axes:
+        x = jnp.moveaxis(
+            jnp.tensordot(q_dd, x, axes=([contract], [axis]), precision=_HIGHEST), 0, axis)
     return x
+
+  def rotate_axes(self, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """The factors ``Q_i`` of ``axes`` only, each along its own axis (one-block rotations)."""
+    return self._apply_one_block(x, transpose=False, axes=tuple(axes))
+
+  def unrotate_axes(self, y: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``Q_i^T`` of ``axes`` only."""
+    return self._apply_one_block(y, transpose=True, axes=tuple(axes))
 
   def rotate(self, x: jax.Array) -> jax.Array:
     fn = lambda rot, x: rot._apply_one_block(x, transpose=False)
@@ -179,6 +195,47 @@ class BlockRotation(NamedTuple):
 
   def unrotate(self, y: jax.Array) -> jax.Array:
     return self._apply(y, transpose=True)
+
+
+def axis_separable(rotation: object) -> bool:
+  """``rotation`` is a product of per-axis factors applied one axis at a time
+  (``rotate_axes``): identity, and one-block "kronecker" and "hadamard" rotations. "dense" and
+  "block" act on the flattened parameter, and blocked axes (``blocks``) on blocks of an axis.
+
+  Example:
+    >>> axis_separable(Hadamard().init(jax.random.key(0), (4, 6)))
+    True
+  """
+  if isinstance(rotation, IdentityRotation):
+    return True
+  if isinstance(rotation, (KroneckerRotation, HadamardRotation)):
+    return all(k == 1 for k in rotation.block_counts())
+  return False
+
+
+def rotated_shape(rotation: object) -> tuple[int, ...] | None:
+  """The parameter shape a rotation state was drawn for (None: any shape, or flattened only).
+
+  Example:
+    >>> rotated_shape(Hadamard(blocks=(2, 1)).init(jax.random.key(0), (4, 6)))
+    (4, 6)
+  """
+  if isinstance(rotation, HadamardRotation):
+    return tuple(math.prod(s.shape) for s in rotation.signs)
+  if isinstance(rotation, KroneckerRotation):
+    return tuple(f.shape[0] * f.shape[1] if f.ndim == 3 else f.shape[0] for f in rotation.factors)
+  return None
+
+
+def rotated_size(rotation: object) -> int | None:
+  """The number of elements a rotation state acts on (None for the identity)."""
+  if isinstance(rotation, DenseRotation):
+    return rotation.q_nn.shape[0]
+  if isinstance(rotation, BlockRotation):
+    full = math.prod(rotation.full[0].shape[:2]) if rotation.full else 0
+    return full + (rotation.tail[0].shape[0] if rotation.tail else 0)
+  shape = rotated_shape(rotation)
+  return None if shape is None else math.prod(shape)
 
 
 RotationState = Union[IdentityRotation, DenseRotation, KroneckerRotation, BlockRotation,

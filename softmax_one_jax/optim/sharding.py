@@ -1,33 +1,30 @@
-"""Shardings for optimizer states of any optax chain (OrthoAdam's rotations included), and
-shard-local rotations chosen from the parameters' shardings.
+"""Shardings for optimizer states of any optax chain, OrthoAdam's included.
 
 ``flax.nnx.Optimizer`` stamps the parameter's sharding onto every state leaf, which is wrong for
-arrays that are not parameter-shaped (rotation matrices). Here:
+arrays that are not parameter-shaped (rotation matrices) and for OrthoAdam's moments, which live
+in the layout their rotation ends in. Here:
 
-- a param-structured subtree whose leaves have their param's shape (Adam/OrthoAdam moments,
-  MultiSteps' accumulated gradients, masked variants) takes the params' shardings;
-- an OrthoAdam rotation gets a sharding derived from its parameter's ``PartitionSpec``:
+- a param-structured subtree whose leaves have their param's shape (Adam moments, MultiSteps'
+  accumulated gradients, masked variants) takes the params' shardings;
+- OrthoAdam's moments take their ``layout.MixingPlan``'s ``moments`` layout (the same bytes per
+  device as the parameter, a sharded axis moved to where the rotation leaves it);
+- an OrthoAdam rotation is replicated (small for "hadamard"; a one-block Kronecker factor is
+  applied where its axis is whole), except arrays of blocked axes and "block" rotations:
 
   ==================  ======================================================================
-  ``DenseRotation``    replicated (``Dense`` is capped to small parameters)
-  ``KroneckerRotation`` factor ``i`` (``[d_i, d_i]`` or blocked ``[k_i, b_i, b_i]``): leading
-                       axis sharded like param axis ``i`` (each device holds its blocks)
+  ``KroneckerRotation`` blocked factor ``[k_i, b_i, b_i]``: leading axis sharded like param
+                       axis ``i`` (each device holds its blocks)
   ``BlockRotation``    the block axis sharded over all the param's mesh axes when divisible
-  ``HadamardRotation`` one-block ``[d_i]`` signs, permutations and ``[m_i, m_i]`` mixes
-                       replicated (small); blocked ``[k_i, b_i]`` / ``[k_i, m_i, m_i]`` ones:
-                       leading axis sharded like param axis ``i``
+  ``HadamardRotation`` blocked ``[k_i, b_i]`` / ``[k_i, m_i, m_i]`` arrays: leading axis sharded
+                       like param axis ``i``
   ==================  ======================================================================
 
   and a mesh axis is dropped from a dimension it does not divide;
 - everything else (counts, injected hyper-parameters, scalars) is replicated.
-
-``shard_local_rotation`` gives each parameter's "hadamard" / "kronecker" rotation one block per
-shard on every sharded axis, so the rotation, and the whole OrthoAdam update, stays on-device.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -35,8 +32,9 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from softmax_one_jax.optim import layout as layout_lib
 from softmax_one_jax.optim import rotations as rot_lib
-from softmax_one_jax.optim.orthoadam import ScaleByOrthoAdamState, path_name, rotation_policy
+from softmax_one_jax.optim.orthoadam import ScaleByOrthoAdamState
 
 _EMPTY = (optax.MaskedNode, type(None))
 
@@ -66,8 +64,11 @@ def rotation_shardings(rotation: Any, param_sharding: jax.sharding.Sharding) -> 
   named = lambda s: NamedSharding(mesh, s)
   replicated = named(PartitionSpec())
   if isinstance(rotation, rot_lib.KroneckerRotation):
+    # A one-block factor is applied where its axis is whole (layout.py): replicated. A blocked
+    # axis's factor [k_i, b_i, b_i]: block j on the device holding block j of the param.
     return rot_lib.KroneckerRotation(
-        tuple(named(_fit(mesh, (spec[i],), f.shape)) for i, f in enumerate(rotation.factors))
+        tuple(named(_fit(mesh, (spec[i],), f.shape)) if f.ndim == 3 else replicated
+              for i, f in enumerate(rotation.factors))
     )
   if isinstance(rotation, rot_lib.HadamardRotation):
     # A blocked axis's arrays ([k_i, b_i] signs / permutations, [k_i, m_i, m_i] mixes) lead with
@@ -87,74 +88,6 @@ def rotation_shardings(rotation: Any, param_sharding: jax.sharding.Sharding) -> 
     )
     return rot_lib.BlockRotation(full, tuple(replicated for _ in rotation.tail))
   return jax.tree.map(lambda _: replicated, rotation)
-
-
-def _shard_counts(param_sharding: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Shards per axis of a parameter: the product of the mesh axis sizes in its spec entry, or 1
-  where the axis is unsharded, the product does not divide it, or the sharding is not named."""
-  if not isinstance(param_sharding, NamedSharding):
-    return (1,) * len(shape)
-  spec = tuple(param_sharding.spec) + (None,) * len(shape)
-  counts = []
-  for d, entry in zip(shape, spec):
-    k = _axis_size(param_sharding.mesh, entry)
-    counts.append(k if d % k == 0 else 1)
-  return tuple(counts)
-
-
-def shard_local_rotation(rotation: Any, abstract_params: Any, param_shardings: Any) -> Any:
-  """A rotation policy whose "hadamard" / "kronecker" rotations act within each shard.
-
-  Each parameter's family is resolved from ``rotation`` as ``scale_by_orthoadam`` does; a
-  ``Hadamard`` or ``Kronecker`` family gets ``blocks[i]`` = the number of shards of the
-  parameter's axis ``i`` (the product of the sizes of the mesh axes in its ``PartitionSpec``
-  entry; 1 where the axis is unsharded, that product does not divide the axis, or the sharding
-  is not a ``NamedSharding``), replacing any ``blocks`` it had. Its ``Q`` is then block-diagonal
-  with one block per shard, so OrthoAdam's update needs no all-gather of the parameter. Other
-  families are passed through unchanged: "identity" needs no rotation, "dense" (capped to tiny
-  parameters) and "block" (blocks of the flattened parameter) have no per-axis blocks.
-
-  The block counts are part of the rotation state's shapes: a checkpoint written under one
-  sharding restores only onto a policy with the same counts (e.g. the same sharding), and fails
-  on shapes otherwise. Different counts are a different ``Q``, not the same optimizer.
-
-  Args:
-    rotation: a family name, a family instance, or a ``(path, shape) -> name | family`` callable,
-      as ``scale_by_orthoadam(rotation=...)`` accepts (or a pytree of those with the params'
-      structure).
-    abstract_params: the params, or their ``jax.ShapeDtypeStruct``s.
-    param_shardings: a ``jax.sharding.Sharding`` per parameter (the params' structure).
-
-  Returns:
-    The params' structure with a family instance per parameter (``None`` for a ``None``
-    parameter), to pass as ``orthoadam(..., rotation=...)`` / ``scale_by_orthoadam``.
-
-  Example:
-    >>> mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
-    >>> p = {"w": jax.ShapeDtypeStruct((768, 3072), jnp.float32),
-    ...      "b": jax.ShapeDtypeStruct((3072,), jnp.float32)}
-    >>> s = {"w": NamedSharding(mesh, PartitionSpec("fsdp", None)),
-    ...      "b": NamedSharding(mesh, PartitionSpec(("data", "fsdp")))}
-    >>> policy = shard_local_rotation("hadamard", p, s)
-    >>> policy["w"].blocks, policy["b"].blocks
-    ((4, 1), (8,))
-    >>> tx = orthoadam(3e-4, rotation=policy)
-  """
-  policy = rotation_policy(rotation)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params,
-                                                         is_leaf=lambda x: x is None)
-  shardings = treedef.flatten_up_to(param_shardings)
-  out = []
-  for (path, p), sharding in zip(leaves, shardings):
-    if p is None:
-      out.append(None)
-      continue
-    shape = tuple(p.shape)
-    family = policy(path_name(path), shape)
-    if isinstance(family, (rot_lib.Hadamard, rot_lib.Kronecker)):
-      family = dataclasses.replace(family, blocks=_shard_counts(sharding, shape))
-    out.append(family)
-  return treedef.unflatten(out)
 
 
 def optimizer_state_shardings(
@@ -208,6 +141,15 @@ def optimizer_state_shardings(
     ]
     return params_def.unflatten(out)
 
+  def moment_shaped(x: Any, rots: list) -> Any:
+    """OrthoAdam's moments: in the layout their rotation ends in (``layout.MixingPlan``)."""
+    out = []
+    for leaf, s, r, p in zip(params_def.flatten_up_to(x), flat_shardings, rots, flat_params):
+      plan = None if isinstance(leaf, _EMPTY) else layout_lib.plan_for(r, p.shape, s)
+      out.append(leaf if isinstance(leaf, _EMPTY) else
+                 s if plan is None else NamedSharding(s.mesh, plan.moments))
+    return params_def.unflatten(out)
+
   def is_node(x: Any) -> bool:
     if isinstance(x, ScaleByOrthoAdamState):
       return True
@@ -223,7 +165,8 @@ def optimizer_state_shardings(
           for r, s in zip(rots, flat_shardings)
       ]
       return ScaleByOrthoAdamState(
-          replicated, param_shaped(x.mu), param_shaped(x.nu), params_def.unflatten(rot_shardings)
+          replicated, moment_shaped(x.mu, rots), moment_shaped(x.nu, rots),
+          params_def.unflatten(rot_shardings)
       )
     if isinstance(x, jax.ShapeDtypeStruct):
       single = params_def.num_leaves == 1 and params_def.num_nodes == 1

@@ -80,9 +80,12 @@ def _check_enums(config: ml_collections.ConfigDict) -> None:
     value = _get(config, path)
     if value not in allowed:
       raise ConfigError(f"config.{path}={value!r} is not allowed; choose one of {_fmt(allowed)}.")
-  if not isinstance(_get(config, "optimizer.shard_local"), bool):
-    raise ConfigError(f"config.optimizer.shard_local={_get(config, 'optimizer.shard_local')!r} "
-                      "must be True or False.")
+  if config.optimizer.get("shard_local", False):
+    raise ConfigError(
+        "config.optimizer.shard_local=True is gone: OrthoAdam's rotation no longer depends on "
+        "the mesh (every axis mixes whole, on every mesh). A run saved with it holds "
+        "block-diagonal rotations of its old mesh: start it again in a new --workdir, or drop "
+        "the field from its config.json to restart from its parameters' config.")
 
 
 def _check_ranges(config: ml_collections.ConfigDict) -> None:

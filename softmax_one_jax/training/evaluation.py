@@ -124,11 +124,10 @@ def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches:
   workdir = pathlib.Path(workdir)
   config = rundir.read_config(workdir)
   validate_config(config)
-  # Evaluation runs on whatever devices are here, all of them on fsdp; OrthoAdam's state keeps
-  # the shapes of the training mesh, which config.json records.
-  training_mesh = mesh_lib.recorded_mesh(config)
+  # Evaluation runs on whatever devices are here, all of them on fsdp: no state depends on the
+  # training mesh.
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-  tokenizer, config, _, setup = build_run(config, rotation_mesh=training_mesh)
+  tokenizer, config, _, setup = build_run(config)
   manager = rundir.make_manager(workdir, read_only=True, async_save=False)
   try:
     restored = ckpt_lib.restore_latest(manager, setup.abstract_state, None, step)

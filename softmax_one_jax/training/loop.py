@@ -88,16 +88,11 @@ def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
   if not (workdir / rundir.CONFIG_FILE).exists():
     return
   old = rundir.read_config(workdir)
-  def shard_local(c: ml_collections.ConfigDict) -> bool:
-    return c.optimizer.name == "orthoadam" and c.optimizer.shard_local
-  def identity(c: ml_collections.ConfigDict, with_mesh: bool) -> dict[str, Any]:
-    out = {**c.model.to_dict(), "optimizer.name": c.optimizer.name,
-           "optimizer.rotation": c.optimizer.rotation}
-    if with_mesh:   # shard-local rotations follow the mesh: another mesh, another state
-      out.update({f"mesh.{a}": c.mesh.get(a) for a in mesh_lib.MESH_AXES})
-    return out
-  with_mesh = shard_local(old) and shard_local(config)
-  a, b = identity(old, with_mesh), identity(config, with_mesh)
+  def identity(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    # No mesh here: the state (OrthoAdam's included) is the same on every mesh.
+    return {**c.model.to_dict(), "optimizer.name": c.optimizer.name,
+            "optimizer.rotation": c.optimizer.rotation, "optimizer.seed": c.optimizer.seed}
+  a, b = identity(old), identity(config)
   diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   if diff:
     raise ConfigError(

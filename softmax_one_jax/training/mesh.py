@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from softmax_one_jax.errors import ConfigError
 from softmax_one_jax.sharding import (LOGICAL_AXIS_RULES, MESH_AXES, logical_sharding,
                                       logical_to_mesh_spec, tree_shardings)
 
 __all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "batch_sharding", "global_batch", "logical_sharding",
-           "logical_to_mesh_spec", "make_mesh", "recorded_mesh", "replicated", "resolve_mesh_shape",
+           "logical_to_mesh_spec", "make_mesh", "replicated", "resolve_mesh_shape",
            "tree_shardings"]
 
 
@@ -84,22 +83,6 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
-
-
-def recorded_mesh(config: Any) -> AbstractMesh | None:
-  """An abstract mesh of the shape a run's ``config.mesh`` records (None if it holds a -1).
-
-  ``softmax-one train`` records the resolved shape in ``config.json``; shard-local OrthoAdam
-  state follows it, so reading that state needs the shape, not the devices.
-
-  Example:
-    >>> recorded_mesh(read_config("runs/tiny")).shape
-    OrderedDict([('data', 1), ('fsdp', 8), ('tensor', 1)])
-  """
-  sizes = tuple(int(config.mesh[a]) for a in MESH_AXES)
-  if any(s < 1 for s in sizes):
-    return None
-  return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

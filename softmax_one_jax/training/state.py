@@ -28,8 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from softmax_one_jax.models import Transformer
-from softmax_one_jax.optim import (DEFAULT_ROTATION, optimizer_state_shardings, orthoadam,
-                                   shard_local_rotation)
+from softmax_one_jax.optim import DEFAULT_ROTATION, optimizer_state_shardings, orthoadam
 from softmax_one_jax.data import get_tokenizer
 from softmax_one_jax.rundir import (abstract_model, model_config_from, padded_vocab_size,
                                     param_shardings)
@@ -113,22 +112,18 @@ def sgd_momentum(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
 
 
 def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
-                    param_shardings: Any = None, abstract_params: Any = None,
-                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                    param_shardings: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The run's optimizer: global-norm clipping, then AdamW, OrthoAdam or SGD with the schedule.
 
-  OrthoAdam's rotations act within each shard of a parameter when ``param_shardings`` are given
-  and ``opt.shard_local`` is on (the default): block-diagonal over the parameter's shards, so
-  the update moves no more data between devices than AdamW's. On one device (or with
-  ``opt.shard_local=False``) every rotation mixes whole axes.
+  OrthoAdam's ``Q`` is a function of (seed, parameter path, shape, family) alone: the same on
+  every mesh. Given ``param_shardings``, each axis is rotated in a layout where it is whole
+  (``softmax_one_jax.optim.layout``), so the update moves about a shard per sharded matrix.
 
   Args:
     opt: ``config.optimizer`` (name, learning_rate, warmup_steps, decay_steps, end_lr_fraction,
-      b1, b2, eps, weight_decay, grad_clip_norm, rotation, seed, shard_local; ``momentum`` for
-      "sgd").
+      b1, b2, eps, weight_decay, grad_clip_norm, rotation, seed; ``momentum`` for "sgd").
     num_train_steps: the run's length (cosine decay horizon when ``decay_steps`` is 0).
-    param_shardings: the parameters' shardings (``param_shardings``), for shard-local rotations.
-    abstract_params: the parameters' shapes (``abstract_model``), with ``param_shardings``.
+    param_shardings: the parameters' shardings (``param_shardings``): where OrthoAdam rotates.
 
   Returns:
     ``(tx, schedule)``: an optax transformation on the parameters and its learning-rate schedule.
@@ -138,13 +133,10 @@ def build_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
     core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                        weight_decay=opt.weight_decay, mask=weight_decay_mask)
   elif opt.name == "orthoadam":
-    rotation = opt.rotation or DEFAULT_ROTATION
-    if param_shardings is not None and opt.shard_local:
-      rotation = shard_local_rotation(rotation, abstract_params, param_shardings)
-    kwargs = {"rotation": rotation}
     core = orthoadam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                      weight_decay=opt.weight_decay, mask=weight_decay_mask,
-                     seed=int(opt.seed), **kwargs)
+                     rotation=opt.rotation or DEFAULT_ROTATION, seed=int(opt.seed),
+                     shardings=param_shardings)
   elif opt.name == "sgd":
     core = sgd_momentum(schedule, momentum=float(opt.momentum),
                         weight_decay=opt.weight_decay)
@@ -214,24 +206,19 @@ def make_setup(model_cfg: Any, tx: optax.GradientTransformation, schedule: optax
 
 
 def setup_for_run(model_cfg: Any, opt: ml_collections.ConfigDict, num_train_steps: int,
-                  mesh: Mesh, seed: int, rotation_mesh: Any = None,
-                  loss_chunk_logits: int | None = None) -> TrainSetup:
+                  mesh: Mesh, seed: int, loss_chunk_logits: int | None = None) -> TrainSetup:
   """``make_setup`` with the run's optimizer built for its mesh (``build_optimizer`` given the
-  parameter shardings, so OrthoAdam's rotations act within each shard).
+  parameter shardings: where OrthoAdam rotates, never which ``Q``).
 
   Args:
     model_cfg, mesh, seed, loss_chunk_logits: as ``make_setup``.
     opt, num_train_steps: as ``build_optimizer``.
-    rotation_mesh: the mesh whose shards OrthoAdam's rotations follow (default ``mesh``); e.g.
-      ``jax.sharding.AbstractMesh`` of a run's training mesh, to read its checkpoint elsewhere.
 
   Example:
     >>> setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, seed=0)
   """
   _, abstract_params, _ = abstract_model(model_cfg)
-  tx, schedule = build_optimizer(opt, num_train_steps,
-                                 param_shardings(abstract_params, rotation_mesh or mesh),
-                                 abstract_params)
+  tx, schedule = build_optimizer(opt, num_train_steps, param_shardings(abstract_params, mesh))
   return make_setup(model_cfg, tx, schedule, mesh, seed, loss_chunk_logits)
 
 
@@ -264,7 +251,6 @@ def _resolve(config: ml_collections.ConfigDict, tokenizer_vocab_size: int
 
 
 def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
-              rotation_mesh: Any = None
               ) -> tuple[Any, ml_collections.ConfigDict, Any, TrainSetup]:
   """Tokenizer, resolved config, model config and setup (its mesh included) of a run.
 
@@ -272,7 +258,6 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
     config: the run config.
     devices: the mesh's devices (default: all of this process's global devices); a compile-only
       topology's devices build the same setup for a slice this host does not have.
-    rotation_mesh: the mesh OrthoAdam's shard-local rotations follow (default: the run's own).
   """
   tokenizer = get_tokenizer(config.data)
   config = _resolve(config, tokenizer.vocab_size)
@@ -282,6 +267,5 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
   for axis in mesh_lib.MESH_AXES:   # config.json records the mesh the run really used
     config.mesh[axis] = int(mesh.shape[axis])
   setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, config.seed,
-                        rotation_mesh=rotation_mesh,
                         loss_chunk_logits=config.loss_chunk_logits or None)
   return tokenizer, config, model_cfg, setup

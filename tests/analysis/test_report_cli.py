@@ -225,3 +225,18 @@ def test_analyze_tiny_run_through_the_cli(tmp_path):
   result = cli.compare_main([str(tmp_path / "run"), str(out)], out=str(tmp_path / "cmp"),
                             names=["a", "b"])
   assert list(result["metrics"]) == ["a", "b"]
+
+
+def test_tables_name_each_runs_rotation_and_its_mixing_width():
+  from softmax_one_jax.analysis.report import format_analysis_markdown, training_note
+  ortho = {"optimizer.name": "orthoadam", "optimizer.rotation": None, "model.norm": "scalar_rmsnorm"}
+  adamw = {"optimizer.name": "adamw", "optimizer.rotation": None, "model.norm": "rmsnorm"}
+  assert training_note(ortho) == ("orthoadam, rotation hadamard (every axis mixed whole "
+                                  "(block-diagonal only on an axis whose odd part exceeds 1024)), "
+                                  "norm scalar_rmsnorm")
+  assert training_note(adamw) == "adamw, norm rmsnorm"
+  assert "block" in training_note({"optimizer.name": "orthoadam", "optimizer.rotation": "block"})
+  text = format_analysis_markdown({"a": {"perplexity": 3.0}, "b": {"perplexity": 4.0}},
+                                  trained={"a": training_note(ortho), "b": training_note(adamw)})
+  assert "- a: orthoadam, rotation hadamard (every axis mixed whole" in text
+  assert "- b: adamw, norm rmsnorm" in text

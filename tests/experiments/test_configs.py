@@ -55,6 +55,15 @@ def test_the_papers_pairing_is_one_explicit_argument_away(module, arg, norm):
   assert f"``{arg}``" in module.__doc__  # documented where the config is
 
 
+@pytest.mark.parametrize("module,norm", [(gpt2, "scalar_layernorm"), (llama2, "scalar_rmsnorm")])
+def test_the_papers_recipe_is_one_word(module, norm):
+  c = module.get_config("60m,paper")
+  assert (c.model.softmax, c.optimizer.name, c.model.norm) == ("softmax1", "orthoadam", norm)
+  assert c.optimizer.rotation is None   # the default, whole-axis "hadamard"
+  assert c.name == module.get_config(f"60m,softmax1,orthoadam,{norm}").name
+  assert "``60m,paper``" in module.__doc__
+
+
 def test_parse_variant_defaults_and_errors():
   assert base.parse_variant("softmax1,orthoadam") == ("softmax1", "orthoadam", "layernorm")
   assert base.parse_variant("softmax,orthoadam", default_norm="rmsnorm") == (

@@ -73,9 +73,14 @@ def test_sharded_init_and_update_match_unsharded(rotation, axis_type):
     np.testing.assert_allclose(np.asarray(new_p[k]), np.asarray(ref_p[k]), atol=1e-6)
   (o,) = _find(new_s, ScaleByOrthoAdamState)
   (o_ref,) = _find(ref_s, ScaleByOrthoAdamState)
+  # Per-axis rotations leave the moments where their last axis was rotated (optim/layout.py);
+  # "block" rotates the flattened parameter, gathered, so its moments keep the param's layout.
+  per_axis = rotation != Block(size=8)
+  moments = {"w": P(("model", "data")), "v": P(None, "model")} if per_axis else {}
   for k in SPECS:
-    _same(o.mu[k].sharding, p_shard[k], o.mu[k].ndim)
-    _same(o.nu[k].sharding, p_shard[k], o.nu[k].ndim)
+    want = NamedSharding(mesh, moments[k]) if k in moments else p_shard[k]
+    _same(o.mu[k].sharding, want, o.mu[k].ndim)
+    _same(o.nu[k].sharding, want, o.nu[k].ndim)
     np.testing.assert_allclose(np.asarray(o.mu[k]), np.asarray(o_ref.mu[k]), atol=1e-6)
   for a, b in zip(jax.tree.leaves(o.rotations), jax.tree.leaves(o_ref.rotations)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -88,14 +93,14 @@ def test_rotation_sharding_rules(mesh):
   policy = {"w": "kronecker", "v": "hadamard", "b": Block(size=3), "s": "dense"}
   shard = optimizer_state_shardings(orthoadam(1e-3, rotation=policy), abstract, p_shard)
   (o,) = _find(shard, ScaleByOrthoAdamState)
-  # Kronecker factor i: rows sharded like param axis i.
-  assert o.rotations["w"].factors[0].spec == P("data", None)
-  assert o.rotations["w"].factors[1].spec == P("model", None)
+  # A one-block Kronecker factor is applied where its axis is whole: replicated.
+  assert o.rotations["w"].factors[0].spec == P()
+  assert o.rotations["w"].factors[1].spec == P()
   # Hadamard: per-axis [d_i] signs and permutations, replicated.
   assert all(s.spec == P() for s in jax.tree.leaves(o.rotations["v"]))
   assert o.rotations["b"].full[0].spec == P(None, None, None)  # 4 blocks; unsharded param.
   assert o.rotations["s"].q_nn.spec == P()
-  assert o.mu["w"].spec == P("data", "model") and o.count.spec == P()
+  assert o.mu["w"].spec == P(("model", "data")) and o.count.spec == P()
 
 
 def test_any_chain_inject_multisteps_masked_adamw(mesh):
@@ -109,7 +114,7 @@ def test_any_chain_inject_multisteps_masked_adamw(mesh):
   assert shard.acc_grads["w"].spec == P("data", "model")
   assert shard.mini_step.spec == P()
   (o,) = _find(shard, ScaleByOrthoAdamState)
-  assert o.mu["v"].spec == P("model", None)
+  assert o.mu["v"].spec == P(None, "model")   # Where its rotation ends (optim/layout.py).
   assert isinstance(o.mu["b"], optax.MaskedNode)
   adam = _find(shard, optax.ScaleByAdamState)[0]
   assert adam.mu["w"].spec == P("data", "model") and adam.count.spec == P()
