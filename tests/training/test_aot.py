@@ -79,19 +79,26 @@ def test_tiny_compiles_for_a_v5e_slice_with_the_splash_kernel(tmp_path):
 @needs_libtpu
 @pytest.mark.slow
 def test_gpt2_60m_orthoadam_moves_what_adamw_moves_on_a_v5e_slice(tmp_path):
-  # The 60m widths (512, 2048, the vocabulary padded to 50304) with one of its 11 layers and 8
-  # sequences: every parameter shape the rotations meet, at about half the compile time (FSDP
-  # moves weights, whose bytes do not depend on the batch).
-  small = ("--config.model.num_layers=1", "--config.global_batch_size=8")
+  # The 60m widths (512, 2048, the vocabulary padded to 50304) with one of its 11 layers and 16
+  # sequences, on its own slice (v5e:4x4, fsdp=16): every parameter shape the rotations meet, at
+  # a fraction of the compile time (FSDP moves weights, whose bytes do not depend on the batch).
+  # Whole-axis mixing adds two all-to-alls of one shard per matrix: 2/16 of the parameter bytes.
+  small = ("--config.model.num_layers=1", "--config.global_batch_size=16")
   (adamw, _), (ortho, _) = _compile_all(
-      tmp_path, [("gpt2.py:60m,softmax1,adamw", "v5e:2x2", small),
-                 ("gpt2.py:60m,softmax1,orthoadam", "v5e:2x2", small)])
+      tmp_path, [("gpt2.py:60m,softmax1,adamw", "v5e:4x4", small),
+                 ("gpt2.py:60m,softmax1,orthoadam", "v5e:4x4", small)])
   for r in (adamw, ortho):
     assert r["train"]["kernels"]["mosaic"] >= 3 and r["fits"]
     # FSDP moves weights: a few times the model's parameter bytes per chip per step.
     assert r["collective_ratio"] <= 4.0, r["train"]["collectives"]
-  assert ortho["train"]["collective_bytes"] <= 1.1 * adamw["train"]["collective_bytes"], (
-      ortho["train"]["collectives"], adamw["train"]["collectives"])
+  # OrthoAdam gathers nothing more than AdamW; what it adds is all-to-all: the gradient to its
+  # moments' layout and the update back, one shard each per matrix (2x the per-chip parameter
+  # bytes; the slack is the vectors, gathered to be rotated). The full 12-layer model on this
+  # slice: 1.095x AdamW's bytes (experiments/results/compile_grid/README.md).
+  oc, ac = ortho["train"]["collectives"], adamw["train"]["collectives"]
+  assert oc["all-gather"]["bytes"] <= 1.01 * ac["all-gather"]["bytes"], (oc, ac)
+  extra = ortho["train"]["collective_bytes"] - adamw["train"]["collective_bytes"]
+  assert extra <= 2.1 * ortho["param_bytes"], (extra, ortho["param_bytes"], oc, ac)
 
 
 def test_missing_libtpu_is_reported_with_the_install_command(monkeypatch):
