@@ -112,8 +112,8 @@ def write_comparison(groups: list[seeds.SeedGroup], out: str | pathlib.Path) -> 
   reps = {g.label: [outliers.OutlierReport.from_json(r["report"]) for r in g.runs]
           for g in groups}
   paths = {"table": out_dir / "table.md"}
-  trained = {g.label: report.training_note(g.runs[0].get("meta", {}).get("config", {}))
-             for g in groups if g.runs[0].get("meta", {}).get("config")}
+  configs = {g.label: g.runs[0].get("meta", {}).get("config") for g in groups}
+  trained = {label: report.training_note(c) for label, c in configs.items() if c}
   paths["table"].write_text(report.format_analysis_markdown(table, trained=trained))
   paths.update(_write_figures(reps, out_dir, seeded=any(g.n > 1 for g in groups)))
   summary = {g.label: _group_summary(g) for g in groups}

@@ -101,7 +101,7 @@ def mixing_plan(shape: tuple[int, ...], spec: P, mesh_shape: Mapping[str, int],
   if not separable:
     return MixingPlan(param, ((P(), None),), param)
   steps: list[tuple[P, tuple[int, ...]]] = []
-  remaining = [i for i in range(ndim)]
+  remaining = list(range(ndim))
   current = list(entries)
   while remaining:
     local = tuple(i for i in remaining if not current[i])

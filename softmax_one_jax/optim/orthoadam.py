@@ -202,8 +202,9 @@ def scale_by_orthoadam(
         out_m.append(m)
         out_v.append(v)
         continue
-      _check_rotation(rot, g.shape, path_name(path))
-      sharding = sharding_of(path_name(path))
+      name = path_name(path)
+      _check_rotation(rot, g.shape, name)
+      sharding = sharding_of(name)
       plan = None if sharding is None else layout_lib.plan_for(rot, g.shape, sharding)
       mesh = None if plan is None else sharding.mesh
       u, m_new, v_new = _leaf_update_any_mesh(g, m, v, rot, count_inc, b1, b2, eps, eps_root,
@@ -221,8 +222,8 @@ def scale_by_orthoadam(
 def _check_rotation(rot: Any, shape: tuple[int, ...], path: str) -> None:
   """Refuses, at trace time, a rotation state drawn for another shape than the gradient's."""
   want = rot_lib.rotated_shape(rot)
-  size = rot_lib.rotated_size(rot)
-  if (want is not None and tuple(want) != tuple(shape)) or (
+  size = rot_lib.rotated_size(rot)   # Known for "dense" and "block", which have no shape.
+  if (tuple(want) != tuple(shape)) if want is not None else (
       size is not None and size != math.prod(shape)):
     raise ValueError(
         f"OrthoAdam's rotation for parameter {path!r} was drawn for shape {want or size}, but its "
