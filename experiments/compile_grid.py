@@ -55,9 +55,8 @@ def compile_cell(family: str, size: str, softmax: str, optimizer: str) -> dict:
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   if proc.returncode:
     (OUT / f"{name}.err").write_text(proc.stdout + proc.stderr)
-  else:
-    (OUT / f"{name}.md").write_text(proc.stdout.split("\n\n(written to")[0] + "\n")
     return {"name": name, "error": proc.stderr.strip().splitlines()[-1:], "wall_s": time.time() - t0}
+  (OUT / f"{name}.md").write_text(proc.stdout.split("\n\n(written to")[0] + "\n")
   return json.loads(path.read_text())
 
 
