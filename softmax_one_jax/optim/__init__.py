@@ -17,6 +17,7 @@ from softmax_one_jax.optim.orthoadam import (
     orthoadam,
     param_key,
     path_name,
+    reset_moments,
     scale_by_orthoadam,
 )
 from softmax_one_jax.optim.rotations import (
@@ -33,6 +34,7 @@ from softmax_one_jax.optim.rotations import (
     Kronecker,
     KroneckerRotation,
     haar_orthogonal,
+    rotation_intact,
     rotation_state_bytes,
 )
 from softmax_one_jax.optim.layout import MixingPlan, mixing_plan
@@ -59,6 +61,8 @@ __all__ = [
     "orthoadam",
     "param_key",
     "path_name",
+    "reset_moments",
+    "rotation_intact",
     "rotation_shardings",
     "rotation_state_bytes",
     "scale_by_orthoadam",

@@ -11,6 +11,11 @@ the parameter); ``Q`` is drawn once in ``init`` from ``seed`` and the parameter'
 in the state as plain arrays (see ``rotations.py`` for the families). ``orthoadam`` chains it with
 decoupled weight decay in the original basis, like ``optax.adamw``.
 
+Every update checks that the rotations still hold an orthogonal ``Q`` and raises an error naming
+the parameter where one does not: a reset such as ``jax.tree.map(jnp.zeros_like, opt_state)``
+zeroes them too, after which every update would be 0. ``reset_moments`` is the reset that keeps
+them.
+
 Reference: Kaul et al., "From Attention to Activation: Unravelling the Enigmas of Large Language
 Models", ICLR 2025 (arXiv:2410.17174).
 """
@@ -19,14 +24,17 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from softmax_one_jax.optim import layout as layout_lib
 from softmax_one_jax.optim import rotations as rot_lib
+from softmax_one_jax.sharding import target_platform
 
 Params = Any
 
@@ -144,6 +152,7 @@ def scale_by_orthoadam(
     seed: int | jax.Array = 0,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     shardings: Any = None,
+    check_rotations: bool = True,
 ) -> optax.GradientTransformation:
   """Rescales updates by Adam in a fixed random orthogonal basis (OrthoAdam, Algorithm 1).
 
@@ -163,6 +172,12 @@ def scale_by_orthoadam(
       whole (``layout.py``: an all-to-all per sharded matrix, not an all-gather), and the
       moments live in that layout (``optimizer_state_shardings`` gives the same). Without
       them the compiler places the rotation, which on a sharded axis gathers the parameter.
+    check_rotations: every update checks, in about one read of the rotation state, that each
+      rotation is still orthogonal (``rotations.rotation_intact``) and, where one is not
+      (zeroed by a reset, overwritten), raises an error naming its parameters from a host
+      callback that runs only then (``jax.debug.callback`` under ``lax.cond``). Left out of
+      programs compiled for a platform this process has no backend for (ahead-of-time
+      compilation for absent TPUs and GPUs), where no callback can be lowered.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a ``ScaleByOrthoAdamState``. The numeric
@@ -192,10 +207,11 @@ def scale_by_orthoadam(
     del params
     count_inc = optax.safe_increment(state.count)
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=lambda x: x is None)
+    rots = _rotations_for(treedef, state.rotations, with_paths)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
-    rots = treedef.flatten_up_to(state.rotations)
     out_u, out_m, out_v = [], [], []
+    checked: list[tuple[str, jax.Array]] = []
     for (path, g), m, v, rot in zip(with_paths, mus, nus, rots):
       if g is None:
         out_u.append(None)
@@ -204,6 +220,8 @@ def scale_by_orthoadam(
         continue
       name = path_name(path)
       _check_rotation(rot, g.shape, name)
+      if check_rotations and not isinstance(rot, rot_lib.IdentityRotation):
+        checked.append((name, rot_lib.rotation_intact(rot)))
       sharding = sharding_of(name)
       plan = None if sharding is None else layout_lib.plan_for(rot, g.shape, sharding)
       mesh = None if plan is None else sharding.mesh
@@ -212,11 +230,83 @@ def scale_by_orthoadam(
       out_u.append(u)
       out_m.append(m_new.astype(mu_dtype if mu_dtype is not None else m.dtype))
       out_v.append(v_new.astype(v.dtype))
+    if checked and _runs_here(sharding_of, checked[0][0]):
+      _raise_if_lost(jnp.stack([ok for _, ok in checked]), tuple(n for n, _ in checked))
     return treedef.unflatten(out_u), ScaleByOrthoAdamState(
         count_inc, treedef.unflatten(out_m), treedef.unflatten(out_v), state.rotations
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _rotations_for(treedef: Any, rotations: Any, with_paths: Sequence[Any]) -> list[Any]:
+  """The rotation state of each update leaf; a clear error when the trees differ (a renamed
+  or added parameter: the state was built for other params)."""
+  try:
+    return treedef.flatten_up_to(rotations)
+  except (ValueError, TypeError) as e:
+    is_rotation = lambda x: x is None or isinstance(x, rot_lib.ROTATION_STATE_TYPES)
+    have = {path_name(p) for p, _ in
+            jax.tree_util.tree_flatten_with_path(rotations, is_leaf=is_rotation)[0]}
+    want = {path_name(p) for p, _ in with_paths}
+    raise ValueError(
+        f"OrthoAdam's state has no rotation for parameters {sorted(want - have)[:4]} (it has "
+        f"rotations for {sorted(have - want)[:4]} instead): the parameters were renamed or "
+        "changed after tx.init. Build the state again with tx.init(params); Q is keyed on each "
+        "parameter's path, so a renamed parameter gets a new Q.") from e
+
+
+def _runs_here(sharding_of: Callable[[str], Any], path: str) -> bool:
+  """Whether this process has a backend for the platform the update is built for: a host
+  callback lowers only there (a program compiled ahead of time for absent GPUs has none)."""
+  sharding = sharding_of(path)
+  devices = getattr(getattr(sharding, "mesh", None), "devices", None)
+  if devices is not None and getattr(devices, "size", 0):
+    platform = devices.flat[0].platform
+  else:
+    platform = target_platform()
+  platform = "gpu" if platform in ("cuda", "rocm") else platform
+  try:
+    return bool(jax.devices(platform))
+  except RuntimeError:
+    return False
+
+
+def _raise_if_lost(intact_p: jax.Array, names: tuple[str, ...]) -> None:
+  """Raises, from the host, an error naming the parameters whose rotation is not intact.
+
+  ``intact_p``: bool ``[P]``, one flag per name. The callback runs only when a rotation fails
+  (``lax.cond``); under ``vmap`` the cond becomes a select that runs it every step, so it reads
+  the flags itself.
+  """
+
+  def report(intact: np.ndarray) -> None:
+    ok_p = np.asarray(intact).reshape(-1, len(names)).all(0)
+    lost = [n for n, ok in zip(names, ok_p) if not ok]
+    if lost:
+      raise ValueError(
+          f"OrthoAdam's rotation for parameter(s) {lost[:4]} is no longer orthogonal: the "
+          "optimizer state was zeroed or overwritten (jax.tree.map(jnp.zeros_like, opt_state) "
+          "zeroes the rotations too, and every update would then be 0). Reset only the moments "
+          "with softmax_one_jax.optim.reset_moments(opt_state), or build the state again with "
+          "tx.init(params).")
+
+  jax.lax.cond(jnp.all(intact_p), lambda: None, lambda: jax.debug.callback(report, intact_p))
+
+
+def reset_moments(opt_state: Any) -> Any:
+  """The optimizer state with every array zeroed except OrthoAdam's rotations.
+
+  The reset ``jax.tree.map(jnp.zeros_like, opt_state)`` for states that hold OrthoAdam: counts
+  and moments restart, each ``Q`` stays (``scale_by_orthoadam`` refuses a zeroed ``Q``).
+
+  Example:
+    >>> tx = orthoadam(1e-3)
+    >>> state = reset_moments(tx.init({"w": jnp.ones((4, 3))}))
+  """
+  is_rotation = lambda x: isinstance(x, rot_lib.ROTATION_STATE_TYPES)
+  return jax.tree.map(lambda x: x if is_rotation(x) else jnp.zeros_like(x), opt_state,
+                      is_leaf=is_rotation)
 
 
 def _check_rotation(rot: Any, shape: tuple[int, ...], path: str) -> None:
@@ -299,6 +389,7 @@ def orthoadam(
     seed: int | jax.Array = 0,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     shardings: Any = None,
+    check_rotations: bool = True,
 ) -> optax.GradientTransformation:
   """OrthoAdam with decoupled weight decay (in the original basis), built like ``optax.adamw``.
 
@@ -307,7 +398,8 @@ def orthoadam(
 
   Args:
     learning_rate: a float or an optax schedule.
-    b1, b2, eps, eps_root, rotation, seed, mu_dtype, shardings: see ``scale_by_orthoadam``.
+    b1, b2, eps, eps_root, rotation, seed, mu_dtype, shardings, check_rotations: see
+      ``scale_by_orthoadam``.
     weight_decay: decoupled weight decay (default 0.0).
     mask: which params get weight decay (a pytree of bools or a callable), as in optax.adamw.
 
@@ -317,7 +409,7 @@ def orthoadam(
   """
   return optax.chain(
       scale_by_orthoadam(b1, b2, eps, eps_root, rotation=rotation, seed=seed, mu_dtype=mu_dtype,
-                         shardings=shardings),
+                         shardings=shardings, check_rotations=check_rotations),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

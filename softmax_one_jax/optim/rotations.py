@@ -238,6 +238,44 @@ def rotated_size(rotation: object) -> int | None:
   return None if shape is None else math.prod(shape)
 
 
+def _unit_rows(q: jax.Array) -> jax.Array:
+  """Every row of the trailing ``[d, d]`` matrices has norm 1 (to 1e-3): bool ``[]``."""
+  norms = jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1)
+  return jnp.all(jnp.abs(norms - 1) < 1e-3)
+
+
+def _inverse_permutations(perm: jax.Array, inv_perm: jax.Array) -> jax.Array:
+  """``perm[inv_perm[j]] == j`` for every ``j`` (per block): bool ``[]``."""
+  return jnp.all(jnp.take_along_axis(perm, inv_perm, axis=-1)
+                 == jnp.arange(perm.shape[-1], dtype=perm.dtype))
+
+
+def rotation_intact(rotation: object) -> jax.Array:
+  """Whether a rotation state still holds an orthogonal ``Q``: bool ``[]``, traceable.
+
+  Checks what a reset or an overwrite destroys, in about one read of the state: signs are
+  +-1, each row of a Haar matrix has unit norm, permutations invert each other. A state
+  zeroed by ``jax.tree.map(jnp.zeros_like, opt_state)`` fails every check.
+
+  Example:
+    >>> rot = Hadamard().init(jax.random.key(0), (6, 4))
+    >>> bool(rotation_intact(rot)), bool(rotation_intact(jax.tree.map(jnp.zeros_like, rot)))
+    (True, False)
+  """
+  checks = [jnp.array(True)]
+  if isinstance(rotation, DenseRotation):
+    checks.append(_unit_rows(rotation.q_nn))
+  elif isinstance(rotation, KroneckerRotation):
+    checks += [_unit_rows(f) for f in rotation.factors]
+  elif isinstance(rotation, BlockRotation):
+    checks += [_unit_rows(q) for q in (*rotation.full, *rotation.tail)]
+  elif isinstance(rotation, HadamardRotation):
+    checks += [jnp.all(jnp.abs(s.astype(jnp.int32)) == 1) for s in rotation.signs]
+    checks += [_unit_rows(r) for r in rotation.mixes]
+    checks += [_inverse_permutations(p, q) for p, q in zip(rotation.perms, rotation.inv_perms)]
+  return jnp.all(jnp.stack(checks))
+
+
 RotationState = Union[IdentityRotation, DenseRotation, KroneckerRotation, BlockRotation,
                       HadamardRotation]
 ROTATION_STATE_TYPES = (IdentityRotation, DenseRotation, KroneckerRotation, BlockRotation,

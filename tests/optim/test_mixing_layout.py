@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from softmax_one_jax.optim import (ScaleByOrthoAdamState, mixing_plan,
+from softmax_one_jax.optim import (ScaleByOrthoAdamState, mixing_plan, reset_moments,
                                    optimizer_state_shardings, orthoadam)
 from softmax_one_jax.optim import rotations as R
 from softmax_one_jax.training import hlo
@@ -227,3 +227,77 @@ def test_q_is_keyed_on_the_path_and_a_reshaped_state_is_refused():
   with pytest.raises(ValueError, match=r"parameter 'w' was drawn for shape \(12, 8\).*\(8, 12\)"
                                        r".*tx.init\(params\)"):
     tx.update({"w": x.T}, state, {"w": x.T})
+
+
+# ----------------------------------------------------------------------------- a rotation kept
+
+
+FAMILY_CASES = [R.Hadamard(), R.Hadamard(blocks=(2,)), R.Kronecker(), R.Dense(), R.Block(size=8)]
+
+
+@pytest.mark.parametrize("family", FAMILY_CASES, ids=lambda f: repr(f)[:24])
+def test_a_zeroed_rotation_is_an_error_naming_the_parameter(family):
+  params = {"attn": {"w": jnp.ones((12, 8))}, "scale": jnp.ones((24,))}
+  tx = orthoadam(1e-3, rotation=family)
+  step = jax.jit(lambda g, s: tx.update(g, s, params)[0])
+  grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape),
+                       params)
+  state = tx.init(params)
+  jax.block_until_ready(step(grads, state))           # An intact state passes.
+  zeroed = jax.tree.map(jnp.zeros_like, state)        # The common reset idiom.
+  with pytest.raises(Exception, match=r"rotation for parameter\(s\) \['attn.w', 'scale'\] is no "
+                                      r"longer orthogonal.*reset_moments"):
+    jax.block_until_ready(step(grads, zeroed))
+  # Overwriting one parameter's rotation names that parameter only.
+  inner = _orthoadam_state(state)
+  broken = inner._replace(rotations={**inner.rotations, "scale": jax.tree.map(
+      lambda a: a * 2, inner.rotations["scale"])})
+  with pytest.raises(Exception, match=r"parameter\(s\) \['scale'\] is no longer"):
+    jax.block_until_ready(step(grads, (broken, *state[1:])))
+
+
+def test_reset_moments_restarts_adam_and_keeps_q():
+  params = {"w": jnp.ones((12, 8))}
+  tx = orthoadam(1e-2, weight_decay=0.1)
+  g1 = {"w": jnp.sin(jnp.arange(96.0)).reshape(12, 8)}
+  g2 = {"w": jnp.cos(jnp.arange(96.0)).reshape(12, 8)}
+  fresh = tx.init(params)
+  _, after = tx.update(g1, fresh, params)
+  reset = optax.tree_utils.tree_get(reset_moments(after), "count")
+  assert int(reset) == 0
+  # From a reset state the next update is a fresh run's first: the same Q, zero moments.
+  np.testing.assert_array_equal(tx.update(g2, reset_moments(after), params)[0]["w"],
+                                tx.update(g2, fresh, params)[0]["w"])
+
+
+def test_the_check_reads_values_under_vmap_and_can_be_switched_off():
+  params = {"w": jnp.ones((12, 8))}
+  grads = {"w": jnp.ones((12, 8))}
+  tx = orthoadam(1e-3)
+  stacked = jax.tree.map(lambda x: jnp.stack([x, x]), tx.init(params))
+  # Under vmap the cond is a select and the callback runs: intact states raise nothing.
+  jax.block_until_ready(jax.vmap(lambda s: tx.update(grads, s, params)[0])(stacked))
+  off = orthoadam(1e-3, check_rotations=False)
+  zeroed = jax.tree.map(jnp.zeros_like, off.init(params))
+  update = jax.jit(lambda s: off.update(grads, s, params)[0])(zeroed)
+  np.testing.assert_array_equal(update["w"], 0.0)   # What the check is there to catch.
+
+
+def test_a_renamed_parameter_is_an_error_naming_both_paths():
+  tx = orthoadam(1e-3)
+  state = tx.init({"attn": {"w": jnp.ones((4, 3))}})
+  renamed = {"attn": {"kernel": jnp.ones((4, 3))}}
+  with pytest.raises(ValueError, match=r"no rotation for parameters \['attn.kernel'\].*"
+                                       r"\['attn.w'\] instead.*tx.init\(params\)"):
+    tx.update(renamed, state, renamed)
+
+
+@pytest.mark.parametrize("shape", [(4100,), (6, 4), (3,)])
+def test_rotation_intact_holds_for_every_family_and_fails_on_each_broken_array(shape):
+  for family in (R.Hadamard(), R.Kronecker(), R.Dense(max_size=5000), R.Block(size=4)):
+    rot = family.init(jax.random.key(1), shape)
+    assert bool(R.rotation_intact(rot)), family
+    leaves, treedef = jax.tree.flatten(rot)
+    for i in range(len(leaves)):   # Zeroing any single array is caught.
+      broken = leaves[:i] + [jnp.zeros_like(leaves[i])] + leaves[i + 1:]
+      assert not bool(R.rotation_intact(treedef.unflatten(broken))), (family, i)
