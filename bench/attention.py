@@ -3,11 +3,13 @@
 Modes:
   --mode cpu (default)  XLA softmax-1 vs XLA softmax (same code path) and jax.nn's XLA softmax,
                         forward and forward+backward, float32; prints times and ratios.
-  --mode gpu            on a GPU: correctness of the Pallas kernel against the float32 reference
-                        first, then forward and forward+backward times / TFLOP/s of the Pallas
-                        softmax-1 kernel, the same kernel with softmax, XLA softmax-1 and
-                        jax.nn.dot_product_attention(implementation="cudnn") (standard softmax)
-                        for bf16, causal, head_dim 128, seq 1024/4096/16384.
+  --mode gpu            on a GPU: correctness first (cuDNN softmax-1 by the zero-key construction
+                        and the Pallas kernel, softmax / softmax-1 / learned sinks, causal,
+                        segment ids, against the float32 reference, outputs and q/k/v
+                        gradients), then forward and forward+backward times / TFLOP/s of cuDNN
+                        softmax (jax.nn), cuDNN softmax-1 (zero key), Pallas softmax-1 and XLA
+                        softmax-1, bf16, causal, head_dim 128, seq 1024/4096/16384; then a few
+                        train steps of a tiny bf16 model on each path (the same losses).
   --mode gpu --cpu-smoke  the gpu mode's code at tiny shapes on CPU (Pallas interpreter; cuDNN
                         replaced by jax.nn's XLA path): checks the script, measures nothing.
   --tune                with --mode gpu: also sweep a few Pallas block sizes at seq 4096.
@@ -33,7 +35,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from softmax_one_jax.attention import pallas_gpu, reference_attention  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from softmax_one_jax.attention import (cudnn, dot_product_attention, pallas_gpu,  # noqa: E402
+                                       reference_attention)
+from softmax_one_jax.models import Transformer, preset  # noqa: E402
 
 
 def time_fn(fn, *args, reps: int = 5, warmup: int = 1) -> float:
@@ -114,46 +121,70 @@ def attention_flops(b, t, n, h, causal, with_bwd) -> float:
   return f * 3.5 if with_bwd else f
 
 
+# The GPU paths under test: name -> (implementation, dtypes it takes). On --cpu-smoke cuDNN is
+# replaced by jax.nn's XLA attention inside the same zero-key construction, and the Pallas
+# kernel runs in its interpreter.
+GPU_PATHS = {"cudnn": (jnp.bfloat16,), "pallas_gpu": (jnp.bfloat16, jnp.float32)}
+
+
+def gpu_attention(path: str, smoke: bool, **opts):
+  """``dot_product_attention`` on ``path`` ("cudnn", "pallas_gpu", "xla"); on CPU (smoke) the
+  cuDNN construction runs through jax.nn's XLA attention and Pallas in its interpreter."""
+  if path == "cudnn" and smoke:
+    return functools.partial(cudnn.null_key_attention, implementation="xla", **opts)
+  interp = dict(interpret=True) if smoke and path == "pallas_gpu" else {}
+  return functools.partial(dot_product_attention, implementation=path, **opts, **interp)
+
+
 def check_correctness(smoke: bool) -> bool:
-  """Pallas kernel (bf16 and f32) vs the float32 XLA reference; returns True if all pass."""
+  """cuDNN (zero key) and Pallas vs the float32 XLA reference; returns True if all pass."""
   rng = np.random.default_rng(1)
   ok = True
   b, t, n, kh, h = (1, 45, 4, 2, 64) if smoke else (2, 1000, 8, 2, 128)
-  print("## correctness: Pallas kernel vs float32 XLA reference (max |error|)")
-  print("| dtype | softmax | causal | segments | out | dq | dk | dv | xla-bf16 worst | ok |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
-  for dtype in (jnp.bfloat16, jnp.float32):
-    for softmax, causal, seg in (("softmax1", True, False), ("softmax", True, True),
-                                 ("softmax1", False, True)):
-      q = jnp.asarray(rng.standard_normal((b, t, n, h)), dtype)
-      k, v = (jnp.asarray(rng.standard_normal((b, t, kh, h)), dtype) for _ in range(2))
-      ids = jnp.asarray(np.sort(rng.integers(0, 3, (b, t)), 1), jnp.int32) if seg else None
-      opts = dict(softmax=softmax, is_causal=causal, segment_ids=ids)
-      kernel = functools.partial(pallas_gpu.flash_attention, interpret=smoke, **opts)
-      ref = functools.partial(reference_attention, **opts)
-      f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-      with jax.default_matmul_precision("highest"):  # no TF32 in the reference
-        want = [jax.jit(ref)(*f32), *fwd_bwd(ref)(*f32)]
-      try:
-        got = [jax.jit(kernel)(q, k, v), *fwd_bwd(kernel)(q, k, v)]
-      except Exception as e:  # noqa: BLE001 (e.g. Triton out of shared memory): report, go on
-        print(f"| {jnp.dtype(dtype).name} | {softmax} | {causal} | {seg} | ERROR "
-              f"{type(e).__name__}: {str(e)[:200]} | | | | | FAIL |", flush=True)
-        ok = False
-        continue
-      errs = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) for g, w in zip(got, want)]
-      scale = max(1.0, max(float(jnp.max(jnp.abs(w))) for w in want))
-      if dtype == jnp.bfloat16:  # the XLA path in bf16 sets what bf16 rounding costs
-        xla = [jax.jit(ref)(q, k, v), *fwd_bwd(ref)(q, k, v)]
-        base = max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - w))) for x, w in zip(xla, want))
-        good = max(errs) <= 2 * base + 2e-3 * scale
-      else:
-        base = float("nan")
-        good = max(errs) <= 1e-4 * scale  # TF32 is off in the kernel and the reference
-      ok &= good
-      cells = " | ".join(f"{e:.2e}" for e in errs)
-      print(f"| {jnp.dtype(dtype).name} | {softmax} | {causal} | {seg} | {cells} | {base:.2e} | "
-            f"{'PASS' if good else 'FAIL'} |", flush=True)
+  print("## correctness: each path vs the float32 XLA reference (max |error|)")
+  print("| path | dtype | softmax | causal | segments | out | dq | dk | dv | xla-bf16 worst | ok |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  cases = (("softmax1", True, False), ("softmax", True, True), ("softmax1", False, True),
+           ("learned_sink", True, False))
+  for path, dtypes in GPU_PATHS.items():
+    for dtype in dtypes:
+      for softmax, causal, seg in cases:
+        hd = 64 if softmax == "learned_sink" else h   # 64 + 8 sink columns: every GPU's cuDNN
+        q = jnp.asarray(rng.standard_normal((b, t, n, hd)), dtype)
+        k, v = (jnp.asarray(rng.standard_normal((b, t, kh, hd)), dtype) for _ in range(2))
+        ids = jnp.asarray(np.sort(rng.integers(0, 3, (b, t)), 1), jnp.int32) if seg else None
+        sinks = (jnp.asarray(rng.standard_normal(n) * 2, jnp.float32)
+                 if softmax == "learned_sink" else None)
+        opts = dict(softmax=softmax, is_causal=causal, segment_ids=ids, sinks=sinks)
+        kernel = gpu_attention(path, smoke, **opts)
+        ref = functools.partial(reference_attention, **opts)
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        with jax.default_matmul_precision("highest"):  # no TF32 in the reference
+          want = [jax.jit(ref)(*f32), *fwd_bwd(ref)(*f32)]
+        label = f"| {path} | {jnp.dtype(dtype).name} | {softmax} | {causal} | {seg} |"
+        # float32 in exact float32 (the kernel follows jax.default_matmul_precision: TF32 by
+        # default on GPUs, as XLA's matmuls).
+        exact = jnp.dtype(dtype) == jnp.float32
+        try:
+          with jax.default_matmul_precision("highest" if exact else None):
+            got = [jax.jit(kernel)(q, k, v), *fwd_bwd(kernel)(q, k, v)]
+        except Exception as e:  # noqa: BLE001 (e.g. Triton out of shared memory): report, go on
+          print(f"{label} ERROR {type(e).__name__}: {str(e)[:200]} | | | | | FAIL |", flush=True)
+          ok = False
+          continue
+        errs = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) for g, w in zip(got, want)]
+        scale = max(1.0, max(float(jnp.max(jnp.abs(w))) for w in want))
+        if dtype == jnp.bfloat16:  # the XLA path in bf16 sets what bf16 rounding costs
+          xla = [jax.jit(ref)(q, k, v), *fwd_bwd(ref)(q, k, v)]
+          base = max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - w)))
+                     for x, w in zip(xla, want))
+          good = max(errs) <= 2 * base + 2e-3 * scale
+        else:
+          base = float("nan")
+          good = max(errs) <= 1e-4 * scale  # exact float32 in the kernel and the reference
+        ok &= good
+        cells = " | ".join(f"{e:.2e}" for e in errs)
+        print(f"{label} {cells} | {base:.2e} | {'PASS' if good else 'FAIL'} |", flush=True)
   return ok
 
 
@@ -161,20 +192,18 @@ def gpu_table(smoke: bool, reps: int) -> None:
   heads, h = (2, 64) if smoke else (16, 128)
   seqs = (32, 64) if smoke else (1024, 4096, 16384)
   tokens = 64 if smoke else 16384  # batch * seq held fixed
-  interp = dict(interpret=True) if smoke else {}
-  cudnn = "xla" if smoke else "cudnn"
+  nn_cudnn = "xla" if smoke else "cudnn"
   impls = {
-      "pallas softmax-1": functools.partial(pallas_gpu.flash_attention, softmax="softmax1",
-                                            is_causal=True, **interp),
-      "pallas softmax": functools.partial(pallas_gpu.flash_attention, softmax="softmax",
-                                          is_causal=True, **interp),
-      "xla softmax-1": functools.partial(reference_attention, softmax="softmax1", is_causal=True),
-      f"{cudnn} softmax (jax.nn)": functools.partial(
-          jax.nn.dot_product_attention, is_causal=True, implementation=cudnn),
+      "cuDNN softmax (jax.nn)": functools.partial(
+          jax.nn.dot_product_attention, is_causal=True, implementation=nn_cudnn),
+      "cuDNN softmax-1 (zero key)": gpu_attention("cudnn", smoke, softmax="softmax1",
+                                                  is_causal=True),
+      "Pallas softmax-1": gpu_attention("pallas_gpu", smoke, softmax="softmax1", is_causal=True),
+      "XLA softmax-1": functools.partial(reference_attention, softmax="softmax1", is_causal=True),
   }
-  base_name = list(impls)[-1]
+  base_name = next(iter(impls))
   print(f"\n## timing: bf16, causal, head_dim {h}, {heads} heads, batch*seq = {tokens}")
-  print("| seq | batch | pass | implementation | ms | TFLOP/s | speed vs cuDNN |")
+  print("| seq | batch | pass | implementation | ms | TFLOP/s | speed vs cuDNN softmax |")
   print("|---|---|---|---|---|---|---|")
   rng = np.random.default_rng(2)
   for t in seqs:
@@ -192,6 +221,49 @@ def gpu_table(smoke: bool, reps: int) -> None:
       for impl, m in ms.items():
         print(f"| {t} | {b} | {name} | {impl} | {m:.3f} | {flops / (m * 1e9):.1f} | "
               f"{ms[base_name] / m:.2f} |", flush=True)
+
+
+def train_steps(smoke: bool, steps: int = 6) -> bool:
+  """A tiny bf16 model trained a few AdamW steps per attention path, same data and init: the
+  losses must agree across paths (to bf16 rounding) and fall; prints ms per step."""
+  paths = ("xla", "cudnn", "pallas_gpu")
+  rng = np.random.default_rng(4)
+  tokens = jnp.asarray(rng.integers(0, 256, (4, 65)), jnp.int32)
+  ids = jnp.asarray(np.repeat([[1] * 40 + [2] * 24], 4, axis=0), jnp.int32)  # two documents
+  print(f"\n## train steps: tiny bf16 model, {steps} AdamW steps, packed documents")
+  print("| path | losses | ms/step | ok |")
+  print("|---|---|---|---|")
+  curves, ok = {}, True
+  for path in paths:
+    overrides = dict(vocab_size=256, dtype="bfloat16", attention_impl=path,
+                     attention_interpret=smoke and path == "pallas_gpu")
+    if smoke and path == "cudnn":   # no cuDNN on CPU: the XLA path stands in
+      overrides["attention_impl"] = "xla"
+    model = Transformer(preset("tiny", **overrides), rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, tokens, ids):
+      def loss_fn(model):
+        logits = model(tokens[:, :-1], segment_ids=ids).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+      loss, grads = nnx.value_and_grad(loss_fn)(model)
+      opt.update(model, grads)
+      return loss
+
+    losses, times = [], []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      losses.append(float(step(model, opt, tokens, ids)))
+      times.append(time.perf_counter() - t0)
+    curves[path] = losses
+    good = all(np.isfinite(losses)) and losses[-1] < losses[0]
+    good &= bool(np.allclose(losses, curves["xla"], rtol=0.02, atol=0.02))
+    ok &= good
+    print(f"| {path} | {' '.join(f'{x:.3f}' for x in losses)} | "
+          f"{1e3 * statistics.median(times[1:]):.1f} | {'PASS' if good else 'FAIL'} |",
+          flush=True)
+  return ok
 
 
 def tune(reps: int) -> None:
@@ -243,8 +315,9 @@ def main(argv=None) -> int:
   reps = args.reps or (1 if args.cpu_smoke else 20)
   ok = check_correctness(args.cpu_smoke)
   if not ok:
-    print("\nCORRECTNESS FAILED: timings below are of a wrong kernel.")
+    print("\nCORRECTNESS FAILED: timings below include a wrong path.")
   gpu_table(args.cpu_smoke, reps)
+  ok &= train_steps(args.cpu_smoke)
   if args.tune and not args.cpu_smoke:
     tune(reps)
   return 0 if ok else 1

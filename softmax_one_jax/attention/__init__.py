@@ -5,9 +5,11 @@ and "learned_sink" (a virtual key of logit ``sinks[n]`` per query head, differen
 on every path.
 
 Paths: "xla" (``xla.py``: the attention of ``reference.py``, which materialises ``[B, N, T, S]``
-and is the ground truth, without the blocks a causal mask hides; the CPU default),
-"pallas_gpu" (``pallas_gpu.py``, Triton flash kernel, forward and backward; GPU default) and
-"pallas_tpu" (``pallas_tpu.py``, splash attention with zero sinks; TPU default). The
+and is the ground truth, without the blocks a causal mask hides; the CPU default), "cudnn"
+(``cudnn.py``: cuDNN's fused flash attention over one extra zero key; GPU default where cuDNN
+takes the call, else "xla"), "pallas_gpu" (``pallas_gpu.py``, our Triton flash kernel, forward
+and backward; by name only until ``bench/gpu_check.sh`` has passed on a GPU) and "pallas_tpu"
+(``pallas_tpu.py``, splash attention with zero sinks; TPU default). The
 first-token statistics of the paper come from ``stats.py`` in O(seq) memory.
 
 Example:
@@ -20,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -32,6 +35,7 @@ from softmax_one_jax.attention.reference import (
     combine_masks,
     reference_attention,
 )
+from softmax_one_jax.attention import cudnn
 from softmax_one_jax.attention._padding import KERNEL_DTYPES
 from softmax_one_jax.attention.per_shard import (AttentionSharding, run_per_shard,
                                                  split_segment_arrays)
@@ -40,7 +44,7 @@ from softmax_one_jax.attention.xla import xla_attention
 from softmax_one_jax.sharding import target_platform
 from softmax_one_jax.softmax import SOFTMAX_KINDS, resolve_sinks
 
-IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_gpu", "pallas_tpu")
+IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
 
 
 def resolve_implementation(
@@ -50,12 +54,20 @@ def resolve_implementation(
     mask: jax.Array | None = None,
     interpret: bool = False,
     backend: str | None = None,
+    softmax: str = "softmax1",
+    head_dim: int | None = None,
+    q_len: int | None = None,
+    kv_len: int | None = None,
+    is_causal: bool = True,
 ) -> str:
-  """The concrete path ("xla", "pallas_gpu" or "pallas_tpu") that a call would take.
+  """The concrete path ("xla", "cudnn", "pallas_gpu" or "pallas_tpu") that a call would take.
 
-  None picks the Pallas kernel of the platform (GPU: Triton flash kernel, TPU: splash attention
-  with zero sinks) and "xla" on CPU, or when a dense ``mask`` or a dtype the kernels lack is
-  given. The platform is ``backend`` if given, else that of the mesh in context, else JAX's
+  None picks, on GPUs, "cudnn" where cuDNN is present and takes the call
+  (``cudnn.unsupported_reason``: float16/bfloat16, head dim a multiple of 8 within cuDNN's
+  limit, no dense mask, causal only over ``T == S``; segment ids are taken), else "xla"; on TPUs the
+  splash kernel (zero sinks) unless a dense ``mask`` or a dtype it lacks is given; "xla" on
+  CPU. The shape arguments (``softmax``, ``head_dim``, ...) feed the cuDNN rule; left out,
+  they are not checked. The platform is ``backend`` if given, else that of the mesh in context, else JAX's
   default backend (``softmax_one_jax.sharding.target_platform``). "pallas" picks the platform's kernel; on CPU it needs ``interpret=True`` (tests) and
   then runs the GPU kernel in the interpreter.
 
@@ -69,9 +81,14 @@ def resolve_implementation(
     )
   backend = backend or target_platform()
   if implementation is None:
+    if backend == "gpu":
+      reason = cudnn.unsupported_reason(
+          softmax=softmax, dtype=dtype, head_dim=head_dim, q_len=q_len, kv_len=kv_len,
+          is_causal=is_causal, mask=mask is not None)
+      return "cudnn" if reason is None and cudnn.cudnn_available() else "xla"
     if mask is not None or jnp.dtype(dtype) not in KERNEL_DTYPES:
       return "xla"
-    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
+    return "pallas_tpu" if backend == "tpu" else "xla"
   if implementation == "pallas":
     if backend in ("gpu", "tpu"):
       return f"pallas_{backend}"
@@ -111,9 +128,11 @@ def dot_product_attention(
     mask: boolean broadcastable to ``[B, N, T, S]``, True = may attend (XLA path only).
     segment_ids: ``[B, T]`` or ``(q [B, T], kv [B, S])``; no attention across segments.
     scale: logit scale, ``1/sqrt(H)`` by default.
-    implementation: None (the fastest correct path for the platform: the Pallas kernel on GPU
-      and TPU, XLA on CPU or with a dense ``mask``), "xla", "pallas" (the platform's kernel),
-      "pallas_gpu" (Triton flash kernel) or "pallas_tpu" (splash attention, zero sinks).
+    implementation: None (the platform's validated fast path: cuDNN on GPU where it takes the
+      call, splash attention on TPU, XLA on CPU, with a dense ``mask`` and otherwise; see
+      ``resolve_implementation``), "xla", "cudnn" (cuDNN flash attention over a zero key),
+      "pallas" (the platform's Pallas kernel), "pallas_gpu" (our Triton flash kernel) or
+      "pallas_tpu" (splash attention, zero sinks).
     block_sizes: tile sizes of the chosen kernel (``pallas_gpu.BlockSizes`` or
       ``pallas_tpu.BlockSizes``); None = defaults.
     interpret: run the Pallas kernel in the interpreter on CPU (tests); for "pallas_tpu" True
@@ -135,8 +154,9 @@ def dot_product_attention(
   # The one rule for (softmax, sinks), checked at the edge; the paths get learned sinks as arrays.
   sinks_n = resolve_sinks(softmax, sinks, (query.shape[-2],))
   sinks = sinks_n if softmax == "learned_sink" else None
-  impl = resolve_implementation(implementation, dtype=query.dtype, mask=mask,
-                                interpret=interpret)
+  impl = resolve_implementation(
+      implementation, dtype=query.dtype, mask=mask, interpret=interpret, softmax=softmax,
+      head_dim=query.shape[-1], q_len=query.shape[1], kv_len=key.shape[1], is_causal=is_causal)
   if impl == "xla":
     return xla_attention(
         query,
@@ -155,16 +175,26 @@ def dot_product_attention(
         "implementation='xla' (or None) to use mask."
     )
   ids, ids_kinds, rebuild_ids = split_segment_arrays(segment_ids)
-  kwargs = dict(softmax=softmax, is_causal=is_causal, scale=scale, block_sizes=block_sizes)
-  if impl == "pallas_gpu":
+  kwargs = dict(softmax=softmax, is_causal=is_causal, scale=scale)
+  if impl == "cudnn":
+    reason = cudnn.unsupported_reason(
+        softmax=softmax, dtype=query.dtype, head_dim=query.shape[-1], q_len=query.shape[1],
+        kv_len=key.shape[1], is_causal=is_causal)
+    if reason is not None:
+      raise ValueError(f"implementation='cudnn' does not take {reason}; pass "
+                       "implementation=None (which falls back to 'xla') or 'xla'.")
+    kernel = functools.partial(cudnn.null_key_attention, implementation="cudnn")
+  elif impl == "pallas_gpu":
     from softmax_one_jax.attention import pallas_gpu  # pylint: disable=g-import-not-at-top
     kernel, kwargs["interpret"] = pallas_gpu.flash_attention, interpret
+    kwargs["block_sizes"] = block_sizes
   else:
     from softmax_one_jax.attention import pallas_tpu  # pylint: disable=g-import-not-at-top
     if interpret is True:
       from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
       interpret = pltpu.InterpretParams()
     kernel, kwargs["interpret"] = pallas_tpu.flash_attention, interpret
+    kwargs["block_sizes"] = block_sizes
 
   # The sinks travel as a per-head operand, split like the heads; softmax has none.
   sink_args, sink_kinds = ((), ()) if sinks is None else ((sinks,), ("n",))

@@ -82,6 +82,30 @@ class BlockSizes:
 
 FLOAT32_BLOCK_SIZES = BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64,
                                  block_q_dq=64, block_k_dq=32)
+# Tiles for 256-wide heads: a [block, 256] tile is twice a 128-wide one, so each block halves
+# again (A100: 164 KiB of shared memory per SM).
+WIDE_HEAD_BLOCK_SIZES = {2: BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64,
+                                       block_q_dq=64, block_k_dq=32),
+                         4: BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32,
+                                       block_q_dq=32, block_k_dq=16)}
+
+
+def default_block_sizes(head_dim: int, dtype: jax.typing.DTypeLike) -> BlockSizes:
+  """The tiles for a head dim and input dtype: ``BlockSizes()`` for 16-bit inputs up to 128-wide
+  heads, halved for float32 (``FLOAT32_BLOCK_SIZES``), halved again above 128
+  (``WIDE_HEAD_BLOCK_SIZES``), so that a program's tiles fit an A100's shared memory.
+
+  Triton tiles are powers of two, so a head dim of 80 or 96 runs in a 128-wide tile (its
+  padding is zeros; the cuDNN path, the GPU default, takes them unpadded).
+
+  Example:
+    >>> default_block_sizes(256, jnp.bfloat16).block_q
+    64
+  """
+  itemsize = jnp.dtype(dtype).itemsize
+  if _padding.next_power_of_2(head_dim) > 128:
+    return WIDE_HEAD_BLOCK_SIZES[min(itemsize, 4)]
+  return FLOAT32_BLOCK_SIZES if itemsize >= 4 else BlockSizes()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +130,9 @@ class _Static:
 
 
 def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
-  """float32-accumulated tile product; exact float32 (no TF32) for float32 inputs."""
-  allow_tf32 = False if a.dtype == jnp.float32 else None
-  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=allow_tf32)
+  """float32-accumulated tile product at ``jax.default_matmul_precision``, as XLA's matmuls:
+  float32 inputs use TF32 by default and exact float32 under "highest" (or "float32")."""
+  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b)
 
 
 def _logits2(q, k, st: _Static, q_start, k_start, q_ids, kv_ids, masked: bool,
@@ -283,7 +307,12 @@ def _forward_call(q, k, v, ids, sinks, st: _Static, stats: bool = False):
 
 def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, delta_ref,
                 dk_ref, dv_ref, *, st: _Static):
-  """One program: a key tile of one (batch, query head); loops over query tiles."""
+  """One program: a key tile of one (batch, key/value head); loops over query tiles and, in
+  each, over the ``group`` query heads that read this key/value head, so that dk and dv are
+  summed over the group in registers and written once, in K's dtype.
+
+  ``q_ref``/``do_ref``: ``[T, group, H]``; ``lse_ref``/``delta_ref``: ``[group, T]``.
+  """
   bq, bk = st.block_q_dkv, st.block_k_dkv
   k_start = pl.program_id(0) * bk
   num_q_blocks = q_ref.shape[0] // bq
@@ -294,15 +323,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, del
   def body(i, carry, masked):
     dk, dv = carry
     sl = pl.ds(i * bq, bq)
-    q = q_ref[sl, :]
     q_ids = None if q_ids_ref is None else q_ids_ref[sl]
-    s = _logits2(q, k, st, i * bq, k_start, q_ids, kv_ids, masked)
-    p = jnp.exp2(s - lse_ref[sl][:, None])  # lse in log2 units; masked entries give 0
-    do = do_ref[sl, :]
-    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-    dp = _dot(do, v, trans_b=True)
-    ds = p * (dp - delta_ref[sl][:, None])
-    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+    for head in range(st.group):  # static: the group's query heads, one after another
+      q = q_ref[sl, head, :]
+      s = _logits2(q, k, st, i * bq, k_start, q_ids, kv_ids, masked)
+      p = jnp.exp2(s - lse_ref[head, sl][:, None])  # lse in log2 units; masked entries give 0
+      do = do_ref[sl, head, :]
+      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+      dp = _dot(do, v, trans_b=True)
+      ds = p * (dp - delta_ref[head, sl][:, None])
+      dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
   carry = (zeros, zeros)
@@ -350,7 +380,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, delt
 
 
 def _backward_calls(q, k, v, ids, lse, do, delta, st: _Static):
-  """dq, dk, dv on padded inputs; dk/dv are per query head then summed over each group.
+  """dq, dk, dv on padded inputs; dk/dv per key/value head, summed over its query heads inside
+  the kernel.
 
   ``lse`` includes the sink, so ``P = exp(S - lse)`` are the real keys' probabilities and the
   softmax backward ``dS = P * (dP - delta)`` holds for every kind.
@@ -367,50 +398,46 @@ def _backward_calls(q, k, v, ids, lse, do, delta, st: _Static):
     q_ids, kv_ids = ids
   params = plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
 
-  def specs(block_q, block_k, q_axis_blocked):
-    """In-specs for (q, k, v, q_ids, kv_ids, do, lse, delta)."""
-    if q_axis_blocked:  # grid (query tiles, B, N): q rows tiled, keys whole
-      qmap = lambda i, bi, ni: (bi, i, ni, 0)  # noqa: E731
-      kmap = lambda i, bi, ni: (bi, 0, ni // g, 0)  # noqa: E731
-      qb, kb = block_q, s
-      rmap = lambda i, bi, ni: (bi, ni, i)  # noqa: E731
-      qimap, kimap = (lambda i, bi, ni: (bi, i)), (lambda i, bi, ni: (bi, 0))
-    else:  # grid (key tiles, B, N): key rows tiled, queries whole
-      qmap = lambda j, bi, ni: (bi, 0, ni, 0)  # noqa: E731
-      kmap = lambda j, bi, ni: (bi, j, ni // g, 0)  # noqa: E731
-      qb, kb = t, block_k
-      rmap = lambda j, bi, ni: (bi, ni, 0)  # noqa: E731
-      qimap, kimap = (lambda j, bi, ni: (bi, 0)), (lambda j, bi, ni: (bi, j))
-    id_specs = ([None, None] if ids is None else
-                [pl.BlockSpec((None, qb), qimap), pl.BlockSpec((None, kb), kimap)])
-    return [pl.BlockSpec((None, qb, None, h), qmap), pl.BlockSpec((None, kb, None, h), kmap),
-            pl.BlockSpec((None, kb, None, h), kmap), *id_specs,
-            pl.BlockSpec((None, qb, None, h), qmap), pl.BlockSpec((None, None, qb), rmap),
-            pl.BlockSpec((None, None, qb), rmap)]
+  # dq: grid (query tiles, B, N), query rows tiled, keys whole.
+  qmap = lambda i, bi, ni: (bi, i, ni, 0)  # noqa: E731
+  kmap_dq = lambda i, bi, ni: (bi, 0, ni // g, 0)  # noqa: E731
+  rmap = lambda i, bi, ni: (bi, ni, i)  # noqa: E731
+  bq = st.block_q_dq
+  dq_id_specs = ([None, None] if ids is None else
+                 [pl.BlockSpec((None, bq), lambda i, bi, ni: (bi, i)),
+                  pl.BlockSpec((None, s), lambda i, bi, ni: (bi, 0))])
+  dq_specs = [pl.BlockSpec((None, bq, None, h), qmap), pl.BlockSpec((None, s, None, h), kmap_dq),
+              pl.BlockSpec((None, s, None, h), kmap_dq), *dq_id_specs,
+              pl.BlockSpec((None, bq, None, h), qmap), pl.BlockSpec((None, None, bq), rmap),
+              pl.BlockSpec((None, None, bq), rmap)]
 
   args = (q, k, v, q_ids, kv_ids, do, lse2, delta)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
       grid=(t // st.block_q_dq, b, n),
-      in_specs=specs(st.block_q_dq, st.block_k_dq, True),
+      in_specs=dq_specs,
       out_specs=pl.BlockSpec((None, st.block_q_dq, None, h), lambda i, bi, ni: (bi, i, ni, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params, interpret=st.interpret, name="flash_bwd_dq",
   )(*args)
-  # With groups, each query head writes its own float32 dk/dv, summed below (O(S) memory).
-  dkv_dtype = k.dtype if g == 1 else jnp.float32
-  kv_out = pl.BlockSpec((None, st.block_k_dkv, None, h), lambda j, bi, ni: (bi, j, ni, 0))
+  # Grid over key/value heads: each program reads the ``g`` query heads of its group (block
+  # ``g`` of the head axis) and writes its key tile's dk, dv once.
+  bk = st.block_k_dkv
+  kmap = lambda j, bi, ki: (bi, j, ki, 0)  # noqa: E731
+  group_q = pl.BlockSpec((None, t, g, h), lambda j, bi, ki: (bi, 0, ki, 0))
+  group_rows = pl.BlockSpec((None, g, t), lambda j, bi, ki: (bi, ki, 0))
+  id_specs = ([None, None] if ids is None else
+              [pl.BlockSpec((None, t), lambda j, bi, ki: (bi, 0)),
+               pl.BlockSpec((None, bk), lambda j, bi, ki: (bi, j))])
+  kv_tile = pl.BlockSpec((None, bk, None, h), kmap)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st),
-      grid=(s // st.block_k_dkv, b, n),
-      in_specs=specs(st.block_q_dkv, st.block_k_dkv, False),
-      out_specs=[kv_out, kv_out],
-      out_shape=[jax.ShapeDtypeStruct((b, s, n, h), dkv_dtype)] * 2,
+      grid=(s // bk, b, kh),
+      in_specs=[group_q, kv_tile, kv_tile, *id_specs, group_q, group_rows, group_rows],
+      out_specs=[kv_tile, kv_tile],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params, interpret=st.interpret, name="flash_bwd_dkv",
   )(*args)
-  if g > 1:
-    dk = dk.reshape(b, s, kh, g, h).sum(axis=3).astype(k.dtype)
-    dv = dv.reshape(b, s, kh, g, h).sum(axis=3).astype(v.dtype)
   return dq, dk, dv
 
 
@@ -463,10 +490,7 @@ def _prepare(query, key, value, softmax, sinks, is_causal, segment_ids, scale, b
   sinks = None if sinks is None else sinks.astype(jnp.float32)
   b, t, n, h = query.shape
   s, kh = key.shape[1], key.shape[2]
-  if block_sizes is None:  # float32 tiles take twice the shared memory: halve them
-    wide = jnp.dtype(query.dtype).itemsize >= 4
-    block_sizes = FLOAT32_BLOCK_SIZES if wide else BlockSizes()
-  bs = block_sizes
+  bs = default_block_sizes(h, query.dtype) if block_sizes is None else block_sizes
   fields = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
   tiles = {f: _tile(getattr(bs, f), t if f.split("_")[1] == "q" else s) for f in fields}
   t_pad = _padding.round_up(t, max(tiles["block_q"], tiles["block_q_dkv"], tiles["block_q_dq"]))
@@ -508,8 +532,8 @@ def flash_attention(
     is_causal: query ``t`` sees keys ``<= t``; key tiles above the diagonal are skipped.
     segment_ids: ``[B, T]`` or ``(q [B, T], kv [B, S])``; no attention across segments.
     scale: logit scale, ``1/sqrt(H)`` of the unpadded ``H`` by default.
-    block_sizes: tile sizes; None = ``BlockSizes()`` for 16-bit inputs and the halved
-      ``FLOAT32_BLOCK_SIZES`` for float32 (shared memory). Not yet tuned on a GPU.
+    block_sizes: tile sizes; None = ``default_block_sizes(H, dtype)`` (per head dim and dtype,
+      sized for shared memory). Not yet tuned on a GPU.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
     sinks: ``[N]`` sink logits for ``softmax="learned_sink"`` (one per query head, in the units
       of the scaled logits); differentiable.

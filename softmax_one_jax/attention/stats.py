@@ -165,7 +165,8 @@ def _pick(implementation: str | None, mask) -> str:
     return implementation
   if mask is not None:
     return "xla"
-  return {"gpu": "pallas", "tpu": "chunked"}.get(target_platform(), "xla")
+  # GPUs and TPUs: the scan, which XLA compiles anywhere ("pallas" is by name, like the kernel).
+  return "chunked" if target_platform() in ("gpu", "tpu") else "xla"
 
 
 def _stats(query, key, *, softmax, is_causal, segment_ids, mask, scale, implementation,
@@ -229,8 +230,10 @@ def attention_stats(
     is_causal, segment_ids, mask, scale: as in ``dot_product_attention``.
     implementation: "xla" (dense logits; supports ``mask``), "chunked" (scan over 512-key
       chunks, linear memory, any platform), "pallas" (the GPU flash kernel's forward without the
-      value product); None picks pallas on GPU, chunked on TPU, xla elsewhere or with ``mask``
-      (the platform of the mesh in context, else JAX's default backend).
+      value product); None picks chunked on GPU and TPU, xla elsewhere or with ``mask`` (the
+      platform of the mesh in context, else JAX's default backend). The statistics never come
+      from the attention forward (cuDNN's returns no logsumexp): they are their own pass over
+      ``q`` and ``k``, whichever path computed the output.
     interpret: run the Pallas kernel in the interpreter (CPU tests).
     sharding: batch and head mesh axes: under a mesh the Pallas kernel runs once per shard.
     sinks: ``[N]`` sink logits for ``softmax="learned_sink"``, as in ``dot_product_attention``.

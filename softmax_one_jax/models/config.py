@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from softmax_one_jax.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm", "scalar_rmsnorm", "scalar_layernorm")
 MLPS = ("gelu", "swiglu")
 SOFTMAXES = ("softmax", "softmax1", "learned_sink")  # the baseline first, as grids list them
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = (None, "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from softmax_one_jax.attention import (AttentionSharding, dot_product_attention,
                                        first_token_stats, reference_attention)
 from softmax_one_jax.models.config import TransformerConfig
 from softmax_one_jax.models.intermediates import SowConfig
-from softmax_one_jax.sharding import constrain, spec_in_context
+from softmax_one_jax.sharding import constrain, current_mesh, spec_in_context
 
 # Logical names of activations (see softmax_one_jax.sharding): the batch is split over the data
 # and fsdp mesh axes, heads and the MLP width over tensor, the model width never.
@@ -362,6 +362,41 @@ def attention_sharding(q_shape: tuple[int, ...], k_shape: tuple[int, ...]
   return AttentionSharding(batch=q_axes[0], heads=q_axes[2] if q_axes[2] == k_axes[2] else None)
 
 
+def split_groups(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, AttentionSharding | None]:
+  """Keys and values repeated so that the query heads' split reaches inside a group.
+
+  When the mesh axes of the query heads have more devices ``D`` than there are key/value heads
+  ``K`` (``tensor > num_kv_heads``), ``attention_sharding`` cannot split the heads (a group would
+  straddle devices) and every device would compute every head. With ``D % K == 0`` each device's
+  ``N / D`` query heads lie inside one group: each key/value head is repeated ``D / K`` times
+  and split like the queries, so a device holds its own query heads and the one key/value head
+  they read (the bytes it held before, but a ``D``-th of the work). Returns the inputs and
+  ``attention_sharding``'s answer unchanged otherwise.
+
+  Example:
+    >>> k2, v2, sh = split_groups(q, k, v)   # N=8, K=2 under tensor=4: K repeated to 4 heads
+  """
+  sharding = attention_sharding(q_btnh.shape, k_btkh.shape)
+  mesh = current_mesh()
+  q_spec = spec_in_context(ACT_BTNH, q_btnh.shape)
+  if sharding is None or sharding.heads is not None or q_spec is None or len(q_spec) < 3:
+    return k_btkh, v_btkh, sharding
+  heads_axes = q_spec[2]
+  if heads_axes is None:
+    return k_btkh, v_btkh, sharding
+  names = heads_axes if isinstance(heads_axes, tuple) else (heads_axes,)
+  devices = math.prod(mesh.shape[a] for a in names)
+  kv_heads = k_btkh.shape[2]
+  if devices % kv_heads or q_btnh.shape[2] % devices:
+    return k_btkh, v_btkh, sharding
+  repeat = devices // kv_heads
+  spec = jax.sharding.PartitionSpec(sharding.batch, None, heads_axes, None)
+  k_btkh, v_btkh = (jax.lax.with_sharding_constraint(jnp.repeat(x, repeat, axis=2), spec)
+                    for x in (k_btkh, v_btkh))
+  return k_btkh, v_btkh, sharding._replace(heads=heads_axes)
+
+
 class LayerCache(NamedTuple):
   """One layer's slice of a ``KVCache``: keys and values ``[B, S_max, K, H]`` and the fill level."""
 
@@ -411,7 +446,7 @@ class Attention(nnx.Module):
     """Causal attention over the sequence itself, recording what ``sow_config`` asks for."""
     kwargs = dict(softmax=self.config.softmax, sinks=self._sinks(), is_causal=True,
                   segment_ids=segment_ids_bt)
-    sharding = attention_sharding(q.shape, k.shape)
+    k, v, sharding = split_groups(q, k, v)
     if self.sow_config.attention_stats:
       self.sow(nnx.Intermediate, "attention_stats",
                first_token_stats(q, k, sharding=sharding, **kwargs))

@@ -28,6 +28,8 @@ KERNEL_TARGETS: dict[str, str] = {
     "tpu_custom_call": "mosaic", "__gpu$xla.gpu.triton": "triton",
     "triton_kernel_call_ffi": "triton", "triton_kernel_call": "triton",
     "mosaic_gpu_v2": "mosaic_gpu", "mosaic_gpu": "mosaic_gpu"}
+# cuDNN's fused attention: one target per variant ("__cudnn$fmhaSoftmax", its "Backward", ...).
+CUDNN_ATTENTION_PREFIX = "__cudnn$fmha"
 
 
 class CollectiveStats(NamedTuple):
@@ -279,19 +281,24 @@ def custom_kernels(hlo_text: str) -> dict[str, int]:
   """Custom kernels in the program by family, counting call sites (not executions).
 
   Returns:
-    ``{"mosaic": n, "triton": n, "mosaic_gpu": n}``: Pallas TPU (Mosaic) kernels, Pallas GPU
-    Triton kernels and Mosaic GPU kernels, by their custom_call_target (``KERNEL_TARGETS``).
+    ``{"mosaic": n, "triton": n, "mosaic_gpu": n, "cudnn": n}``: Pallas TPU (Mosaic) kernels,
+    Pallas GPU Triton kernels, Mosaic GPU kernels (``KERNEL_TARGETS``) and cuDNN fused attention
+    calls, forward and backward (targets starting with ``CUDNN_ATTENTION_PREFIX``).
 
   Example:
     >>> custom_kernels(jax.jit(pallas_add).lower(x, y).compile().as_text())  # for a TPU
-    {'mosaic': 1, 'triton': 0, 'mosaic_gpu': 0}
+    {'mosaic': 1, 'triton': 0, 'mosaic_gpu': 0, 'cudnn': 0}
   """
-  counts = dict.fromkeys(KERNEL_TARGETS.values(), 0)
+  counts = dict.fromkeys((*KERNEL_TARGETS.values(), "cudnn"), 0)
   for instrs in _parse(hlo_text).comps.values():
     for ins in instrs.values():
       target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
-      if ins.opcode == "custom-call" and target and target.group(1) in KERNEL_TARGETS:
+      if ins.opcode != "custom-call" or not target:
+        continue
+      if target.group(1) in KERNEL_TARGETS:
         counts[KERNEL_TARGETS[target.group(1)]] += 1
+      elif target.group(1).startswith(CUDNN_ATTENTION_PREFIX):
+        counts["cudnn"] += 1
   return counts
 
 

@@ -8,6 +8,7 @@ program holds no [T, S] buffer.
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -177,7 +178,6 @@ def test_dispatch_runs_the_kernel_in_interpret_mode(np_rng):
 
 
 def test_resolve_implementation():
-  assert resolve_implementation(None, backend="gpu") == "pallas_gpu"
   assert resolve_implementation(None, backend="tpu") == "pallas_tpu"
   assert resolve_implementation(None, backend="cpu") == "xla"
   assert resolve_implementation(None, backend="gpu", mask=jnp.ones((1, 1), bool)) == "xla"
@@ -187,7 +187,7 @@ def test_resolve_implementation():
   with pytest.raises(ValueError, match="interpret=True"):
     resolve_implementation("pallas", backend="cpu")
   with pytest.raises(ValueError, match="not known"):
-    resolve_implementation("cudnn")
+    resolve_implementation("triton")
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -243,7 +243,7 @@ def test_long_sequence_holds_no_seq_by_seq_buffer(with_grad):
 def test_bench_scripts_parse():
   """bench/gpu_check.sh is valid bash and bench/attention.py refuses --mode gpu without a GPU.
 
-  (The script's full Python runs on CPU with ``bash bench/gpu_check.sh --cpu-smoke``, ~1.5 min.)
+  (The script's full Python runs on CPU in ``test_gpu_check_smoke_runs_every_path``.)
   """
   root = pathlib.Path(__file__).resolve().parents[2]
   subprocess.run(["bash", "-n", str(root / "bench" / "gpu_check.sh")], check=True)
@@ -251,6 +251,86 @@ def test_bench_scripts_parse():
                         capture_output=True, text=True, timeout=120,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 2 and "--cpu-smoke" in done.stdout, done.stdout + done.stderr
+
+
+def test_gqa_backward_writes_dk_dv_once_per_key_value_head(np_rng):
+  """With 4 query heads per key/value head the dk/dv kernel sums the group in registers and
+  writes ``[B, S, K, H]`` in K's dtype: no ``[B, S, N, H]`` array exists anywhere in the
+  backward (it used to write one float32 copy per query head), and the gradients still match
+  float64 numpy (``check_against_numpy`` above covers every kind)."""
+  q = jnp.asarray(np_rng.standard_normal((1, 64, 8, 64)), jnp.bfloat16)
+  kv = jnp.asarray(np_rng.standard_normal((1, 128, 2, 64)), jnp.bfloat16)
+  loss = lambda q, k, v: pallas_gpu.flash_attention(q, k, v, interpret=True).astype(  # noqa: E731
+      jnp.float32).sum()
+  text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv))
+  assert "flash_bwd_dkv" in text
+  assert "[1,128,8,64]" not in text            # no per-query-head key-side buffer
+  dkv_line = next(line for line in text.splitlines()
+                  if "= pallas_call[" in line and "bf16[1,128,2,64]" in line)
+  assert dkv_line.count("bf16[1,128,2,64]") == 2, dkv_line   # dk and dv, in K's dtype
+  _, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, kv, kv)
+  assert dk.shape == dv.shape == kv.shape and dk.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_default_tiles_fit_an_a100s_shared_memory(head_dim, dtype):
+  """Per (head dim, dtype), every kernel's tiles (a query tile and ``num_stages`` buffered key
+  and value tiles, in the padded head width) fit the 164 KiB of shared memory of an A100 SM
+  (H100: 228 KiB), and 16-bit 128-wide heads keep the largest tiles."""
+  bs = pallas_gpu.default_block_sizes(head_dim, dtype)
+  width = 1 << (head_dim - 1).bit_length()          # Triton tiles are powers of two
+  item = jnp.dtype(dtype).itemsize
+  for bq, bk in ((bs.block_q, bs.block_k), (bs.block_q_dkv, bs.block_k_dkv),
+                 (bs.block_q_dq, bs.block_k_dq)):
+    # q (and dO in the backward) once, k and v per pipelining stage.
+    smem = (2 * bq + 2 * bk * bs.num_stages) * width * item
+    assert smem <= 164 * 1024, (head_dim, dtype, bq, bk, smem)
+  if item == 2 and head_dim <= 128:
+    assert bs == pallas_gpu.BlockSizes()
+  # And the kernel runs at that width: all-ones inputs, every logit sqrt(H), query t sees
+  # n = t + 1 keys and the null key, so every output entry is n e^c / (1 + n e^c).
+  q = jnp.ones((1, 40, 2, head_dim), dtype)
+  out = pallas_gpu.flash_attention(q, q, q, is_causal=True, interpret=True)
+  n_e = np.arange(1, 41) * np.exp(np.sqrt(head_dim))
+  np.testing.assert_allclose(np.asarray(out, np.float32)[0, :, 0, 0], n_e / (1 + n_e), rtol=1e-2)
+
+
+def test_kernel_matmuls_follow_the_default_matmul_precision():
+  """Every tile product of the forward and both backward kernels takes its precision from
+  ``jax.default_matmul_precision``, as XLA's matmuls do: unset (TF32 for float32 on GPUs) by
+  default, HIGHEST (exact float32) under "highest"."""
+  q = jnp.ones((1, 64, 4, 64), jnp.float32)
+  kv = jnp.ones((1, 64, 2, 64), jnp.float32)
+  loss = lambda q, k, v: pallas_gpu.flash_attention(q, k, v, is_causal=True).sum()  # noqa: E731
+  fwd_bwd = jax.grad(loss, argnums=(0, 1, 2))
+
+  def precisions():
+    text = str(jax.make_jaxpr(fwd_bwd)(q, kv, kv))
+    assert text.count("pallas_call") >= 3            # forward, dq, dk/dv
+    # Each dot_general's parameters, up to the result type every one of them names last.
+    params = [chunk.split("preferred_element_type")[0] for chunk in text.split("dot_general[")[1:]]
+    assert len(params) >= 7, len(params)   # forward 2, dq 3, dk/dv 4 tile products
+    return {(re.search(r"precision=\(?(\S+?),", p) or re.search("()", p)).group(1)
+            for p in params}
+
+  assert precisions() == {""}                    # no precision: the config's default
+  with jax.default_matmul_precision("highest"):
+    assert precisions() == {"Precision.HIGHEST"}
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_path():
+  """``bash bench/gpu_check.sh --cpu-smoke``: the GPU check's code at tiny shapes on CPU (cuDNN's
+  construction through jax.nn's XLA attention, Pallas in its interpreter); measures nothing, but
+  every correctness row and every train-step row must pass."""
+  root = pathlib.Path(__file__).resolve().parents[2]
+  done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--cpu-smoke"],
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  rows = [line for line in done.stdout.splitlines() if line.endswith(("PASS |", "FAIL |"))]
+  assert len(rows) == 12 + 3 and all(r.endswith("PASS |") for r in rows), rows
+  assert "cuDNN softmax-1 (zero key)" in done.stdout and "Pallas softmax-1" in done.stdout
 
 
 @pytest.mark.parametrize(

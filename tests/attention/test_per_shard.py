@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 
 from softmax_one_jax.attention import AttentionSharding, attention_stats, dot_product_attention
+from softmax_one_jax.models.layers import attention_sharding, split_groups
 from tests.attention.reference_np import (np_attention, np_attention_grads, np_first_visible,
                                           np_logits, random_sinks, sink_grad_atol)
 from tests.attention.test_pallas_gpu import random_case
@@ -113,3 +114,32 @@ def test_without_a_mesh_the_kernel_is_called_directly(np_rng):
                                              interpret=True, sharding=SHARDING)
   assert "shard_map" not in str(jax.make_jaxpr(fn)(q, k, v))
   np.testing.assert_allclose(fn(q, k, v), np_attention(q, k, v)[0], rtol=2e-5, atol=2e-5)
+
+
+def test_heads_split_inside_a_group_when_tensor_exceeds_the_kv_heads(np_rng):
+  """8 query heads, 2 key/value heads, tensor=4: ``split_groups`` repeats each key/value head
+  twice and splits the heads over tensor, so every device runs the kernel on its 2 query heads
+  (not all 8); outputs and q/k/v gradients equal float64 numpy's."""
+  mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  q, k, v, w, _ = random_case(np_rng, 2, 32, 32, 8, 2, 16, jnp.float32)
+  seen = {}
+
+  def attn(q, k, v):
+    k2, v2, sharding = split_groups(q, k, v)
+    seen.update(sharding=sharding, plain=attention_sharding(q.shape, k.shape), kv=k2.shape)
+    return dot_product_attention(q, k2, v2, is_causal=True, implementation="pallas_gpu",
+                                 interpret=True, sharding=sharding)
+
+  loss = lambda q, k, v: jnp.sum(attn(q, k, v) * w)  # noqa: E731
+  with jax.set_mesh(mesh):
+    out = jax.jit(attn)(q, k, v)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    jaxpr = str(jax.make_jaxpr(attn)(q, k, v))
+  assert seen["plain"].heads is None                     # without the split: every head
+  assert seen["sharding"] == AttentionSharding(batch="fsdp", heads="tensor")
+  assert seen["kv"] == (2, 32, 4, 16)
+  assert "f32[1,32,2,16]" in jaxpr                      # the kernel's per-device query block
+  want = np_attention_grads(q, k, v, w, is_causal=True)
+  np.testing.assert_allclose(out, want[0], rtol=2e-5, atol=2e-5)
+  for got, ref in zip(grads, want[1:]):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

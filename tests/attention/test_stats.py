@@ -184,6 +184,18 @@ def test_dense_mask_needs_xla():
     attention_stats(q, q, mask=jnp.ones((4, 4), bool), implementation="chunked")
 
 
+@pytest.mark.parametrize("platform,want", [("gpu", "chunked"), ("tpu", "chunked"),
+                                            ("cpu", "xla")])
+def test_statistics_are_their_own_pass_whichever_path_ran_the_forward(monkeypatch, platform,
+                                                                       want):
+  """On GPUs the forward is cuDNN's, which returns no logsumexp the diagnostics can use: the
+  statistics default to the chunked scan over q and k (any platform), never to a kernel's
+  residual; a dense mask takes the XLA path."""
+  monkeypatch.setattr(stats_lib, "target_platform", lambda: platform)
+  assert stats_lib._pick(None, None) == want   # pylint: disable=protected-access
+  assert stats_lib._pick(None, jnp.ones((1, 1), bool)) == "xla"   # pylint: disable=protected-access
+
+
 # ----------------------------------------------------------------------------------------------
 # One answer on every path: exact scores, exact ties and one-ulp near-ties, float64 as the judge.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -131,13 +132,41 @@ needs_cuda_plugin = pytest.mark.skipif(
 
 @needs_cuda_plugin
 @pytest.mark.slow
-def test_tiny_compiles_for_an_h100_node_with_the_triton_kernels(tmp_path):
-  report, printed = _compile(tmp_path, "tiny.py", topology="h100:8")
+def test_tiny_compiles_for_an_h100_node_with_the_triton_kernels_by_name(tmp_path):
+  report, printed = _compile(tmp_path, "tiny.py", "h100:8",
+                             "--config.model.attention_impl=pallas_gpu")
   assert report["attention"] == "pallas_gpu" and report["num_chips"] == 8
   assert report["chip"] == "NVIDIA H100 SXM"
   assert report["train"]["kernels"]["triton"] >= 3       # forward, dq, dkv in the train step
   assert report["train"]["kernels"]["mosaic"] == 0
   assert report["fits"] and "pallas_gpu" in printed
+
+
+# A python whose jax finds cuDNN: the CUDA plugin with its pip-packaged libraries, kept out of the
+# test environment (it prints a CUDA-init error on every CPU start); .ci/run makes one.
+CUDA_PYTHON = os.environ.get("SOFTMAX_ONE_CUDA_PYTHON")
+needs_cudnn = pytest.mark.skipif(
+    not CUDA_PYTHON,
+    reason="no python with cuDNN: set SOFTMAX_ONE_CUDA_PYTHON to one with "
+           "jax-cuda12-plugin[with-cuda] installed (.ci/run makes .ci/cuda-venv)")
+
+
+@needs_cudnn
+@pytest.mark.slow
+@pytest.mark.parametrize("softmax", ["softmax1", "softmax"])
+def test_the_paper_config_compiles_for_an_h100_node_with_cudnn_attention(tmp_path, softmax):
+  """Two layers of gpt2-60m (bf16, packed documents: segment ids) for h100:8, by default."""
+  cmd, out = _compile_command(tmp_path, f"gpt2.py:60m,{softmax},orthoadam", "h100:8",
+                              "--config.model.num_layers=2")
+  proc = subprocess.run([CUDA_PYTHON, *cmd[1:]], capture_output=True, text=True, cwd=REPO,
+                        env=cpu_env(1), timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["attention"] == "cudnn", report["attention"]
+  # One forward and one backward cuDNN call per layer in the train step, one per layer in eval.
+  assert report["train"]["kernels"] == {"mosaic": 0, "triton": 0, "mosaic_gpu": 0, "cudnn": 4}
+  assert report["eval"]["kernels"]["cudnn"] == 2
+  assert "cudnn (train step: 4 cuDNN attention calls, 0 Triton, 0 Mosaic)" in proc.stdout
 
 
 def test_gpu_target_description_carries_the_chip():

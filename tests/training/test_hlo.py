@@ -206,7 +206,7 @@ def test_pallas_tpu_kernel_is_a_mosaic_kernel(tpu_topology):
   x = jax.ShapeDtypeStruct((8, 128), jnp.float32,
                            sharding=jax.sharding.SingleDeviceSharding(device))
   text = jax.jit(add).lower(x, x).compile().as_text()
-  assert hlo.custom_kernels(text) == {"mosaic": 1, "triton": 0, "mosaic_gpu": 0}
+  assert hlo.custom_kernels(text) == {"mosaic": 1, "triton": 0, "mosaic_gpu": 0, "cudnn": 0}
   assert hlo.custom_kernels(_compile_text(
       lambda a: a, _cpu_mesh(), P("x"), P("x"), _arg(_cpu_mesh(), (8,), jnp.float32, P("x")))
   )["mosaic"] == 0
