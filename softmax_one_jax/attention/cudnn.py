@@ -81,14 +81,18 @@ def max_head_dim() -> int:
 
 
 def cudnn_available() -> bool:
-  """Whether jax found cuDNN (a CUDA jaxlib plugin with its libraries): tracing a cuDNN call
-  raises "cuDNN is not detected" otherwise."""
-  from jax._src.lib import cuda_versions  # pylint: disable=g-import-not-at-top
-  if cuda_versions is None:
-    return False
+  """Whether jax can call cuDNN: a visible NVIDIA GPU (jax's CUDA wheels bring cuDNN), or, when
+  compiling for an absent one, a CUDA plugin with cuDNN's libraries (tracing a cuDNN call raises
+  "cuDNN is not detected" otherwise)."""
   try:
-    return cuda_versions.cudnn_get_version() > 0
-  except Exception:  # noqa: BLE001  (the plugin raises its own types when the library is absent)
+    if jax.devices("cuda"):
+      return True
+  except RuntimeError:
+    pass
+  try:
+    from jax._src.lib import cuda_versions  # pylint: disable=g-import-not-at-top
+    return cuda_versions is not None and cuda_versions.cudnn_get_version() > 0
+  except Exception:  # noqa: BLE001  (moved in another jax, or the library is absent)
     return False
 
 
