@@ -150,8 +150,16 @@ def target_platform() -> str:
   mesh = current_mesh()
   device = getattr(mesh, "abstract_device", None)
   platform = getattr(device, "platform", None)
-  if platform is None:
-    return jax.default_backend()
+  return jax.default_backend() if platform is None else platform_family(platform)
+
+
+def platform_family(platform: str) -> str:
+  """A device's platform as jax's backends name it: "cuda" and "rocm" devices are "gpu".
+
+  Example:
+    >>> platform_family("cuda"), platform_family("tpu")
+    ('gpu', 'tpu')
+  """
   return "gpu" if platform in ("cuda", "rocm") else platform
 
 

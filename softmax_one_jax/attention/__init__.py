@@ -67,7 +67,7 @@ def resolve_implementation(
   limit, no dense mask, causal only over ``T == S``; segment ids are taken), else "xla"; on TPUs the
   splash kernel (zero sinks) unless a dense ``mask`` or a dtype it lacks is given; "xla" on
   CPU. The shape arguments (``softmax``, ``head_dim``, ...) feed the cuDNN rule; left out,
-  they are not checked. The platform is ``backend`` if given, else that of the mesh in context, else JAX's
+  they are not checked. ``"cudnn"`` by name is refused, with the reason, where the rule says no. The platform is ``backend`` if given, else that of the mesh in context, else JAX's
   default backend (``softmax_one_jax.sharding.target_platform``). "pallas" picks the platform's kernel; on CPU it needs ``interpret=True`` (tests) and
   then runs the GPU kernel in the interpreter.
 
@@ -80,12 +80,16 @@ def resolve_implementation(
         f"implementation={implementation!r} is not known; expected one of {IMPLEMENTATIONS}."
     )
   backend = backend or target_platform()
-  if implementation is None:
-    if backend == "gpu":
-      reason = cudnn.unsupported_reason(
-          softmax=softmax, dtype=dtype, head_dim=head_dim, q_len=q_len, kv_len=kv_len,
-          is_causal=is_causal, mask=mask is not None)
+  if implementation == "cudnn" or (implementation is None and backend == "gpu"):
+    reason = cudnn.unsupported_reason(
+        softmax=softmax, dtype=dtype, head_dim=head_dim, q_len=q_len, kv_len=kv_len,
+        is_causal=is_causal, mask=mask is not None)
+    if implementation is None:
       return "cudnn" if reason is None and cudnn.cudnn_available() else "xla"
+    if reason is not None:
+      raise ValueError(f"implementation='cudnn' does not take {reason}; pass "
+                       "implementation=None (which falls back to 'xla') or 'xla'.")
+  if implementation is None:
     if mask is not None or jnp.dtype(dtype) not in KERNEL_DTYPES:
       return "xla"
     return "pallas_tpu" if backend == "tpu" else "xla"
@@ -177,12 +181,6 @@ def dot_product_attention(
   ids, ids_kinds, rebuild_ids = split_segment_arrays(segment_ids)
   kwargs = dict(softmax=softmax, is_causal=is_causal, scale=scale)
   if impl == "cudnn":
-    reason = cudnn.unsupported_reason(
-        softmax=softmax, dtype=query.dtype, head_dim=query.shape[-1], q_len=query.shape[1],
-        kv_len=key.shape[1], is_causal=is_causal)
-    if reason is not None:
-      raise ValueError(f"implementation='cudnn' does not take {reason}; pass "
-                       "implementation=None (which falls back to 'xla') or 'xla'.")
     kernel = functools.partial(cudnn.null_key_attention, implementation="cudnn")
   elif impl == "pallas_gpu":
     from softmax_one_jax.attention import pallas_gpu  # pylint: disable=g-import-not-at-top

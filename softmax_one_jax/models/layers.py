@@ -378,15 +378,13 @@ def split_groups(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array
     >>> k2, v2, sh = split_groups(q, k, v)   # N=8, K=2 under tensor=4: K repeated to 4 heads
   """
   sharding = attention_sharding(q_btnh.shape, k_btkh.shape)
-  mesh = current_mesh()
-  q_spec = spec_in_context(ACT_BTNH, q_btnh.shape)
-  if sharding is None or sharding.heads is not None or q_spec is None or len(q_spec) < 3:
+  if sharding is None or sharding.heads is not None:
     return k_btkh, v_btkh, sharding
-  heads_axes = q_spec[2]
+  heads_axes = (tuple(spec_in_context(ACT_BTNH, q_btnh.shape)) + (None,) * 4)[2]
   if heads_axes is None:
     return k_btkh, v_btkh, sharding
   names = heads_axes if isinstance(heads_axes, tuple) else (heads_axes,)
-  devices = math.prod(mesh.shape[a] for a in names)
+  devices = math.prod(current_mesh().shape[a] for a in names)
   kv_heads = k_btkh.shape[2]
   if devices % kv_heads or q_btnh.shape[2] % devices:
     return k_btkh, v_btkh, sharding

@@ -34,7 +34,7 @@ import optax
 
 from softmax_one_jax.optim import layout as layout_lib
 from softmax_one_jax.optim import rotations as rot_lib
-from softmax_one_jax.sharding import target_platform
+from softmax_one_jax.sharding import platform_family, target_platform
 
 Params = Any
 
@@ -210,6 +210,8 @@ def scale_by_orthoadam(
     rots = _rotations_for(treedef, state.rotations, with_paths)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
+    first = next((path_name(p) for p, g in with_paths if g is not None), None)
+    check_here = check_rotations and first is not None and _runs_here(sharding_of, first)
     out_u, out_m, out_v = [], [], []
     checked: list[tuple[str, jax.Array]] = []
     for (path, g), m, v, rot in zip(with_paths, mus, nus, rots):
@@ -220,7 +222,7 @@ def scale_by_orthoadam(
         continue
       name = path_name(path)
       _check_rotation(rot, g.shape, name)
-      if check_rotations and not isinstance(rot, rot_lib.IdentityRotation):
+      if check_here and not isinstance(rot, rot_lib.IdentityRotation):
         checked.append((name, rot_lib.rotation_intact(rot)))
       sharding = sharding_of(name)
       plan = None if sharding is None else layout_lib.plan_for(rot, g.shape, sharding)
@@ -230,7 +232,7 @@ def scale_by_orthoadam(
       out_u.append(u)
       out_m.append(m_new.astype(mu_dtype if mu_dtype is not None else m.dtype))
       out_v.append(v_new.astype(v.dtype))
-    if checked and _runs_here(sharding_of, checked[0][0]):
+    if checked:
       _raise_if_lost(jnp.stack([ok for _, ok in checked]), tuple(n for n, _ in checked))
     return treedef.unflatten(out_u), ScaleByOrthoAdamState(
         count_inc, treedef.unflatten(out_m), treedef.unflatten(out_v), state.rotations
@@ -261,11 +263,8 @@ def _runs_here(sharding_of: Callable[[str], Any], path: str) -> bool:
   callback lowers only there (a program compiled ahead of time for absent GPUs has none)."""
   sharding = sharding_of(path)
   devices = getattr(getattr(sharding, "mesh", None), "devices", None)
-  if devices is not None and getattr(devices, "size", 0):
-    platform = devices.flat[0].platform
-  else:
-    platform = target_platform()
-  platform = "gpu" if platform in ("cuda", "rocm") else platform
+  has_devices = devices is not None and getattr(devices, "size", 0)
+  platform = platform_family(devices.flat[0].platform) if has_devices else target_platform()
   try:
     return bool(jax.devices(platform))
   except RuntimeError:
