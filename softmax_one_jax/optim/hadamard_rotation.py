@@ -17,8 +17,9 @@ odd), each with random signs ``D_i`` (a diagonal of +-1):
   ``Q_i`` is *not* dense: it mixes coordinates only within a block.
 
 The state is ``sum d_i`` int8 signs plus ``m_i^2`` float32 per mixed axis (int32 permutations
-per permuted axis); the transform costs ``log2 d`` additions plus ``2 m_i`` multiply-adds per
-element on a mixed axis. With per-axis ``blocks`` (``axis_blocks.py``), each factor is
+per permuted axis); the transform is at most two small Hadamard matmuls per axis up to ``2^14``
+(factors of at most 128 x 128, ``hadamard.py``) plus ``2 m_i`` multiply-adds per element on a
+mixed axis. With per-axis ``blocks`` (``axis_blocks.py``), each factor is
 block-diagonal, one independent ``Q_i`` per block of length ``d_i / k_i`` (the rules above apply
 to the block length).
 

@@ -25,8 +25,8 @@ the columns of ``Q`` are multiplied by ``sign(diag(R))``.
 entry of ``Q`` is nonzero (``+-1/sqrt(n)`` on power-of-two shapes), so no rotated coordinate lines
 up with a coordinate of the parameter, but its state is ``sum d_i`` int8 signs plus an
 ``m_i x m_i`` float32 ``R_i`` per axis whose length is not a power of two (``m_i`` = 3 for 768 and
-3072, 43 for 11008, 393 for 50304) instead of ``sum d_i^2`` floats, and it costs ``log2 n``
-additions plus ``2 m_i`` multiply-adds per element. An axis whose odd part ``m_i`` exceeds
+3072, 43 for 11008, 393 for 50304) instead of ``sum d_i^2`` floats, and it costs at most two
+small Hadamard matmuls per axis (``hadamard.py``) plus ``2 m_i`` multiply-adds per element. An axis whose odd part ``m_i`` exceeds
 ``hadamard_rotation.MAX_MIX_DIM`` (1024; e.g. 50257) gets a random permutation and a
 block-diagonal Hadamard instead (blocks: the binary digits of ``d_i``), which is *not* dense. The
 family and its state live in ``hadamard_rotation.py``, the Hadamard transform in ``hadamard.py``.

@@ -13,6 +13,7 @@ import scipy.stats
 
 from softmax_one_jax.optim import hadamard_rotation as HR
 from softmax_one_jax.optim import orthoadam
+from softmax_one_jax.optim import hadamard as H
 from softmax_one_jax.optim import rotations as R
 
 SHAPES = [(), (5,), (4, 6), (3, 11, 7)]
@@ -173,6 +174,34 @@ def test_hadamard_factors_are_the_sylvester_matrix(shape):
   y = np.asarray(jax.jit(lambda r, x: r.rotate(x))(rot, jnp.asarray(x)))
   q_nn = explicit_matrix(rot, shape)
   np.testing.assert_allclose(y.reshape(-1), q_nn @ x.reshape(-1).astype(np.float64), atol=2e-5)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+@pytest.mark.parametrize("shape,axis", [((2048, 3), 0), ((3, 2048), 1), ((5, 768, 2), 1),
+                                        ((2, 16384), 1), ((16384, 2), 0), ((128,), 0)])
+def test_block_hadamard_is_the_sylvester_matrix_with_either_platforms_factors(platform, shape,
+                                                                              axis):
+  # CPU factors (at most 32 x 32 on the last axis, 8 x 8 elsewhere) and accelerator factors (at
+  # most 128 x 128) make the same matrix: float64 scipy Hadamard, fresh inputs.
+  x = np.random.default_rng(axis + len(shape)).standard_normal(shape).astype(np.float32)
+  got = np.asarray(jax.jit(lambda v: H.block_hadamard(v, axis, platform))(jnp.asarray(x)))
+  want = np.moveaxis(np.tensordot(_np_hadamard_axis(shape[axis]), x.astype(np.float64),
+                                  axes=([1], [axis])), 0, axis)
+  np.testing.assert_allclose(got, want, atol=3e-5)
+
+
+def test_accelerator_factors_are_at_most_two_128_wide_matmuls_per_axis():
+  # The transform's passes over the array: one dot_general per factor. A TPU slice compiled ahead
+  # of time takes these widths from its mesh (sharding.target_platform).
+  def dots(platform, shape, axis):
+    jaxpr = jax.make_jaxpr(lambda v: H.block_hadamard(v, axis, platform))(jnp.zeros(shape))
+    square = lambda e: next(v.aval.shape[0] for v in e.invars  # noqa: E731  # the H factor
+                            if v.aval.ndim == 2 and v.aval.shape[0] == v.aval.shape[1])
+    return [square(e) for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert dots("tpu", (64, 512), 1) == [128, 4]        # last axis: 128 minor, then the rest
+  assert dots("tpu", (512, 64), 0) == [32, 16]
+  assert dots("tpu", (384, 8), 0) == [16, 16, 128]     # 384 = 256 + 128: blocks of 2 and 1
+  assert len(dots("cpu", (512, 64), 0)) == 3                      # 8 x 8 factors: three passes
 
 
 # ----------------------------------------------------------------------------- dense default Q
