@@ -37,7 +37,11 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # The GCS emulator serves tests/training/test_bucket_workdir.py a bucket on localhost.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "gcp-storage-emulator>=2024.0", "gcsfs>=2024.2"],
+        # gs:// workdirs: etils epath reads and writes buckets through gcsfs (which brings
+        # google-cloud-storage, for the workdir lease's generation preconditions).
+        "gcs": ["gcsfs>=2024.2"],
         # Pairing and executing notebooks/ (tests/test_notebooks.py); Colab needs none of it.
         "notebooks": ["jupytext>=1.16", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                       "matplotlib-inline>=0.1"],

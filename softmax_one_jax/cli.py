@@ -72,7 +72,8 @@ _NAME = flags.DEFINE_string("name", None, "analyze: row label.")
 _NAMES = flags.DEFINE_list("names", None, "compare: row labels, one per run.")
 # compile
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "compile: the slice, e.g. v5e:4x4 or v5p:2x2x2 (default: config.topology).")
+    "topology", None, "compile: the slice, e.g. v5e:4x4 or v5p:2x2x2, or several slices over DCN, "
+    "e.g. 2xv5e:4x4 (with --config.mesh.data a multiple of 2); default: config.topology.")
 _JSON = flags.DEFINE_string("json", None, "compile: also write the report as JSON to this file.")
 
 
@@ -219,8 +220,9 @@ def _set(kwargs: dict, name: str, value) -> None:
 
 def _print_outputs(result: dict) -> None:
   """Prints the Markdown table an analysis wrote and where its other files are."""
-  paths = {k: pathlib.Path(v) for k, v in (result or {}).get("paths", {}).items()
-           if isinstance(v, (str, pathlib.Path))}
+  from softmax_one_jax import rundir  # pylint: disable=import-outside-toplevel
+  paths = {k: rundir.workdir_path(v) for k, v in (result or {}).get("paths", {}).items()
+           if isinstance(v, (str, os.PathLike))}
   table = paths.pop("table", None)
   if table is not None and table.is_file():
     print(table.read_text().rstrip())
@@ -268,7 +270,8 @@ def _compile() -> int:
     _fail("compile", str(e))
   print(aot.format_report(report), flush=True)
   if _JSON.value:
-    path = pathlib.Path(_JSON.value)
+    from softmax_one_jax import rundir  # pylint: disable=import-outside-toplevel
+    path = rundir.workdir_path(_JSON.value)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(aot.report_record(report), indent=1, default=str))
     print(f"\n(written to {path})")

@@ -46,6 +46,14 @@ class DiskFullError(UserError, OSError):
   """Writing a checkpoint, log or cache ran out of space (or quota)."""
 
 
+class TransientCheckpointError(UserError, OSError):
+  """Reading a checkpoint step kept failing with an I/O error that is not corruption.
+
+  Timeouts, lost connections, an unavailable or refusing store: the step may read on a later try,
+  so nothing was moved aside and no older step was restored instead.
+  """
+
+
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 

@@ -5,6 +5,10 @@ the other. It sits below both: it may import ``models``, ``data``, ``sharding``,
 Orbax, never ``training`` or ``analysis``. The train-state checkpoints (optimizer state, data
 iterator, moving damaged steps aside) stay in ``softmax_one_jax.training.checkpoint``.
 
+A workdir is any path ``etils.epath`` understands: a local folder or an object-store URI such as
+``gs://bucket/run`` (``pip install -e ".[gcs]"``). Everything a run writes goes through
+``workdir_path``: nothing is written to local disk for a bucket workdir.
+
 Layout::
 
   workdir/config.json        the run's full, resolved config              (CONFIG_FILE)
@@ -24,16 +28,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import AxisType, Mesh
 
+from softmax_one_jax import checkpoint_reads
+from softmax_one_jax.checkpoint_reads import ReadOutcome
 from softmax_one_jax.errors import ConfigError, MissingFileError
 from softmax_one_jax.models import Transformer, TransformerConfig
 from softmax_one_jax.sharding import MESH_AXES, tree_shardings
@@ -45,6 +52,31 @@ CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+PathLike = str | os.PathLike
+
+
+def is_remote(path: PathLike) -> bool:
+  """``path`` is an object-store URI (``gs://bucket/run``, ``s3://...``), not a local path.
+
+  Example:
+    >>> is_remote("gs://bucket/run"), is_remote("runs/tiny")
+    (True, False)
+  """
+  return "://" in os.fspath(path)
+
+
+def workdir_path(workdir: PathLike) -> epath.Path:
+  """The run directory as an ``epath.Path``: a local path made absolute (``~`` expanded), a URI
+  kept as it is.
+
+  Example:
+    >>> workdir_path("gs://bucket/run")
+    PosixGPath('gs://bucket/run')
+  """
+  if is_remote(workdir):
+    return epath.Path(os.fspath(workdir))
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(workdir))))
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -59,22 +91,22 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
 
 
-def write_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: PathLike, config: ml_collections.ConfigDict) -> None:
   """Writes ``workdir/config.json`` (process 0 only)."""
   if jax.process_index() == 0:
-    path = pathlib.Path(workdir) / CONFIG_FILE
+    path = workdir_path(workdir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_to_json(config) + "\n")
 
 
-def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+def read_config(workdir: PathLike) -> ml_collections.ConfigDict:
   """Reads ``workdir/config.json``; a clear error when the run directory has none.
 
   Example:
     >>> read_config("runs/tiny").model.softmax                      # doctest: +SKIP
     'softmax1'
   """
-  path = pathlib.Path(workdir) / CONFIG_FILE
+  path = workdir_path(workdir) / CONFIG_FILE
   if not path.exists():
     raise MissingFileError(f"{path} not found: {workdir} is not a run directory written by "
                            "`softmax-one train --workdir=...`.")
@@ -139,7 +171,7 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> Any:
 
 # ------------------------------------------------------------------------------------ checkpoints
 
-def make_manager(workdir: str | pathlib.Path, max_to_keep: int = 3, async_save: bool = True,
+def make_manager(workdir: PathLike, max_to_keep: int = 3, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """A ``CheckpointManager`` on ``workdir/checkpoints`` (what is saved is the caller's choice).
 
@@ -157,61 +189,87 @@ def make_manager(workdir: str | pathlib.Path, max_to_keep: int = 3, async_save: 
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not read_only,
       cleanup_tmp_directories=not read_only)
-  directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+  directory = workdir_path(workdir) / CHECKPOINT_DIR
   return ocp.CheckpointManager(directory, options=options)
 
 
 def restore_newest_readable(manager: ocp.CheckpointManager,
                             args: Callable[[], ocp.args.Composite], step: int | None = None,
-                            on_found: Callable[[list[int]], None] | None = None
+                            on_damaged: Callable[[list[int]], None] | None = None
                             ) -> tuple[Any, int] | None:
-  """``manager.restore`` of the newest step that reads (or of ``step``), warning on the others.
+  """The newest step that every process reads (or ``step``), restored on every process.
+
+  Every process reads each step, newest first, and all act on the worst of their outcomes
+  (``softmax_one_jax.checkpoint_reads``), so all restore the same step: the newest one that every
+  process read. A step that any process found corrupt, or whose intact files do not fit ``args``
+  (another tree structure or shape), is skipped with a warning; a transient I/O error is retried
+  and, when it persists, stops the restore; a ``UserError`` (e.g. a data item saved with another
+  ``config.data_shards``) is raised as it is.
 
   Args:
-    manager: from ``make_manager``.
-    args: builds the restore arguments (called once per step tried).
+    manager: from ``make_manager`` (its directory, and process 0's list of its steps).
+    args: builds the restore arguments (called once per read).
     step: a specific step (no fallback), or None for the newest readable one.
-    on_found: with ``step`` None, called with the unreadable steps newer than the one restored
-      (``[]`` when there were none, or when there is no checkpoint at all); a training resume
-      moves them aside there.
+    on_damaged: with ``step`` None, called on every process with the corrupt steps newer than
+      the one restored (``[]`` when there were none, or when there is no checkpoint at all). A
+      training resume moves them aside there and saves those steps again, so with it a newer
+      step skipped as not fitting ``args`` is an error.
 
   Returns:
     ``(restored, step)``, or None when there is no checkpoint.
 
   Raises:
-    RuntimeError: checkpoints exist but none could be read.
+    TransientCheckpointError: a transient I/O error outlasted the retries (nothing is moved).
+    UserError: a process refused the step (e.g. ``ConfigError``).
+    RuntimeError: checkpoints exist but none could be read; or, with ``on_damaged``, a newer
+      step is intact but does not fit ``args``.
 
   Example:
     >>> restored, step = restore_newest_readable(manager, args)     # doctest: +SKIP
   """
   manager.reload()
-  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-  errors, unreadable = [], []
+  steps = [step] if step is not None else checkpoint_reads.steps_of_process_0(manager.all_steps())
+  skipped, damaged, misfits = [], [], []     # "step s: why" for the messages; corrupt; the others
   for s in steps:
-    try:
-      restored = manager.restore(s, args=args())
-    except Exception as e:  # pylint: disable=broad-except  # any failure: try the previous step
-      msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-      log.warning("Checkpoint step %d in %s is unreadable or partial (%s); trying the previous "
-                  "step.", s, manager.directory, msg)
-      errors.append(f"step {s}: {msg}")
-      unreadable.append(int(s))
-      continue
-    if errors:
-      log.warning("Resumed from step %d after skipping unreadable steps: %s", s, "; ".join(errors))
-    if on_found is not None and step is None:
-      on_found(unreadable)
-    return restored, int(s)
-  if errors:
-    raise RuntimeError(
-        f"No readable checkpoint in {manager.directory}: " + "; ".join(errors) +
-        ". Move the directory away to start afresh, or pass an explicit step.")
-  if on_found is not None and step is None:
-    on_found([])
+    read = checkpoint_reads.read_step(manager.directory, s, args)
+    # Every process reaches this collective once per step, whatever its own read gave.
+    outcomes = checkpoint_reads.gather_outcomes(read.outcome)
+    verdict = checkpoint_reads.agreed_outcome(outcomes)
+    if verdict == ReadOutcome.OK:
+      if skipped:
+        log.warning("Resumed from step %d after skipping unreadable steps: %s", s,
+                    "; ".join(skipped))
+      if on_damaged is not None and step is None:
+        if misfits:
+          raise RuntimeError(
+              f"Checkpoint step(s) {misfits} in {manager.directory} are intact but do not fit "
+              f"this run ({'; '.join(skipped)}), and resuming from step {s} would save over "
+              "them. Resume with the code and config that wrote them, or move them into "
+              f"{DAMAGED_DIR}/ to resume from step {s}.")
+        on_damaged(damaged)
+      return read.restored, int(s)
+    who = checkpoint_reads.processes_with(outcomes, verdict)
+    mine = read.error if read.outcome == verdict else None     # None: another process's error
+    if verdict == ReadOutcome.TRANSIENT:
+      raise checkpoint_reads.transient_error(s, manager.directory, outcomes, mine)
+    if verdict == ReadOutcome.REFUSED:
+      raise mine or RuntimeError(f"Process(es) {who} refused checkpoint step {s} in "
+                                 f"{manager.directory}; their error says what to change.")
+    kind = "corrupt" if verdict == ReadOutcome.CORRUPT else "intact but does not fit"
+    why = checkpoint_reads.describe(mine) if mine is not None else "see that process's log"
+    log.warning("Checkpoint step %d in %s is %s on process(es) %s (%s); trying the previous step.",
+                s, manager.directory, kind, who, why)
+    skipped.append(f"step {s}: {kind} ({why})")
+    (damaged if verdict == ReadOutcome.CORRUPT else misfits).append(int(s))
+  if skipped:
+    raise RuntimeError(f"No readable checkpoint in {manager.directory}: " + "; ".join(skipped) +
+                       ". Move the directory away to start afresh, or pass an explicit step.")
+  if on_damaged is not None and step is None:
+    on_damaged([])
   return None
 
 
-def restore_params(workdir: str | pathlib.Path, abstract_params: Any,
+def restore_params(workdir: PathLike, abstract_params: Any,
                    step: int | None = None) -> tuple[Any, int] | None:
   """Only the parameters of a run's newest readable step (or ``step``): no optimizer is built.
 
@@ -246,7 +304,7 @@ def restore_params(workdir: str | pathlib.Path, abstract_params: Any,
   return None if found is None else (found[0]["state"]["params"], found[1])
 
 
-def load_model(workdir: str | pathlib.Path,
+def load_model(workdir: PathLike,
                step: int | None = None) -> tuple[Transformer, ml_collections.ConfigDict]:
   """The trained ``Transformer`` of a run (newest readable step, or ``step``) and its config.
 
@@ -275,12 +333,13 @@ def load_model(workdir: str | pathlib.Path,
                         abstract_params, param_shardings(abstract_params, mesh))
   restored = restore_params(workdir, target, step)
   if restored is None:
-    raise MissingFileError(f"No checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}.")
+    raise MissingFileError(f"No checkpoint in {workdir_path(workdir) / CHECKPOINT_DIR}.")
   params, _ = restored
   return nnx.merge(graphdef, params, abstract_rest), config
 
 
 __all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "DAMAGED_DIR", "METRICS_FILE", "TENSORBOARD_DIR",
-           "abstract_model", "config_from_json", "config_to_json", "load_model", "make_manager",
-           "model_config_from", "padded_vocab_size", "param_shardings", "read_config",
-           "restore_newest_readable", "restore_params", "write_config"]
+           "abstract_model", "config_from_json", "config_to_json", "is_remote", "load_model",
+           "make_manager", "model_config_from", "padded_vocab_size", "param_shardings",
+           "read_config", "restore_newest_readable", "restore_params", "workdir_path",
+           "write_config"]

@@ -49,6 +49,10 @@ SLOWEST_FIRST = (
     "tests/test_notebooks.py::test_notebook_runs_in_the_small_setting[outliers_and_quantisation]",
     "tests/experiments/test_lab.py::test_softmax_adamw_grows_an_attention_sink_on_bigram_backcopy",
     "tests/test_notebooks.py::test_notebook_runs_in_the_small_setting[scale_out]",
+    "tests/training/test_aot.py::test_gpt2_60m_compiles_for_two_v5e_slices_with_data_across_them",
+    "tests/training/test_bucket_workdir.py::test_train_kill_resume_eval_analyze_all_in_a_bucket",
+    "tests/training/test_elastic_resume.py::test_a_run_saved_by_two_processes_resumes_on_one_with_the_same_batches",
+    "tests/training/test_restore_agreement.py::test_a_step_only_process_1_finds_corrupt_is_damaged_for_both",
 )
 
 

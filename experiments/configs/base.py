@@ -41,6 +41,10 @@ def model_config(preset_name: str, **overrides) -> ml_collections.ConfigDict:
     # Optional fields (None) get a typed placeholder so a command-line override keeps its type.
     if v is None:
       v = config_dict.placeholder(_OPTIONAL_FIELD_TYPES.get(k, str))
+    if k == "remat":
+      # A policy name, or True / False as configs written when remat was a switch still set it
+      # (TransformerConfig maps them to "full" / "none"): untyped, so both are accepted.
+      v = config_dict.FieldReference(v, field_type=object)
     cfg[k] = v
   # 0 = use the tokenizer's vocabulary size (rounded up to `vocab_multiple`).
   cfg.vocab_size = 0
@@ -86,6 +90,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh.data = 1
   c.mesh.fsdp = -1                # -1 = all remaining devices
   c.mesh.tensor = 1
+  # Several TPU slices (e.g. --topology=2xv5e:4x4): the data axis's factor across slices, over
+  # DCN; mesh.data counts all of it. 0 = the number of slices (1 on a single slice).
+  c.mesh.dcn_data = 0
   # The accelerator slice the run is sized for (`softmax-one compile` builds its program there),
   # e.g. "v5e:4x4"; None: give --topology.
   c.topology = config_dict.placeholder(str)

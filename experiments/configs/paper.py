@@ -89,7 +89,7 @@ def grid_config(family: str, arg: str) -> ml_collections.ConfigDict:
   c.num_train_steps = steps
   big = size in ("1b", "7b")
   c.model = model_config(f"{family}-{size}", softmax=softmax, norm=norm, dtype="bfloat16",
-                         remat=big)
+                         remat="full" if big else "none")
   c.topology = SLICES[size]
   c.data.source = "c4"
   c.data.paths = "data/c4"

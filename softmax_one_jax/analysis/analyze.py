@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from softmax_one_jax.analysis import layout, outliers, quantize, report
 from softmax_one_jax.errors import ConfigError
 from softmax_one_jax.models.intermediates import with_intermediates
+from softmax_one_jax.rundir import PathLike, workdir_path
 
 FIGURES = ("attention_maps.png", "first_token_per_layer.png", "kurtosis_per_layer.png",
            "max_abs_per_layer.png", "max_abs_channels.png")
@@ -148,13 +149,13 @@ def analyze_model(
 
 
 def write_outputs(
-    out: str | pathlib.Path,
+    out: PathLike,
     name: str,
     metrics: Mapping[str, float],
     rep: outliers.OutlierReport,
     maps: Sequence[tuple[str, np.ndarray]],
     meta: Mapping[str, Any],
-) -> dict[str, pathlib.Path]:
+) -> dict[str, epath.Path]:
   """Writes ``metrics.json``, ``table.md`` and the figures (``FIGURES``) into ``out``.
 
   Returns:
@@ -164,7 +165,7 @@ def write_outputs(
   Example:
     >>> write_outputs("out", "softmax1", metrics, rep, maps, meta)     # doctest: +SKIP
   """
-  out = pathlib.Path(out)
+  out = workdir_path(out)
   out.mkdir(parents=True, exist_ok=True)
   paths = {"metrics": out / "metrics.json", "table": out / "table.md"}
   payload = {"name": name, "meta": dict(meta), "metrics": dict(metrics), "report": rep.to_json()}

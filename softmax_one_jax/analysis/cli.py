@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from softmax_one_jax.analysis import outliers, quantize, seeds
@@ -37,7 +38,7 @@ from softmax_one_jax.analysis.compare import load_analysis, write_comparison
 from softmax_one_jax.data import default_data_config, get_tokenizer, validation_batches
 from softmax_one_jax.errors import ConfigError
 from softmax_one_jax.models.hf import load_hf
-from softmax_one_jax.rundir import load_model
+from softmax_one_jax.rundir import load_model, workdir_path
 
 DEFAULT_NUM_BATCHES = 8
 DEFAULT_BATCH_SIZE = 4
@@ -83,7 +84,7 @@ class _Source:
   model: nnx.Module
   data_cfg: Any
   meta: dict[str, Any]
-  out_dir: pathlib.Path
+  out_dir: epath.Path
   default_name: str
   seq_len: int | None = None
   num_batches: int | None = None
@@ -111,14 +112,14 @@ def _set_fields(cfg: Any, overrides: Mapping[str, Any]) -> None:
 def _run_source(workdir: str, out: str | None, step: int | None,
                 data_overrides: Mapping[str, Any]) -> _Source:
   """A training run: its weights, its own data config (overridden) and evaluation sizes."""
-  root = pathlib.Path(workdir).expanduser().resolve()
-  model, run_config = load_model(str(root), step=step)
+  root = workdir_path(workdir)
+  model, run_config = load_model(root, step=step)
   data_cfg = _lookup(run_config, "data")
   if data_cfg is not None:
     _set_fields(data_cfg, data_overrides)
   meta = {"source": str(root), "optimizer": _lookup(run_config, "optimizer.name"),
           "config": seeds.flatten_config(run_config.to_dict())}
-  return _Source(model, data_cfg, meta, pathlib.Path(out) if out else root / "analysis",
+  return _Source(model, data_cfg, meta, workdir_path(out) if out else root / "analysis",
                  root.name, _lookup(run_config, "seq_len"), _lookup(run_config, "eval_batches"),
                  _lookup(run_config, "eval_batch_size"))
 
@@ -142,7 +143,7 @@ def _hf_source(hf: str, out: str | None, data_overrides: Mapping[str, Any], *,
   data_cfg = _hf_data_config(root, model_type, data_overrides) if need_data else None
   meta = {"source": str(root), "optimizer": None, "model_type": model_type}
   return _Source(model, data_cfg, meta,
-                 pathlib.Path(out) if out else pathlib.Path("analysis") / root.name, root.name)
+                 workdir_path(out if out else pathlib.Path("analysis") / root.name), root.name)
 
 
 def _load_batches(

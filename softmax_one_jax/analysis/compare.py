@@ -13,16 +13,17 @@ Example:
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from softmax_one_jax.analysis import outliers, report, seeds
 from softmax_one_jax.errors import MissingFileError
+from softmax_one_jax.rundir import PathLike, workdir_path
 
 
-def load_analysis(run: str | pathlib.Path) -> dict[str, Any]:
+def load_analysis(run: PathLike) -> dict[str, Any]:
   """Reads ``RUN/analysis/metrics.json`` (or ``RUN/metrics.json`` if RUN is an analysis folder).
 
   Raises:
@@ -31,7 +32,7 @@ def load_analysis(run: str | pathlib.Path) -> dict[str, Any]:
   Example:
     >>> load_analysis("runs/tiny")["metrics"]["perplexity"]          # doctest: +SKIP
   """
-  run = pathlib.Path(run)
+  run = workdir_path(run)
   for p in (run / "analysis" / "metrics.json", run / "metrics.json"):
     if p.is_file():
       d = json.loads(p.read_text())
@@ -66,8 +67,8 @@ def _per_layer_means(reps: dict[str, list[outliers.OutlierReport]], metric: str
           for n, rs in reps.items()}
 
 
-def _write_figures(reps: dict[str, list[outliers.OutlierReport]], out_dir: pathlib.Path,
-                   seeded: bool) -> dict[str, pathlib.Path]:
+def _write_figures(reps: dict[str, list[outliers.OutlierReport]], out_dir: epath.Path,
+                   seeded: bool) -> dict[str, epath.Path]:
   """The per-layer figures (means over seeds) and the per-channel one (each row's first run)."""
   of_seeds = " (mean over seeds)" if seeded else ""
   paths = {}
@@ -90,7 +91,7 @@ def _write_figures(reps: dict[str, list[outliers.OutlierReport]], out_dir: pathl
   return paths
 
 
-def write_comparison(groups: list[seeds.SeedGroup], out: str | pathlib.Path) -> dict[str, Any]:
+def write_comparison(groups: list[seeds.SeedGroup], out: PathLike) -> dict[str, Any]:
   """Writes ``table.md``, ``metrics.json`` and the figures of runs grouped by seed into ``out``.
 
   Args:
@@ -106,7 +107,7 @@ def write_comparison(groups: list[seeds.SeedGroup], out: str | pathlib.Path) -> 
     >>> write_comparison(groups, "runs/compare")["paths"]["table"]    # doctest: +SKIP
   """
   groups = _grid_order(groups)
-  out_dir = pathlib.Path(out)
+  out_dir = workdir_path(out)
   out_dir.mkdir(parents=True, exist_ok=True)
   table = {g.label: (g.runs[0]["metrics"] if g.n == 1 else g.metric_values()) for g in groups}
   reps = {g.label: [outliers.OutlierReport.from_json(r["report"]) for r in g.runs]

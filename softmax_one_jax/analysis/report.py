@@ -16,18 +16,19 @@ Example:
 from __future__ import annotations
 
 import math
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from softmax_one_jax.analysis import quantize
+from softmax_one_jax.rundir import PathLike, workdir_path
 
 # The headline int8 / int4 schemes of Table 2 (Table 3 lists every scheme that was run).
 # Labels read weights/activations; activation "seq" is one scale per sequence.
@@ -290,17 +291,19 @@ def format_analysis_markdown(
 # Figures.
 
 
-def _save(fig: Figure, path: str | pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(path)
+def _save(fig: Figure, path: PathLike) -> epath.Path:
+  """Writes ``fig`` to ``path`` (a local path or an object-store URI; format from its suffix)."""
+  path = workdir_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   FigureCanvasAgg(fig)
-  fig.savefig(path, dpi=110)
+  with path.open("wb") as f:
+    fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=110)
   return path
 
 
 def plot_attention_maps(
-    maps: Sequence[tuple[str, np.ndarray]], path: str | pathlib.Path, *, max_tokens: int = 64
-) -> pathlib.Path:
+    maps: Sequence[tuple[str, np.ndarray]], path: PathLike, *, max_tokens: int = 64
+) -> epath.Path:
   """Heatmaps of attention probabilities, one panel per (title, ``[T, T]`` map).
 
   Args:
@@ -331,13 +334,13 @@ def plot_attention_maps(
 
 def plot_per_layer(
     series: Mapping[str, np.ndarray],
-    path: str | pathlib.Path,
+    path: PathLike,
     *,
     ylabel: str,
     title: str,
     logy: bool = False,
     percent: bool = False,
-) -> pathlib.Path:
+) -> epath.Path:
   """One line per label over layers (e.g. first-token share, kurtosis first/rest, runs).
 
   Args:
@@ -372,8 +375,8 @@ def plot_per_layer(
 
 
 def plot_channel_max_abs(
-    panels: Mapping[str, np.ndarray], path: str | pathlib.Path, *, ncols: int = 2
-) -> pathlib.Path:
+    panels: Mapping[str, np.ndarray], path: PathLike, *, ncols: int = 2
+) -> epath.Path:
   """Heatmaps of max |activation| per (layer, channel), log colour scale, one panel per entry.
 
   Args:

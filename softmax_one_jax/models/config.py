@@ -18,6 +18,11 @@ NORMS = ("layernorm", "rmsnorm", "scalar_rmsnorm", "scalar_layernorm")
 MLPS = ("gelu", "swiglu")
 SOFTMAXES = ("softmax", "softmax1", "learned_sink")  # the baseline first, as grids list them
 DTYPES = ("float32", "bfloat16", "float16")
+# What each block keeps for the backward pass; ``models.transformer.remat_policy`` maps each name
+# to its jax.checkpoint policy. "none" first: the default.
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out", "offload_attention_out")
+# Configs written when remat was a switch: True rematerialised everything.
+_LEGACY_REMAT = {True: "full", False: "none"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +54,16 @@ class TransformerConfig:
     tie_embeddings: share the input embedding with the output projection.
     dtype: compute dtype; parameters are kept in ``param_dtype``.
     param_dtype: parameter dtype.
-    remat: rematerialise each block in the backward pass (saves activation memory).
+    remat: what each block keeps for the backward pass, the rest recomputed there (activation
+      memory against recompute; every policy gives the same numbers): "none" (keep everything),
+      "full" (keep the block's input only: recompute the whole block, attention included),
+      "save_dots" (keep the outputs of the projection and MLP matmuls; recompute norms,
+      activations and attention), "save_attention_out" (keep the attention output, named
+      ``layers.ATTENTION_OUT``, and recompute the rest: the XLA path recomputes its softmax, and a
+      flash kernel's forward runs again unless the kernel names its own residuals so too),
+      "offload_attention_out" (the same kept in pinned host memory; on CPU that is the same RAM,
+      so it runs but saves nothing). True and False, from configs written when this was a
+      switch, mean "full" and "none".
     attention_impl: implementation passed to ``dot_product_attention`` (None = the best for the
       platform of the mesh in context, else of the default backend).
     attention_interpret: run a Pallas attention kernel in the Pallas interpreter (CPU tests).
@@ -75,12 +89,14 @@ class TransformerConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"
   attention_impl: str | None = None
   attention_interpret: bool = False
   init_std: float = 0.02
 
   def __post_init__(self) -> None:
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, "remat", _LEGACY_REMAT[self.remat])
     if self.num_kv_heads is None:
       object.__setattr__(self, "num_kv_heads", self.num_heads)
     if self.head_dim is None:
@@ -148,6 +164,9 @@ def _validate(c: TransformerConfig) -> None:
   _check_choice("dtype", c.dtype, DTYPES)
   _check_choice("param_dtype", c.param_dtype, DTYPES)
   _check_choice("attention_impl", c.attention_impl, ATTENTION_IMPLS)
+  if c.remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={c.remat!r} is not allowed; expected one of {REMAT_POLICIES} "
+                     "(True and False still mean 'full' and 'none').")
   if not c.norm_eps > 0:
     raise ValueError(f"norm_eps={c.norm_eps!r} must be positive.")
   if not c.init_std > 0:

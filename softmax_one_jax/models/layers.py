@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from softmax_one_jax.attention import (AttentionSharding, dot_product_attention,
                                        first_token_stats, reference_attention)
@@ -30,6 +31,12 @@ ACT_BTKH = ("batch", "seq", "kv_heads", None)
 ACT_BTF = ("batch", "seq", "mlp")
 
 LogicalNames = tuple[str | None, ...]
+
+# The checkpoint name of each block's attention output, which the "save_attention_out" and
+# "offload_attention_out" remat policies keep (see TransformerConfig.remat). A flash kernel's
+# forward is spared in the backward pass only where the kernel gives its own residuals (output,
+# logsumexp) this name too.
+ATTENTION_OUT = "attention_out"
 
 
 def logical(init: Callable, names: LogicalNames) -> Callable:
@@ -485,7 +492,7 @@ class Attention(nnx.Module):
     """
     q, k, v = self._qkv(x_btd, positions_bt)
     if cache is None:
-      out = self._attend(q, k, v, segment_ids_bt)
+      out = checkpoint_name(self._attend(q, k, v, segment_ids_bt), ATTENTION_OUT)
     else:
       out, cache = self._attend_cached(q, k, v, positions_bt, cache)
     b, t = out.shape[:2]

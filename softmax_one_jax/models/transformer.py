@@ -10,16 +10,30 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from softmax_one_jax.models.config import TransformerConfig
-from softmax_one_jax.models.layers import (ACT_BTD, Block, LayerCache, dense, logical,
-                                           make_norm)
+from softmax_one_jax.models.layers import (ACT_BTD, ATTENTION_OUT, Block, LayerCache, dense,
+                                           logical, make_norm)
 from softmax_one_jax.sharding import constrain
+
+# TransformerConfig.remat name -> the jax.checkpoint policy of each block ("none": no remat).
+# "save_dots" keeps the matmuls without batch dimensions: every projection and MLP matmul (all
+# are 2-D, see layers.token_rows_matmul) but not the XLA attention's [B, N, T, S] logits, which
+# are batched over (b, n) and which jax.checkpoint_policies.checkpoint_dots would keep as well.
+_REMAT_POLICIES: dict[str, Callable[..., Any]] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
+    "offload_attention_out": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[ATTENTION_OUT],
+        offload_src="device", offload_dst="pinned_host"),
+}
+
 
 class KVCache(NamedTuple):
   """Keys and values of every layer for incremental decoding.
@@ -168,7 +182,7 @@ class Transformer(nnx.Module):
                    else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
     x_btd = self._embed(tokens_bt, positions)
     if cache is None:
-      block_fn = nnx.remat(_call_block) if self.config.remat else _call_block
+      block_fn = rematerialised(_call_block, self.config.remat)
       for block in self.blocks:
         x_btd = block_fn(block, x_btd, positions, segment_ids)
       return x_btd, None
@@ -237,6 +251,29 @@ class Transformer(nnx.Module):
 
 def _call_block(block: Block, x_btd, positions_bt, segment_ids_bt):
   return block(x_btd, positions_bt, segment_ids_bt)[0]
+
+
+def remat_policy(name: str) -> Callable[..., Any]:
+  """The ``jax.checkpoint`` policy of a ``TransformerConfig.remat`` name other than "none".
+
+  Example:
+    >>> remat_policy("save_dots") is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    True
+  """
+  if name not in _REMAT_POLICIES:
+    raise ValueError(f"remat={name!r} has no policy; expected one of {tuple(_REMAT_POLICIES)} "
+                     "(\"none\" means no remat).")
+  return _REMAT_POLICIES[name]
+
+
+def rematerialised(fn: Callable[..., Any], remat: str) -> Callable[..., Any]:
+  """``fn`` under ``nnx.remat`` with the policy named ``remat``; ``fn`` itself for "none".
+
+  Example:
+    >>> block_fn = rematerialised(_call_block, "save_attention_out")
+    >>> x_btd = block_fn(block, x_btd, positions_bt, None)
+  """
+  return fn if remat == "none" else nnx.remat(fn, policy=remat_policy(remat))
 
 
 def count_params(config: TransformerConfig) -> int:

@@ -8,6 +8,11 @@ process's own backend is the CPU. From the compiled programs it reads, per chip:
 optimizer-state bytes, XLA's memory analysis against the chip's HBM, the collectives and their
 bytes, the Pallas kernels present, XLA's cost analysis, and a roofline estimate of step time.
 
+Several slices (``"2xv5e:4x4"``) get the hybrid mesh of ``mesh.make_mesh``: the data axis across
+slices. XLA then compiles ONE slice's program: its collectives (``hlo.collective_stats``) run
+inside the slice, over ICI, and what crosses slices is a pair of host-transfer ``send``/``recv``
+ops for the megascale runtime, counted apart by ``hlo.dcn_transfers``.
+
 Example:
   >>> report = compile_run(config, "v5e:2x2")          # config: experiments/configs/gpt2.py:60m,...
   >>> print(format_report(report))
@@ -60,6 +65,8 @@ class StepReport:
       GPU kernels, cuDNN attention calls).
     flops: XLA's cost analysis, FLOPs per chip (Pallas kernels are not costed by XLA).
     bytes_accessed: XLA's cost analysis, HBM bytes per chip.
+    dcn: kind -> ``hlo.CollectiveStats`` of the transfers across slices (``hlo.dcn_transfers``);
+      empty on one slice.
   """
 
   compile_s: float
@@ -68,10 +75,15 @@ class StepReport:
   kernels: dict[str, int]
   flops: float
   bytes_accessed: float
+  dcn: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def collective_bytes(self) -> int:
     return int(sum(c.bytes for c in self.collectives.values()))
+
+  @property
+  def dcn_bytes(self) -> int:
+    return int(sum(c.bytes for c in self.dcn.values()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +104,10 @@ class CompileReport:
   model_flops: float             # per chip per step: 6 N D + attention (PaLM's formula)
   train: StepReport
   eval: StepReport
-  roofline: Any                  # hlo.Roofline of the train step
+  roofline: Any                  # hlo.Roofline of the train step (communication: ICI + DCN)
+  num_slices: int = 1
+  dcn_mesh: dict[str, int] = dataclasses.field(default_factory=dict)  # axis -> slices it spans
+  dcn_s: float | None = None     # the train step's DCN seconds; None: no DCN bandwidth figure
 
   @property
   def fits(self) -> bool:
@@ -140,7 +155,7 @@ def slice_devices(topology: str) -> list[Any]:
   slice_ = chips_lib.parse_topology(topology)
   if importlib.util.find_spec("libtpu") is None:
     raise RuntimeError(TPU_AOT_HINT)
-  _set_libtpu_environment(topology.split(":")[0], slice_.num_chips)
+  _set_libtpu_environment(slice_.name.split(":")[0], slice_.num_chips)
   return list(topologies.get_topology_desc(platform="tpu", topology_name=slice_.name,
                                            **slice_.desc_kwargs).devices)
 
@@ -154,6 +169,20 @@ def _gpu_devices(node: gpu_targets.GpuTopology) -> list[Any]:
   return list(topologies.get_topology_desc(
       platform="cuda", topology=node.topology,
       target_config=gpu_targets.gpu_target_config(node.chip)).devices)
+
+
+def with_dcn(roofline: hlo.Roofline, dcn_s: float) -> hlo.Roofline:
+  """The roofline with ``dcn_s`` seconds of cross-slice traffic added to its communication: the
+  DCN part of a hierarchical reduction waits for its ICI part, so the two add.
+
+  Example:
+    >>> with_dcn(hlo.Roofline(1.0, 0.5, 0.2, 1.2, 1.0, "compute"), 1.0).step_s
+    2.2
+  """
+  compute_s, memory_s, comm_s = roofline.compute_s, roofline.memory_s, roofline.comm_s + dcn_s
+  times = {"compute": compute_s, "memory": memory_s, "communication": comm_s}
+  return hlo.Roofline(compute_s, memory_s, comm_s, max(compute_s, memory_s) + comm_s,
+                      max(times.values()), max(times, key=times.__getitem__))
 
 
 def _per_chip_bytes(abstract_tree: Any) -> int:
@@ -176,7 +205,8 @@ def _compile_step(jitted: Any, *abstract_args: Any) -> StepReport:
   return StepReport(compile_s=compile_s, memory=hlo.memory_report(compiled),
                     collectives=hlo.collective_stats(text), kernels=hlo.custom_kernels(text),
                     flops=float(cost.get("flops", 0.0)),
-                    bytes_accessed=float(cost.get("bytes accessed", 0.0)))
+                    bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+                    dcn=hlo.dcn_transfers(text))
 
 
 def _abstract_batch(batch: int, seq: int, mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
@@ -229,13 +259,15 @@ def compile_run(config: ml_collections.ConfigDict, topology: str) -> CompileRepo
 
   Args:
     config: a run config (experiments/configs/*.py), validated against the slice's chip count.
-    topology: the slice, e.g. "v5e:4x4".
+    topology: the slice, e.g. "v5e:4x4", or several over DCN, e.g. "2xv5e:4x4" (then
+      ``config.mesh.data`` must be a multiple of the slice count: see ``mesh.make_mesh``).
 
   Returns:
     A ``CompileReport``.
   """
   devices = slice_devices(topology)
-  validate_config(config, num_devices=len(devices), process_count=1)
+  validate_config(config, num_devices=len(devices), process_count=1,
+                  num_slices=mesh_lib.num_slices(devices))  # before build_run lays the mesh
   _, config, model_cfg, setup = build_run(config, devices=devices)
   chip = chips_lib.chip_for(devices[0].device_kind)
   b, t = config.global_batch_size, config.seq_len
@@ -255,6 +287,10 @@ def compile_run(config: ml_collections.ConfigDict, topology: str) -> CompileRepo
     attention_flops = attention_flops_per_token(model_cfg, t) * tokens_per_chip
   roofline = step_roofline(train.flops + attention_flops, model_flops, train.bytes_accessed,
                            train.collective_bytes, chip)
+  slices, dcn_s = mesh_lib.num_slices(devices), None
+  if slices > 1 and chip.dcn_bandwidth is not None:
+    dcn_s = train.dcn_bytes / chip.dcn_bandwidth
+    roofline = with_dcn(roofline, dcn_s)
   return CompileReport(
       name=config.name, topology=topology, chip=chip, num_chips=len(devices),
       mesh=dict(setup.mesh.shape),
@@ -267,7 +303,8 @@ def compile_run(config: ml_collections.ConfigDict, topology: str) -> CompileRepo
                                 for x in params)),
       opt_state_bytes=_per_chip_bytes(setup.abstract_state.opt_state),
       tokens_per_step=b * t, model_flops=model_flops, train=train, eval=eval_,
-      roofline=roofline)
+      roofline=roofline, num_slices=slices,
+      dcn_mesh=mesh_lib.dcn_axes(setup.mesh), dcn_s=dcn_s)
 
 
 def _kernel_calls(kernels: dict[str, int]) -> str:
@@ -281,9 +318,44 @@ def _gib(n: float) -> str:
 
 
 def _collectives_line(step: StepReport) -> str:
-  parts = [f"{kind} {c.count} x, {_gib(c.bytes)}" for kind, c in sorted(step.collectives.items())
-           if c.count]
+  return _stats_line(step.collectives)
+
+
+def _mib(n: float) -> str:
+  return f"{n / 2**20:.1f} MiB"
+
+
+def _stats_line(stats: dict[str, Any], unit: Any = _gib) -> str:
+  parts = [f"{kind} {c.count} x, {unit(c.bytes)}" for kind, c in sorted(stats.items()) if c.count]
   return "; ".join(parts) or "none"
+
+
+def _slice_line(r: CompileReport) -> str:
+  """``"2xv5e:4x4: 32 x TPU v5e in 2 slices, mesh data=2 (2 across slices) x fsdp=16 x ..."``."""
+  slices = f" in {r.num_slices} slices" if r.num_slices > 1 else ""
+  axes = []
+  for k, v in r.mesh.items():
+    across = r.dcn_mesh.get(k, 1)
+    axes.append(f"{k}={v}" + (f" ({across} across slices, over DCN)" if across > 1 else ""))
+  return f"{r.topology}: {r.num_chips} x {r.chip.name}{slices}, mesh " + " x ".join(axes)
+
+
+def _comm_split(r: CompileReport) -> str:
+  """`` (ICI 1.3 ms + DCN 3.4 ms)`` where the communication time holds DCN time."""
+  if r.dcn_s is None:
+    return ""
+  ici_s = r.roofline.comm_s - r.dcn_s
+  return f" (ICI {ici_s * 1e3:.1f} ms + DCN {r.dcn_s * 1e3:.1f} ms)"
+
+
+def _dcn_line(r: CompileReport, step: StepReport, label: str) -> str:
+  line = _stats_line(step.dcn, _mib)   # a shard per chip: MiB, where the ICI rows need GiB
+  if label == "train" and r.dcn_s is not None:
+    line += (f": {r.dcn_s * 1e3:.1f} ms at {r.chip.dcn_bandwidth * 8 / 1e9:.0f} Gbps per chip "
+             "(in the roofline's communication)")
+  elif label == "train":
+    line += f" (no DCN bandwidth for {r.chip.name} in chips.CHIPS: not in the roofline)"
+  return line
 
 
 def format_report(r: CompileReport) -> str:
@@ -292,9 +364,9 @@ def format_report(r: CompileReport) -> str:
   fit = (f"fits, {headroom:.0%} headroom" if r.fits else
          f"DOES NOT FIT: {_gib(r.peak_bytes - r.chip.hbm_bytes)} over")
   rl = r.roofline
+  ici = " (ICI, inside a slice)" if r.num_slices > 1 else ""
   rows = [
-      ("slice", f"{r.topology}: {r.num_chips} x {r.chip.name}, mesh "
-                + " x ".join(f"{k}={v}" for k, v in r.mesh.items())),
+      ("slice", _slice_line(r)),
       ("attention path", f"{r.attention} (train step: {_kernel_calls(r.train.kernels)})"),
       ("parameters", f"{r.num_params / 1e6:,.1f} M; {_gib(r.param_bytes)} per chip"),
       ("optimizer state", f"{_gib(r.opt_state_bytes)} per chip"),
@@ -302,9 +374,12 @@ def format_report(r: CompileReport) -> str:
                             f"{_gib(r.train.memory['temp_bytes'])}) of {_gib(r.chip.hbm_bytes)}"),
       ("eval step memory", f"peak {_gib(r.eval.memory['peak_bytes'])}"),
       ("fits", fit),
-      ("train collectives", f"{_collectives_line(r.train)} (total {_gib(r.train.collective_bytes)}"
-                            f" = {r.collective_ratio:.2f}x the model's parameter bytes)"),
-      ("eval collectives", _collectives_line(r.eval)),
+      (f"train collectives{ici}", f"{_collectives_line(r.train)} (total "
+                                   f"{_gib(r.train.collective_bytes)} = "
+                                   f"{r.collective_ratio:.2f}x the model's parameter bytes)"),
+      (f"eval collectives{ici}", _collectives_line(r.eval)),
+      *([("train DCN transfers", _dcn_line(r, r.train, "train")),
+         ("eval DCN transfers", _dcn_line(r, r.eval, "eval"))] if r.num_slices > 1 else []),
       ("custom kernels", f"train {dict(r.train.kernels)}, eval {dict(r.eval.kernels)}"),
       ("compile time", f"train {r.train.compile_s:.0f} s, eval {r.eval.compile_s:.0f} s"),
       ("XLA cost (train)", f"{r.train.flops / 1e12:.2f} TFLOP, "
@@ -312,7 +387,8 @@ def format_report(r: CompileReport) -> str:
                            "none for this platform: compute time from the model's FLOPs, no "
                            "memory time"),
       ("roofline (train)", f"compute {rl.compute_s * 1e3:.1f} ms, memory {rl.memory_s * 1e3:.1f} ms,"
-                           f" communication {rl.comm_s * 1e3:.1f} ms: {rl.bound}-bound; step "
+                           f" communication {rl.comm_s * 1e3:.1f} ms{_comm_split(r)}: "
+                           f"{rl.bound}-bound; step "
                            f"{rl.step_s * 1e3:.1f} ms without overlap ({rl.step_overlap_s * 1e3:.1f}"
                            " ms with perfect overlap)"),
       ("throughput", f"{r.tokens_per_step / rl.step_s:,.0f} tokens/s; MFU {r.mfu:.0%} at the "
@@ -332,9 +408,12 @@ def report_record(r: CompileReport) -> dict[str, Any]:
             "collectives": {k: {"count": c.count, "bytes": c.bytes}
                             for k, c in s.collectives.items()},
             "collective_bytes": s.collective_bytes, "flops": s.flops,
-            "bytes_accessed": s.bytes_accessed}
+            "bytes_accessed": s.bytes_accessed,
+            "dcn": {k: {"count": c.count, "bytes": c.bytes} for k, c in s.dcn.items()},
+            "dcn_bytes": s.dcn_bytes}
   return {"name": r.name, "topology": r.topology, "chip": r.chip.name, "num_chips": r.num_chips,
-          "mesh": r.mesh, "attention": r.attention, "num_params": r.num_params,
+          "num_slices": r.num_slices, "mesh": r.mesh, "dcn_mesh": r.dcn_mesh, "dcn_s": r.dcn_s,
+          "attention": r.attention, "num_params": r.num_params,
           "param_bytes": r.param_bytes, "model_param_bytes": r.model_param_bytes,
           "collective_ratio": r.collective_ratio, "opt_state_bytes": r.opt_state_bytes,
           "hbm_bytes": r.chip.hbm_bytes, "peak_bytes": r.peak_bytes, "fits": r.fits,

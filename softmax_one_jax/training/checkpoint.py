@@ -1,12 +1,20 @@
 """Orbax checkpoints of the training state and the data iterator.
 
 A checkpoint step holds two items: ``state`` (the ``TrainState`` pytree: params, optimizer state
-with OrthoAdam rotations, step, RNG, non-finite counters) and ``data`` (each process's Grain
-iterator state, through Grain's Orbax handler). Saves are asynchronous (Orbax copies arrays to host
-before ``save`` returns, so the next step may donate them); the last ``max_to_keep`` steps are kept.
-A step that cannot be read is reported and the previous one is used; a training resume also moves
-it aside (renamed into ``workdir/checkpoints_damaged/``, never deleted) so the run can save that
-step again.
+with OrthoAdam rotations, step, RNG, non-finite counters) and ``data`` (one Grain iterator state
+per data shard, ``data/shard_{s}-of-{S}.json``, each written by the process that reads the shard:
+``DataShardsHandler``). Both restore on any process count whose mesh fits the batch and which
+divides ``config.data_shards``, and the data continues with the same global batches; a step
+written by Grain's own handler (``data/process_{i}-of-{n}.json``) restores on ``n`` processes.
+Saves are asynchronous (Orbax copies arrays to host before ``save`` returns, so the next step may
+donate them); the last ``max_to_keep`` steps are kept.
+
+Every process reads each step and all agree on what it gave (``rundir.restore_newest_readable``,
+``softmax_one_jax.checkpoint_reads``): all restore the newest step that every process read. A step
+that any process found corrupt is skipped by all, and a training resume moves it aside (process 0
+renames it into ``workdir/checkpoints_damaged/``, never deletes it) so the run can save that step
+again; a transient I/O error is retried and, when it persists, stops the resume with nothing
+moved.
 
 The run directory's layout, its config.json, the manager on ``workdir/checkpoints`` and the
 params-only restore (``load_model``) live in ``softmax_one_jax.rundir``, which analysis reads too.
@@ -19,53 +27,155 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
 import logging
+import re
+from collections.abc import Collection, Sequence
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from grain.checkpoint import CheckpointRestore, CheckpointSave
 from jax.experimental import multihost_utils
 
 from softmax_one_jax import rundir
+from softmax_one_jax.errors import ConfigError
+from softmax_one_jax.training.data_iter import ShardedIterator
 from softmax_one_jax.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
+_SHARD_FILE = re.compile(r"shard_(\d+)-of-(\d+)\.json")
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")      # Grain's handler: per process
 
-class _IteratorSnapshot:
-  """A data-iterator state captured at save time, in the form Grain's Orbax handler accepts.
 
-  Grain's handler calls ``get_state()`` when it writes (maybe later, on a background thread);
-  a snapshot makes the saved state the one at the step being saved.
+def shard_file(shard: int, num_shards: int) -> str:
+  """The data item's file of one data shard: ``shard_file(1, 4) == "shard_1-of-4.json"``."""
+  return f"shard_{shard}-of-{num_shards}.json"
+
+
+def data_files_to_read(names: Collection[str], shard_ids: Sequence[int], num_shards: int,
+                       process_index: int, process_count: int) -> tuple[list[str], bool]:
+  """Which files of a step's ``data`` item hold this process's shards.
+
+  Args:
+    names: the file names in the item's directory.
+    shard_ids, num_shards: the shards this process reads, and ``config.data_shards`` (S).
+    process_index, process_count: this process, and how many there are now.
+
+  Returns:
+    ``(files, per_process)``: one ``shard_{s}-of-{S}.json`` per shard id, in order
+    (``per_process`` False); or, for a step written by Grain's handler with this process count,
+    the one ``process_{i}-of-{n}.json`` of this process, holding ``{"shards": [...]}``
+    (``per_process`` True).
+
+  Raises:
+    ConfigError: the step was saved with another ``config.data_shards``, or per process by
+      another process count.
+    FileNotFoundError: a file this process needs is missing (the step is corrupt).
+
+  Example:
+    >>> data_files_to_read({"shard_0-of-2.json", "shard_1-of-2.json"}, (0, 1), 2, 0, 1)
+    (['shard_0-of-2.json', 'shard_1-of-2.json'], False)
+  """
+  wanted = [shard_file(s, num_shards) for s in shard_ids]
+  if all(f in names for f in wanted):
+    return wanted, False
+  saved = sorted({int(m.group(2)) for m in map(_SHARD_FILE.fullmatch, names) if m})
+  if saved and num_shards not in saved:
+    raise ConfigError(
+        f"The checkpoint's data state was saved with config.data_shards={saved[0]}, but this run "
+        f"has {num_shards} data shards; resume with --config.data_shards={saved[0]} (on any "
+        "process count that divides it), or start a new --workdir.")
+  counts = sorted({int(m.group(2)) for m in map(_PROCESS_FILE.fullmatch, names) if m})
+  if not saved and counts:
+    mine = f"process_{process_index}-of-{process_count}.json"
+    if mine in names:
+      return [mine], True
+    if process_count not in counts:
+      raise ConfigError(
+          f"The checkpoint's data state was written per process by {counts[0]} process(es) (the "
+          f"format before one file per data shard), and this run has {process_count}. Resume it "
+          f"once with {counts[0]} process(es): the checkpoints it writes then are per shard and "
+          "resume on any process count that divides config.data_shards.")
+    wanted = [mine]
+  missing = [f for f in wanted if f not in names]
+  raise FileNotFoundError(f"The checkpoint's data state has no {', '.join(missing)}.")
+
+
+class DataShardsHandler(ocp.CheckpointHandler):
+  """Orbax handler of the ``data`` item: one JSON file per data shard, whatever the process count.
+
+  ``save`` writes this process's shards (``DataShardsSave``); ``restore`` reads the shards that
+  ``DataShardsRestore`` names and returns their states, in order (``data_files_to_read``).
   """
 
-  def __init__(self, state: bytes | None = None):
-    self._state = state
+  def save(self, directory: epath.Path, args: DataShardsSave) -> None:
+    for shard, text in args.states.items():
+      (epath.Path(directory) / shard_file(shard, args.num_shards)).write_text(text)
 
-  def get_state(self) -> bytes:
-    return self._state
+  def restore(self, directory: epath.Path, args: DataShardsRestore) -> list[Any]:
+    directory = epath.Path(directory)
+    names = {p.name for p in directory.iterdir()} if directory.exists() else set()
+    files, per_process = data_files_to_read(names, args.shard_ids, args.num_shards,
+                                            jax.process_index(), jax.process_count())
+    states = [json.loads((directory / f).read_text()) for f in files]
+    if not per_process:
+      return states
+    # Grain's file holds what the saved iterator's get_state gave: a ShardedIterator's
+    # {"shards": [...]} (as the code before per-shard files had it), or a plain iterator's own.
+    state = states[0]
+    return list(state["shards"]) if isinstance(state, dict) and "shards" in state else [state]
 
-  def set_state(self, state: bytes) -> None:
-    self._state = state
+  def metadata(self, directory: epath.Path) -> None:
+    return None
 
-  def start_prefetch(self) -> None:
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
     pass
 
 
-def _snapshot(iterator: Any) -> _IteratorSnapshot:
-  state = iterator.get_state()
-  return _IteratorSnapshot(state if isinstance(state, bytes) else json.dumps(state).encode())
+@ocp.args.register_with_handler(DataShardsHandler, for_save=True)
+@dataclasses.dataclass
+class DataShardsSave(ocp.args.CheckpointArgs):
+  """This process's shards: ``states`` maps a shard index to its iterator state as JSON text."""
+
+  states: dict[int, str]
+  num_shards: int
 
 
-def _apply_snapshot(iterator: Any, snapshot: _IteratorSnapshot) -> None:
-  raw = snapshot.get_state()
-  iterator.set_state(raw if isinstance(iterator, grain.DataLoaderIterator) else json.loads(raw))
+@ocp.args.register_with_handler(DataShardsHandler, for_restore=True)
+@dataclasses.dataclass
+class DataShardsRestore(ocp.args.CheckpointArgs):
+  """The shards this process reads (``shard_ids``) of ``num_shards``."""
+
+  shard_ids: tuple[int, ...]
+  num_shards: int
+
+
+def _shards(iterator: Any) -> tuple[tuple[int, ...], int]:
+  """``(shard_ids, num_shards)`` of a ``ShardedIterator``; any other iterator is this process's
+  one shard of ``process_count``."""
+  if isinstance(iterator, ShardedIterator):
+    return iterator.shard_ids, iterator.num_shards
+  return (jax.process_index(),), jax.process_count()
+
+
+def _shard_states(iterator: Any) -> list[Any]:
+  return iterator.get_shard_states() if isinstance(iterator, ShardedIterator) else [
+      iterator.get_state()]
+
+
+def _set_shard_states(iterator: Any, states: list[Any]) -> None:
+  if isinstance(iterator, ShardedIterator):
+    iterator.set_shard_states(states)
+  else:
+    iterator.set_state(states[0])
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
@@ -76,93 +186,115 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
     manager: from ``rundir.make_manager``.
     step: the number of optimizer steps in ``state`` (and batches the iterator has yielded).
     state: the training state (its arrays may be donated right after this returns).
-    data_iterator: the Grain train iterator, or None.
+    data_iterator: a ``ShardedIterator`` or a Grain ``DatasetIterator``, or None.
   """
   items = {"state": ocp.args.StandardSave(state)}
   if data_iterator is not None:
-    items["data"] = CheckpointSave(_snapshot(data_iterator))
+    ids, num_shards = _shards(data_iterator)
+    # JSON now: the iterator moves on while Orbax writes in the background.
+    texts = {s: json.dumps(st) for s, st in zip(ids, _shard_states(data_iterator))}
+    items["data"] = DataShardsSave(states=texts, num_shards=num_shards)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState,
                    data_iterator: Any | None = None, step: int | None = None,
                    move_aside_unreadable: bool = False) -> tuple[TrainState, int] | None:
-  """Restores the newest readable step (or ``step``); sets the data iterator's state.
+  """Restores the newest step that every process reads (or ``step``); sets the data iterator.
 
-  An unreadable or partial step is reported with a warning naming the step and the error, and
-  the previous step is tried. With ``move_aside_unreadable`` (a training resume, which will save
-  those steps again) the steps newer than the one restored that could not be read, and step
-  directories Orbax never finalized, are renamed to ``workdir/checkpoints_damaged/<step>-<UTC
-  time>`` by process 0 (all processes wait for it); nothing is moved when no step reads.
+  A step that cannot be read is reported with a warning naming the step and the error, and the
+  previous step is tried (``rundir.restore_newest_readable``: one decision on every process).
+  With ``move_aside_unreadable`` (a training resume, which will save those steps again) the
+  corrupt steps newer than the one restored, and step directories Orbax never finalized, are
+  renamed to ``workdir/checkpoints_damaged/<step>-<UTC time>`` by process 0 (all processes wait
+  for it); nothing is moved when no step reads, or on a transient error.
 
   Args:
     manager: from ``rundir.make_manager``.
     abstract_state: ``TrainState`` of ``jax.ShapeDtypeStruct`` with shardings (restore target).
-    data_iterator: the Grain train iterator to restore in place, or None to skip the data item.
+    data_iterator: the train iterator to restore in place (``ShardedIterator`` or a Grain
+      ``DatasetIterator``), or None to skip the data item.
     step: a specific step (no fallback), or None for the newest readable one.
-    move_aside_unreadable: move unreadable steps out of the manager's directory (only with
+    move_aside_unreadable: move corrupt steps out of the manager's directory (only with
       ``step=None``); read-only users leave it False.
 
   Returns:
     ``(state, step)``, or None when there is no checkpoint.
 
   Raises:
+    TransientCheckpointError: a transient I/O error outlasted the retries.
+    ConfigError: the data state was saved with another ``config.data_shards`` (or per process by
+      another process count).
     RuntimeError: checkpoints exist but none could be read.
 
   Example:
     >>> state, step = restore_latest(manager, abstract_state, train_iter,
     ...                              move_aside_unreadable=True)  # doctest: +SKIP
   """
-  snapshot = _IteratorSnapshot()
-
   def args() -> ocp.args.Composite:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      items["data"] = CheckpointRestore(snapshot)
+      ids, num_shards = _shards(data_iterator)
+      items["data"] = DataShardsRestore(shard_ids=tuple(ids), num_shards=num_shards)
     return ocp.args.Composite(**items)
 
-  on_found = functools.partial(_move_aside, manager) if move_aside_unreadable else None
-  found = rundir.restore_newest_readable(manager, args, step, on_found)
+  on_damaged = functools.partial(_move_aside, manager) if move_aside_unreadable else None
+  found = rundir.restore_newest_readable(manager, args, step, on_damaged)
   if found is None:
     return None
   restored, s = found
   if data_iterator is not None:
-    _apply_snapshot(data_iterator, snapshot)
+    _set_shard_states(data_iterator, restored["data"])
   return restored["state"], s
 
 
-def _move_aside(manager: ocp.CheckpointManager, unreadable: list[int]) -> None:
-  """Renames ``unreadable`` steps and unfinalized step directories into ``rundir.DAMAGED_DIR``.
+def _move_aside(manager: ocp.CheckpointManager, damaged: list[int]) -> None:
+  """Renames ``damaged`` steps and unfinalized step directories into ``rundir.DAMAGED_DIR``.
 
-  A step directory left in place blocks saving that step again (``StepAlreadyExistsError``), so a
-  resumed run could not pass it; renaming keeps the files for inspection. Unfinalized step
-  directories (a numeric name that ``all_steps`` does not list, e.g. no ``commit_success`` on
-  object stores after a killed save) are moved too; Orbax's ``*.orbax-checkpoint-tmp-*``
-  directories are not steps and are left to ``cleanup_tmp_directories`` (``rundir.make_manager``).
-  Process 0 renames; the others wait at a barrier, then every process reloads the step list.
+  Called on every process with the same ``damaged`` list (agreed by
+  ``rundir.restore_newest_readable``). A step directory left in place blocks saving that step
+  again (``StepAlreadyExistsError``), so a resumed run could not pass it; renaming keeps the files
+  for inspection. Unfinalized step directories (a numeric name that ``all_steps`` does not list,
+  e.g. no ``commit_success`` on object stores after a killed save) are moved too; Orbax's
+  ``*.orbax-checkpoint-tmp-*`` directories are not steps and are left to
+  ``cleanup_tmp_directories`` (``rundir.make_manager``). Process 0 alone lists and renames; the
+  others wait at a barrier (every process reaches it, whatever it would have listed), then every
+  process reloads the step list.
 
   Example:
     >>> _move_aside(manager, [60])  # doctest: +SKIP
   """
-  directory = epath.Path(manager.directory)
-  finalized = set(manager.all_steps())
-  names = {str(s) for s in unreadable}
+  if jax.process_index() == 0:
+    _rename_into_damaged(epath.Path(manager.directory), set(manager.all_steps()), damaged)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("softmax_one_jax.checkpoint.move_aside")
+  manager.reload()
+
+
+def _rename_into_damaged(directory: epath.Path, finalized: set[int], damaged: list[int]) -> None:
+  """Process 0's half of ``_move_aside``: ``damaged`` and unfinalized step directories renamed."""
+  names = {str(s) for s in damaged}
   if directory.exists():
     names |= {p.name for p in directory.iterdir()
               if p.name.isdigit() and p.is_dir() and int(p.name) not in finalized}
   if not names:
     return
-  if jax.process_index() == 0:
-    damaged = directory.parent / rundir.DAMAGED_DIR
-    damaged.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    for name in sorted(names, key=int):
-      source, target = directory / name, damaged / f"{name}-{stamp}"
-      if not source.exists():
-        continue
-      source.rename(target)
-      log.warning("Moved unreadable checkpoint step %s from %s to %s (kept, not deleted); training "
-                  "continues through that step and saves it again.", name, source, target)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("softmax_one_jax.checkpoint.move_aside")
-  manager.reload()
+  target_dir = directory.parent / rundir.DAMAGED_DIR
+  target_dir.mkdir(parents=True, exist_ok=True)
+  # On an object store a folder exists only while an object lies under it, and a rename needs
+  # its target's folder to exist: this note makes it (and says what the folder is).
+  (target_dir / "README.txt").write_text(
+      "Checkpoint steps that could not be restored, moved here by a training resume (never "
+      "deleted). Inspect or delete them; training saved those steps again.\n")
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+  for name in sorted(names, key=int):
+    source, target = directory / name, target_dir / f"{name}-{stamp}"
+    if not source.exists():
+      continue
+    source.rename(target)
+    log.warning("Moved unreadable checkpoint step %s from %s to %s (kept, not deleted); training "
+                "continues through that step and saves it again.", name, source, target)
+
+
+__all__ = ["DataShardsHandler", "DataShardsRestore", "DataShardsSave", "data_files_to_read",
+           "restore_latest", "save", "shard_file"]

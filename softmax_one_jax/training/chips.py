@@ -2,7 +2,8 @@
 
 ``chip_for(device.device_kind)`` gives the peak numbers a roofline needs;
 ``parse_topology("v5e:4x4")`` says which chip and how many of them a TPU slice has, and which
-``get_topology_desc`` arguments give one compile-only device per chip.
+``get_topology_desc`` arguments give one compile-only device per chip; ``"2xv5e:4x4"`` names two
+such slices joined over the data-centre network (DCN).
 
 Conventions, the same for every row of the table:
 
@@ -15,6 +16,8 @@ Conventions, the same for every row of the table:
   chip's links, i.e. half the "bidirectional" figure that Google's current TPU pages and NVIDIA's
   NVLink figures quote (Google's older pages quote this one-direction figure in Gbps). A device
   receives its all-gather's output over this bandwidth, which is what ``hlo.roofline`` divides by.
+- ``dcn_bandwidth``: data-centre network bytes/s per chip between slices (a host's NICs over its
+  chips), where Google publishes the NICs; None elsewhere.
 
 Example:
   >>> chip_for("TPU v5 lite").peak_flops
@@ -22,12 +25,15 @@ Example:
   >>> t = parse_topology("v5e:4x4")
   >>> t.chip.name, t.num_chips
   ('TPU v5e', 16)
+  >>> parse_topology("2xv5e:4x4").total_chips
+  32
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 from softmax_one_jax.errors import ConfigError
@@ -50,6 +56,9 @@ class Chip:
   hbm_bandwidth: float
   interconnect_bandwidth: float
   source: str
+  # Data-centre network (DCN) bytes/s per chip, one direction: the host's NICs shared by its
+  # chips; what crosses slices travels over it. None where no figure is published.
+  dcn_bandwidth: float | None = None
 
 
 _GOOGLE_V5P_BLOG = "cloud.google.com/blog 'Introducing Cloud TPU v5p' (Dec 2023)"
@@ -63,7 +72,9 @@ CHIPS: Mapping[str, Chip] = {
     "TPU v5 lite": Chip(
         "TPU v5e", "tpu", 197e12, 16 * _GiB, 819e9, 200e9,
         "cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GiB HBM at 819 GBps, bidirectional "
-        "ICI 400 GBps per chip (= 1600 Gbps one way, the page's older figure)"),
+        "ICI 400 GBps per chip (= 1600 Gbps one way, the page's older figure); DCN: 2 x 100 "
+        "Gbps NICs per 8-chip host (6.4 Tbps per 256-chip pod) = 25 Gbps per chip",
+        dcn_bandwidth=25e9 / 8),
     "TPU v5": Chip(
         "TPU v5p", "tpu", 459e12, 95 * _GiB, 2765e9, 600e9,
         "cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GiB HBM at 2765 GBps, bidirectional "
@@ -121,58 +132,90 @@ _DEFAULT_HOST_BOUNDS = (2, 2, 1)
 
 
 class Topology(NamedTuple):
-  """A TPU slice named as ``get_topology_desc`` names it.
+  """TPU slices named as ``get_topology_desc`` names them: one, or several joined over DCN.
 
   Attributes:
-    name: the topology name, e.g. "v5e:4x4".
+    name: one slice's topology name, e.g. "v5e:4x4" (``get_topology_desc``'s ``topology_name``).
     chip: the chip of every device.
-    dims: chips along each torus axis, e.g. ``(4, 4)``.
-    num_chips: ``prod(dims)``.
+    dims: chips along each torus axis of one slice, e.g. ``(4, 4)``.
+    num_chips: chips of one slice, ``prod(dims)``.
     desc_kwargs: extra keyword arguments for ``jax.experimental.topologies.get_topology_desc`` so
       that it returns one device per chip, as jax shows a real slice of this kind (v4 needs
       ``chip_config_name="megacore"``, else each of its two TensorCores is a device; a slice
-      smaller than a 2x2 host needs ``chips_per_host_bounds``).
+      smaller than a 2x2 host needs ``chips_per_host_bounds``; several slices need
+      ``num_slices``, which gives every device a ``slice_index``).
+    num_slices: how many such slices, joined over DCN (1: a single slice).
   """
   name: str
   chip: Chip
   dims: tuple[int, ...]
   num_chips: int
   desc_kwargs: dict[str, Any]
+  num_slices: int = 1
 
   @property
   def platform(self) -> str:
     """The jax platform, "tpu"."""
     return self.chip.platform
 
+  @property
+  def total_chips(self) -> int:
+    """Chips of all the slices together."""
+    return self.num_chips * self.num_slices
+
+
+def split_slice_count(name: str) -> tuple[int, str]:
+  """Splits ``"<n>x<slice>"`` into the slice count and the slice's name; 1 without a count.
+
+  Example:
+    >>> split_slice_count("2xv5e:4x4"), split_slice_count("v5e:4x4")
+    ((2, 'v5e:4x4'), (1, 'v5e:4x4'))
+  """
+  name = name.strip()
+  match = re.fullmatch(r"(\d+)x([a-z].*)", name)
+  if match is None:
+    return 1, name
+  count = int(match.group(1))
+  if count < 1:
+    raise ConfigError(
+        f"Topology {name!r} asks for {count} slices: write '<n>x<generation>:<dims>' with n >= 1, "
+        "e.g. '2xv5e:4x4' (two v5e 4x4 slices over DCN), or the slice alone ('v5e:4x4').")
+  return count, match.group(2)
+
 
 def parse_topology(name: str) -> Topology:
-  """Parses a TPU topology name such as "v5e:4x4", "v5p:2x2x2", "v4:2x2x1" or "v6e:2x2".
+  """Parses TPU topology names such as "v5e:4x4", "v5p:2x2x2", "v4:2x2x1", "v6e:2x2" or, for
+  several slices over DCN, "2xv5e:4x4".
 
   Every dimension counts chips (for v4 and v5p too, whose chips have two TensorCores each).
 
   Args:
-    name: ``"<generation>:<dims>"`` with generation one of v4, v5e, v5p, v6e; dims ``AxB`` for the
-      2-D tori (v5e, v6e; ``AxBx1`` is accepted) and ``AxB`` or ``AxBxC`` for v4 and v5p.
+    name: ``"[<n>x]<generation>:<dims>"``: optionally the number of slices ``n`` (default 1), then
+      generation one of v4, v5e, v5p, v6e; dims ``AxB`` for the 2-D tori (v5e, v6e; ``AxBx1`` is
+      accepted) and ``AxB`` or ``AxBxC`` for v4 and v5p, the dims of ONE slice.
 
   Returns:
     The ``Topology``; compile-only devices for it, one per chip, come from
     ``get_topology_desc(platform="tpu", topology_name=t.name, **t.desc_kwargs).devices``.
 
   Raises:
-    ValueError: an unknown generation or malformed dimensions.
+    ValueError: an unknown generation, malformed dimensions or slice count.
 
   Example:
     >>> parse_topology("v4:2x2x1").desc_kwargs
     {'chip_config_name': 'megacore'}
     >>> parse_topology("v5e:1x1").desc_kwargs
     {'chips_per_host_bounds': (1, 1, 1)}
+    >>> parse_topology("2xv5e:4x4").desc_kwargs
+    {'num_slices': 2}
   """
-  generation, sep, shape = name.strip().partition(":")
+  num_slices, slice_name = split_slice_count(name)
+  generation, sep, shape = slice_name.partition(":")
   known = ", ".join(f"{g}:..." for g in _TPU_GENERATIONS)
   if not sep or generation not in _TPU_GENERATIONS:
     raise ConfigError(
-        f"Unknown TPU topology {name!r}: expected '<generation>:<dims>' with generation one of "
-        f"{known}, e.g. 'v5e:4x4' or 'v5p:2x2x2'.")
+        f"Unknown TPU topology {name!r}: expected '[<n>x]<generation>:<dims>' with generation one "
+        f"of {known}, e.g. 'v5e:4x4', 'v5p:2x2x2' or '2xv5e:4x4' (two slices over DCN).")
   kind, two_d = _TPU_GENERATIONS[generation]
   parts = shape.split("x")
   if not all(p.isdigit() and int(p) > 0 for p in parts) or len(parts) not in (2, 3):
@@ -190,4 +233,7 @@ def parse_topology(name: str) -> Topology:
   bounds = tuple(min(d, h) for d, h in zip(dims3, _DEFAULT_HOST_BOUNDS))
   if bounds != _DEFAULT_HOST_BOUNDS:
     desc_kwargs["chips_per_host_bounds"] = bounds
-  return Topology(name.strip(), chip_for(kind), dims, math.prod(dims), desc_kwargs)
+  # Only several slices need it: libtpu then gives each device its slice_index.
+  if num_slices > 1:
+    desc_kwargs["num_slices"] = num_slices
+  return Topology(slice_name, chip_for(kind), dims, math.prod(dims), desc_kwargs, num_slices)

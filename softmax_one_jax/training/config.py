@@ -28,7 +28,7 @@ from softmax_one_jax.models.config import TransformerConfig
 from softmax_one_jax.optim import rotations
 from softmax_one_jax.rundir import model_config_from
 from softmax_one_jax.training.data_iter import num_data_shards
-from softmax_one_jax.training.mesh import resolve_mesh_shape
+from softmax_one_jax.training.mesh import resolve_hybrid_shape, resolve_mesh_shape
 from softmax_one_jax.training.state import OPTIMIZER_NAMES
 
 # Enumerated run fields: dotted path -> allowed values (from the package that owns each field).
@@ -134,10 +134,26 @@ def _check_batch_and_schedule(config: ml_collections.ConfigDict, process_count: 
   num_data_shards(config, process_count)
 
 
-def _check_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """The mesh covers the devices and every microbatch splits over its data axes."""
-  data, fsdp, _ = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                                     num_devices)
+def _check_mesh(config: ml_collections.ConfigDict, num_devices: int | None,
+                slices: int | None) -> None:
+  """The mesh covers the devices (its data axis one factor per slice when several), and every
+  microbatch splits over its data axes. Without a device count only the fields' forms are checked.
+
+  A config without ``mesh.dcn_data`` (a run saved before it existed) means 0: one per slice.
+  """
+  dcn_data = config.mesh.get("dcn_data", 0)
+  if not _is_int(dcn_data) or dcn_data < 0:
+    raise ConfigError(f"config.mesh.dcn_data={dcn_data!r} must be an integer >= 0: 0 for the "
+                      "number of slices, else that number.")
+  if num_devices is None:
+    return
+  if slices is None:
+    data, fsdp, _ = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                                       num_devices)
+  else:
+    ici, dcn = resolve_hybrid_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                                    dcn_data, num_devices, slices)
+    data, fsdp = ici[0] * dcn[0], ici[1] * dcn[1]
   micro = config.global_batch_size // config.grad_accum_steps
   if micro % (data * fsdp):
     raise ConfigError(
@@ -147,13 +163,16 @@ def _check_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                    process_count: int = 1) -> None:
+                    process_count: int = 1, num_slices: int | None = None) -> None:
   """Checks every field of a run config; raises ``ConfigError`` naming field and allowed values.
 
   Args:
     config: the run configuration (see experiments/configs/base.py).
     num_devices: global device count, to check the mesh and batch divisibility; None skips those.
     process_count: number of JAX processes (the global batch is split between them).
+    num_slices: how many TPU slices the devices form (``mesh.num_slices``), to check
+      ``mesh.dcn_data`` and the data axis across slices; None skips that (``make_mesh`` still
+      checks that mesh.data splits over the slices when it lays the mesh).
 
   Raises:
     ConfigError: the first invalid field, with the allowed values and how to fix it.
@@ -166,5 +185,4 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   _check_model(config)
   _check_batch_and_schedule(config, process_count)
   data_config.check_data_config(config.data)
-  if num_devices is not None:
-    _check_mesh(config, num_devices)
+  _check_mesh(config, num_devices, num_slices)

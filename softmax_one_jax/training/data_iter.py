@@ -2,15 +2,21 @@
 
 ``softmax_one_jax.data.build_train_iterator`` gives one process the rows of its own shard of the
 documents. To make a run's global batches independent of how many processes read them (so a
-2-process run reproduces a 1-process run, and a run can resume on a different host count),
+2-process run reproduces a 1-process run, and a run resumes on another process count),
 training fixes ``config.data_shards`` (0 = the process count): the global batch is the
 concatenation of one ``B / data_shards``-row batch per shard, and process ``p`` reads shards
 ``p * k ... (p + 1) * k - 1`` with ``k = data_shards / process_count``.
+
+A checkpoint holds one iterator state per shard (``training.checkpoint`` writes
+``data/shard_{s}-of-{S}.json``), so any process count that divides ``data_shards`` restores it:
+each process sets the states of the shards it reads (``shard_ids``, ``set_shard_states``).
 
 Example:
   >>> it = ShardedIterator(config, tokenizer, process_index=0, process_count=1)
   >>> next(it)["inputs"].shape          # this process's rows, [B / process_count, T]
   (16, 128)
+  >>> it.shard_ids, it.num_shards       # config.data_shards == 2, one process
+  ((0, 1), 2)
 """
 
 from __future__ import annotations
@@ -39,19 +45,26 @@ def num_data_shards(config: ml_collections.ConfigDict, process_count: int) -> in
 class ShardedIterator:
   """This process's data shards as one checkpointable iterator of ``[B / process_count, T]`` rows.
 
-  ``get_state()`` is a JSON-able dict holding every shard's Grain iterator state;
-  ``set_state(state)`` continues exactly where that state was taken.
+  Attributes:
+    shard_ids: the data shards this process reads, in batch order (``(2, 3)`` for process 1 of 2
+      with ``config.data_shards == 4``).
+    num_shards: ``config.data_shards`` resolved (S).
+
+  ``get_shard_states()`` gives one JSON-able Grain iterator state per shard of ``shard_ids``;
+  ``set_shard_states(states)`` continues exactly where they were taken, whichever process count
+  took them (``training.checkpoint`` saves and restores them, one file per shard).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any, process_index: int,
                process_count: int):
-    shards = num_data_shards(config, process_count)
-    per_process = shards // process_count
+    self.num_shards = num_data_shards(config, process_count)
+    per_process = self.num_shards // process_count
+    self.shard_ids = tuple(range(process_index * per_process, (process_index + 1) * per_process))
     self._iterators = [
         build_train_iterator(config.data, tokenizer=tokenizer, seq_len=config.seq_len,
                              global_batch_size=config.global_batch_size, seed=config.seed,
-                             process_index=shard, process_count=shards)
-        for shard in range(process_index * per_process, (process_index + 1) * per_process)]
+                             process_index=shard, process_count=self.num_shards)
+        for shard in self.shard_ids]
 
   def __iter__(self) -> "ShardedIterator":
     return self
@@ -62,15 +75,16 @@ class ShardedIterator:
       return parts[0]
     return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
 
-  def get_state(self) -> dict[str, Any]:
-    return {"shards": [it.get_state() for it in self._iterators]}
+  def get_shard_states(self) -> list[Any]:
+    """One JSON-able iterator state per shard of ``shard_ids``, in that order."""
+    return [it.get_state() for it in self._iterators]
 
-  def set_state(self, state: dict[str, Any]) -> None:
-    shards = state.get("shards")
-    if shards is None or len(shards) != len(self._iterators):
+  def set_shard_states(self, states: list[Any]) -> None:
+    """Continues each shard of ``shard_ids`` from its state (as ``get_shard_states`` gave it)."""
+    if len(states) != len(self._iterators):
       raise ConfigError(
-          f"The checkpoint's data state has {0 if shards is None else len(shards)} shard(s) for "
-          f"this process but the run reads {len(self._iterators)}; resume with the same "
-          "config.data_shards (or process count) as the run that saved it.")
-    for it, s in zip(self._iterators, shards):
+          f"The checkpoint's data state has {len(states)} shard(s) for this process but it reads "
+          f"{len(self._iterators)} (config.data_shards={self.num_shards}); resume with the "
+          "config.data_shards of the run that saved it.")
+    for it, s in zip(self._iterators, states):
       it.set_state(s)

@@ -19,14 +19,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import NamedSharding
 
 from softmax_one_jax import rundir
-from softmax_one_jax.data import BATCH_KEYS, validation_batches
-from softmax_one_jax.training import checkpoint as ckpt_lib
+from softmax_one_jax.data import BATCH_KEYS, get_tokenizer, validation_batches
+from softmax_one_jax.errors import MissingFileError
 from softmax_one_jax.training import mesh as mesh_lib
 from softmax_one_jax.training.config import validate_config
-from softmax_one_jax.training.state import TrainSetup, build_run, merge_model
+from softmax_one_jax.training.state import TrainSetup, make_setup, merge_model
 from softmax_one_jax.training.step import jit_eval_step
 
 # ``fn(model, tokens_bt, *, segment_ids, positions, trigger_positions) -> {name: scalar}``: the
@@ -102,6 +103,30 @@ def outlier_metrics_for(setup: TrainSetup, params: Any, batch: dict[str, np.ndar
     ).items()}
 
 
+def evaluation_setup(config: ml_collections.ConfigDict,
+                     devices: Sequence[jax.Device] | None = None) -> tuple[Any, TrainSetup]:
+  """The run's tokenizer and its model's setup for evaluation: no optimizer, every device on fsdp.
+
+  Evaluation reads the parameters alone, so it builds none of the run's optimizer: one that can
+  no longer be built, or whose state no longer matches the checkpoint's, does not stop it (an
+  ``optax.identity()``, which keeps no state, stands in). No state depends on the training mesh.
+
+  Args:
+    config: the run's config (``config.json``).
+    devices: the mesh's devices (default: all of this process's global devices).
+
+  Example:
+    >>> tokenizer, setup = evaluation_setup(rundir.read_config("runs/tiny"))  # doctest: +SKIP
+    >>> setup.abstract_state.params                   # the restore target, with shardings
+  """
+  tokenizer = get_tokenizer(config.data)
+  model_cfg = rundir.model_config_from(config, tokenizer.vocab_size)
+  mesh = mesh_lib.make_mesh(1, -1, 1, devices=devices)
+  setup = make_setup(model_cfg, optax.identity(), optax.constant_schedule(0.0), mesh,
+                     int(config.seed), loss_chunk_logits=config.loss_chunk_logits or None)
+  return tokenizer, setup
+
+
 def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches: int | None = None,
              *, outlier_metrics: OutlierMetricsFn | None = None,
              report: ReportFn | None = None) -> dict[str, float]:
@@ -121,28 +146,22 @@ def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches:
   Example:
     >>> evaluate("runs/tiny")["val_ppl"]                            # doctest: +SKIP
   """
-  workdir = pathlib.Path(workdir)
+  workdir = rundir.workdir_path(workdir)
   config = rundir.read_config(workdir)
   validate_config(config)
-  # Evaluation runs on whatever devices are here, all of them on fsdp: no state depends on the
-  # training mesh.
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-  tokenizer, config, _, setup = build_run(config)
-  manager = rundir.make_manager(workdir, read_only=True, async_save=False)
-  try:
-    restored = ckpt_lib.restore_latest(manager, setup.abstract_state, None, step)
-  finally:
-    manager.close()
+  tokenizer, setup = evaluation_setup(config)
+  restored = rundir.restore_params(workdir, setup.abstract_state.params, step)
   if restored is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir / rundir.CHECKPOINT_DIR}.")
-  state, restored_step = restored
+    raise MissingFileError(f"No checkpoint in {workdir / rundir.CHECKPOINT_DIR}; train the run "
+                           "first (`softmax-one train --workdir=...`).")
+  params, restored_step = restored
   n = config.eval_batches if eval_batches is None else eval_batches
   batches = validation_batches_for(config, tokenizer, max(n, 1), config.eval_batch_size)
-  metrics = validation_metrics(setup, state.params, batches, config.eval_batch_size)
+  metrics = validation_metrics(setup, params, batches, config.eval_batch_size)
   if outlier_metrics is not None:
     k = min(config.outlier_batch_size, config.eval_batch_size)
     trigger_ids = tuple(getattr(tokenizer, "trigger_ids", ()))
-    metrics.update(outlier_metrics_for(setup, state.params,
+    metrics.update(outlier_metrics_for(setup, params,
                                        {k2: v[:k] for k2, v in batches[0].items()},
                                        outlier_metrics, trigger_ids))
   if report is not None:
@@ -150,5 +169,5 @@ def evaluate(workdir: str | pathlib.Path, step: int | None = None, eval_batches:
   return {**metrics, "step": restored_step}
 
 
-__all__ = ["OutlierMetricsFn", "ReportFn", "evaluate", "global_from_full", "outlier_metrics_for",
-           "validation_batches_for", "validation_metrics"]
+__all__ = ["OutlierMetricsFn", "ReportFn", "evaluate", "evaluation_setup", "global_from_full",
+           "outlier_metrics_for", "validation_batches_for", "validation_metrics"]

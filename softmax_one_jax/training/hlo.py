@@ -277,6 +277,57 @@ def collective_stats(hlo_text: str) -> dict[str, CollectiveStats]:
   return {kind: CollectiveStats(count, nbytes) for kind, (count, nbytes) in totals.items()}
 
 
+_MEGASCALE = '_xla_host_transfer_handler_name="xla_megascale_runtime"'
+_TRANSFER_TYPE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+_PAYLOAD = re.compile(r"\(?\s*([a-z][a-z0-9]*\[[^\]]*\])")
+
+
+def dcn_transfers(hlo_text: str) -> dict[str, CollectiveStats]:
+  """Transfers across slices that one device makes per run of the program, by kind.
+
+  A program compiled for several slices sends what crosses slices to the megascale runtime as
+  host-transfer ``send``/``recv`` pairs; ``_xla_megascale_transfer_type`` says which collective
+  ("ALL_REDUCE" -> "all-reduce"). Each ``send`` counts once, with its payload's bytes, times the
+  trips of the ``while`` loops around it (as ``hlo.collective_stats`` counts).
+
+  Example:
+    >>> dcn_transfers(compiled.as_text())    # a data-parallel gradient over two slices
+    {'all-reduce': CollectiveStats(count=15, bytes=10549248)}
+  """
+  module = _parse(hlo_text)
+  if not module.entry:
+    raise ValueError("No ENTRY computation in the HLO text; pass compiled.as_text().")
+  totals = _dcn_totals(module, module.entry[0], {})
+  return {kind: CollectiveStats(count, nbytes) for kind, (count, nbytes) in totals.items()}
+
+
+def _dcn_totals(module: Any, comp: str, memo: dict[str, dict[str, list[int]]]
+                ) -> dict[str, list[int]]:
+  """``kind -> [count, bytes]`` of megascale sends for one execution of ``comp`` and callees."""
+
+  if comp in memo:
+    return memo[comp]
+  totals: dict[str, list[int]] = {}
+  for ins in module.comps.get(comp, {}).values():
+    if ins.opcode == "send" and _MEGASCALE in ins.attrs:
+      kind = _TRANSFER_TYPE.search(ins.attrs)
+      key = kind.group(1).lower().replace("_", "-") if kind else "send"
+      payload = _PAYLOAD.match(ins.shape)
+      entry = totals.setdefault(key, [0, 0])
+      entry[0] += 1
+      entry[1] += shape_bytes(payload.group(1)) if payload else 0
+      continue
+    trips = (_trip_count(module, comp, ins) or 1) if ins.opcode == "while" else 1
+    for key, callee in _called(ins.attrs):
+      times = trips if key in ("body", "condition") else 1
+      for kind, (count, nbytes) in _dcn_totals(module, callee, memo).items():
+        entry = totals.setdefault(kind, [0, 0])
+        entry[0] += times * count
+        entry[1] += times * nbytes
+  memo[comp] = totals
+  return totals
+
+
 def custom_kernels(hlo_text: str) -> dict[str, int]:
   """Custom kernels in the program by family, counting call sites (not executions).
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import pathlib
 import signal
 import sys
 import threading
@@ -33,6 +32,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from softmax_one_jax import rundir
 from softmax_one_jax.errors import ConfigError
@@ -83,14 +83,16 @@ class _StopRequest:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def _check_same_run(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a run whose model or optimizer kind differ from the saved config.json."""
   if not (workdir / rundir.CONFIG_FILE).exists():
     return
   old = rundir.read_config(workdir)
   def identity(c: ml_collections.ConfigDict) -> dict[str, Any]:
-    # No mesh here: the state (OrthoAdam's included) is the same on every mesh.
-    return {**c.model.to_dict(), "optimizer.name": c.optimizer.name,
+    # No mesh here: the state (OrthoAdam's included) is the same on every mesh. No remat policy
+    # either: it changes what the backward pass keeps, not the state.
+    model = {k: v for k, v in c.model.to_dict().items() if k != "remat"}
+    return {**model, "optimizer.name": c.optimizer.name,
             "optimizer.rotation": c.optimizer.rotation, "optimizer.seed": c.optimizer.seed}
   a, b = identity(old), identity(config)
   diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -101,7 +103,7 @@ def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
         "--workdir, or the original config to resume.")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+def train(config: ml_collections.ConfigDict, workdir: rundir.PathLike, *,
           outlier_metrics: OutlierMetricsFn | None = None,
           report: ReportFn | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run described by ``config`` in ``workdir``.
@@ -124,14 +126,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     WorkdirBusyError: another live ``train`` holds the workdir.
     NonFiniteError: ``config.max_nonfinite_steps`` consecutive non-finite steps.
   """
-  validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  workdir = pathlib.Path(workdir)
+  validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count(),
+                  num_slices=mesh_lib.num_slices(jax.devices()))
+  workdir = rundir.workdir_path(workdir)
   # Process 0 holds the workdir for the whole multi-process run; the others share it.
   with hold_workdir(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
     return _train_holding_workdir(config, workdir, outlier_metrics, report)
 
 
-def _train_holding_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+def _train_holding_workdir(config: ml_collections.ConfigDict, workdir: epath.Path,
                            outlier_metrics: OutlierMetricsFn | None,
                            report: ReportFn | None) -> dict[str, Any]:
   """``train`` once the workdir is this run's."""
@@ -186,7 +189,7 @@ class _Run:
   trigger_ids: tuple[int, ...]
 
 
-def _open_run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+def _open_run(config: ml_collections.ConfigDict, workdir: epath.Path,
               outlier_metrics: OutlierMetricsFn | None) -> _Run:
   """Builds the run, records its config, and restores its newest checkpoint (or starts it)."""
   tokenizer, config, model_cfg, setup = build_run(config)
@@ -215,7 +218,7 @@ def _open_run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
 def _restore_or_init(manager: Any, setup: TrainSetup, model_cfg: Any,
                      config: ml_collections.ConfigDict, train_iter: ShardedIterator,
-                     workdir: pathlib.Path) -> tuple[Any, int]:
+                     workdir: epath.Path) -> tuple[Any, int]:
   """``(state, step)`` of the newest readable checkpoint (iterator restored too), else step 0."""
   # Unreadable steps are moved aside: this run saves those steps again.
   restored = ckpt_lib.restore_latest(manager, setup.abstract_state, train_iter,
@@ -277,6 +280,10 @@ def _run_steps(run: _Run, steps: StepLog, stop: _StopRequest
                                    run.manager.reached_preemption(done))
     if _maybe_save(run, done, state, preempted):
       saved_step = done
+      # The records up to a checkpoint are written with it (an object store's metrics.jsonl is
+      # uploaded here): a resume from it logs only the steps after it.
+      steps.flush()
+      steps.writer.flush()
     if extra is not None or saved_step == done:
       steps.clock.pause(time.perf_counter() - t_pause)
     if preempted:

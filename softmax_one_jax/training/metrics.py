@@ -14,6 +14,10 @@ Crash safety:
   * The resume rewrite goes to a temporary file in the same directory (flushed and fsynced) that
     ``os.replace`` moves onto metrics.jsonl: a kill at any point leaves the old or the new complete
     file.
+  * On an object store (``gs://``) an object is replaced whole or not at all, so the resume
+    rewrite is one upload. There is no append: the records go up as one object at most every
+    ``REMOTE_UPLOAD_EVERY_S`` seconds and on ``flush``/``close``. A run killed in between loses
+    its last records, which the resumed run, restarting at its last checkpoint, logs again.
   * TensorBoard: each writer opens a new event file that starts with a ``SessionLog.START`` event at
     ``resume_step + 1`` (tensorboardX's ``purge_step``); TensorBoard then discards every event of
     the earlier files with a step >= that one, so steps the crashed run logged after its last
@@ -31,18 +35,22 @@ import json
 import logging
 import math
 import os
-import pathlib
 import tempfile
+import time
 from typing import Any
 
 import jax
+from etils import epath
 
 from softmax_one_jax.errors import DataError
-from softmax_one_jax.rundir import METRICS_FILE, TENSORBOARD_DIR
+from softmax_one_jax.rundir import (METRICS_FILE, TENSORBOARD_DIR, PathLike, is_remote,
+                                    workdir_path)
 
 log = logging.getLogger(__name__)
 
 EVENT_FILE_MARKER = "tfevents"  # TensorBoard reads the files whose name holds this
+# Seconds between uploads of metrics.jsonl to an object store (which cannot append).
+REMOTE_UPLOAD_EVERY_S = 30.0
 
 
 def _plain(value: Any) -> Any:
@@ -53,14 +61,14 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def _read_lines(path: pathlib.Path) -> list[tuple[bytes, dict[str, Any]]]:
+def _read_lines(path: epath.Path) -> list[tuple[bytes, dict[str, Any]]]:
   """The complete records of a metrics.jsonl as ``(raw line with its newline, record)``.
 
   A torn last line (no trailing newline, or not valid JSON) is dropped with a warning naming the
   file and its byte offset; a corrupt line before it raises ``ValueError``.
 
   Example:
-    >>> _read_lines(pathlib.Path("runs/tiny/metrics.jsonl"))[0][1]
+    >>> _read_lines(epath.Path("runs/tiny/metrics.jsonl"))[0][1]
     {'step': 10, 'loss': 3.2}
   """
   data = path.read_bytes()
@@ -91,7 +99,7 @@ def _read_lines(path: pathlib.Path) -> list[tuple[bytes, dict[str, Any]]]:
   return out
 
 
-def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+def read_metrics(workdir: PathLike) -> list[dict[str, Any]]:
   """All complete records of ``workdir/metrics.jsonl`` in file order.
 
   A torn last record (a write cut by a crash) is dropped with a logged warning; a corrupt record
@@ -101,22 +109,26 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
     >>> [r["step"] for r in read_metrics("runs/tiny")]
     [10, 20, 30]
   """
-  path = pathlib.Path(workdir) / METRICS_FILE
+  path = workdir_path(workdir) / METRICS_FILE
   if not path.exists():
     return []
   return [record for _, record in _read_lines(path)]
 
 
-def _replace_atomically(path: pathlib.Path, data: bytes) -> None:
+def _replace_atomically(path: epath.Path, data: bytes) -> None:
   """Writes ``data`` to ``path`` so that a crash leaves the old or the new complete file.
 
-  The bytes go to a temporary file in the same directory (``os.replace`` is atomic only within one
-  file system), flushed and fsynced before the rename; the directory is fsynced after it so the
-  rename itself survives a power loss.
+  On an object store one upload replaces the object atomically. On a file system the bytes go to
+  a temporary file in the same directory (``os.replace`` is atomic only within one file system),
+  flushed and fsynced before the rename; the directory is fsynced after it so the rename itself
+  survives a power loss.
 
   Example:
-    >>> _replace_atomically(pathlib.Path("runs/tiny/metrics.jsonl"), b'{"step": 10}\\n')
+    >>> _replace_atomically(epath.Path("runs/tiny/metrics.jsonl"), b'{"step": 10}\\n')
   """
+  if is_remote(path):
+    path.write_bytes(data)
+    return
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
@@ -142,7 +154,7 @@ def _replace_atomically(path: pathlib.Path, data: bytes) -> None:
     os.close(dir_fd)
 
 
-def _event_file_suffix(tb_dir: pathlib.Path) -> str:
+def _event_file_suffix(tb_dir: epath.Path) -> str:
   """A suffix that makes this writer's event file new and last in TensorBoard's (name) order.
 
   tensorboardX names event files ``events.out.tfevents.<unix seconds>.<host><suffix>`` and opens
@@ -151,10 +163,10 @@ def _event_file_suffix(tb_dir: pathlib.Path) -> str:
   sorts after the earlier suffixes of the same second.
 
   Example:
-    >>> _event_file_suffix(pathlib.Path("runs/tiny/tensorboard"))
+    >>> _event_file_suffix(epath.Path("runs/tiny/tensorboard"))
     '.000002'
   """
-  existing = list(tb_dir.glob(f"*{EVENT_FILE_MARKER}*")) if tb_dir.is_dir() else []
+  existing = list(tb_dir.glob(f"*{EVENT_FILE_MARKER}*")) if tb_dir.exists() else []
   return f".{len(existing):06d}"
 
 
@@ -162,7 +174,7 @@ class MetricsWriter:
   """Appends step records to metrics.jsonl and scalars to TensorBoard (process 0 only).
 
   Args:
-    workdir: the run directory.
+    workdir: the run directory (a local path or an object-store URI).
     resume_step: the step the run restarts from; records and TensorBoard scalars of later steps
       (logged by an interrupted run after its last checkpoint) are dropped / hidden.
     tensorboard: also write TensorBoard scalars (tensorboardX).
@@ -173,10 +185,16 @@ class MetricsWriter:
     >>> w.close()
   """
 
-  def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0, tensorboard: bool = True):
+  def __init__(self, workdir: PathLike, resume_step: int = 0, tensorboard: bool = True):
     self._active = jax.process_index() == 0
-    self._path = pathlib.Path(workdir) / METRICS_FILE
+    workdir = workdir_path(workdir)
+    self._path = workdir / METRICS_FILE
     self._tb = None
+    # An object store cannot append: the file's bytes are kept here and uploaded whole.
+    self._remote = is_remote(self._path)
+    self._content = b""
+    self._unsent = False
+    self._last_upload = time.monotonic()
     if not self._active:
       return
     self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,14 +205,17 @@ class MetricsWriter:
       # file is left alone.
       if kept != self._path.read_bytes():
         _replace_atomically(self._path, kept)
+      self._content = kept
+    elif self._remote:
+      self._path.write_bytes(b"")
     else:
       self._path.touch()
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      tb_dir = pathlib.Path(workdir) / TENSORBOARD_DIR
+      tb_dir = workdir / TENSORBOARD_DIR
       # purge_step opens the new event file with SessionLog.START at resume_step + 1: TensorBoard
       # drops the earlier files' events from that step on, as metrics.jsonl drops its records.
-      self._tb = SummaryWriter(str(tb_dir), purge_step=int(resume_step) + 1,
+      self._tb = SummaryWriter(os.fspath(tb_dir), purge_step=int(resume_step) + 1,
                                filename_suffix=_event_file_suffix(tb_dir))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -202,18 +223,36 @@ class MetricsWriter:
     if not self._active:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    with self._path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    if self._remote:
+      self._content += line
+      self._unsent = True
+      if time.monotonic() - self._last_upload >= REMOTE_UPLOAD_EVERY_S:
+        self._upload()
+    else:
+      with self._path.open("ab") as f:
+        f.write(line)
     if self._tb is not None:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(k, v, int(step))
 
+  def _upload(self) -> None:
+    """Replaces the object-store metrics.jsonl with every record written so far."""
+    if self._unsent:
+      self._path.write_bytes(self._content)
+      self._unsent = False
+    self._last_upload = time.monotonic()
+
   def flush(self) -> None:
+    if self._remote and self._active:
+      self._upload()
     if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
+    if self._remote and self._active:
+      self._upload()
     if self._tb is not None:
       self._tb.close()
       self._tb = None

@@ -263,7 +263,7 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
   config = _resolve(config, tokenizer.vocab_size)
   model_cfg = model_config_from(config, tokenizer.vocab_size)
   mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                            devices=devices)
+                            devices=devices, dcn_data=int(config.mesh.get("dcn_data", 0)))
   for axis in mesh_lib.MESH_AXES:   # config.json records the mesh the run really used
     config.mesh[axis] = int(mesh.shape[axis])
   setup = setup_for_run(model_cfg, config.optimizer, config.num_train_steps, mesh, config.seed,

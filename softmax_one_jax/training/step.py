@@ -41,6 +41,31 @@ def _loss_sums(params: nnx.State, batch: Batch, setup: TrainSetup) -> tuple[jax.
   return linear_cross_entropy(x_btd, unembed_vd, batch["targets"], batch["weights"], chunk=chunk)
 
 
+def applied_learning_rate(schedule: optax.Schedule, opt_state: Any, step: jax.Array) -> jax.Array:
+  """The learning rate the optimizer applies in its next update, at the count it keeps itself.
+
+  ``optax.scale_by_learning_rate(schedule)`` (every optimizer of ``build_optimizer``) applies
+  ``schedule(count)`` with the count of its ``ScaleByScheduleState``. A step skipped as
+  non-finite keeps the old optimizer state, so that count stops while the train state's ``step``
+  goes on; ``schedule(step)`` would then name a rate no update used. An optimizer that keeps no
+  such count (a constant rate) falls back to ``schedule(step)``.
+
+  Args:
+    schedule: the optimizer's learning-rate schedule.
+    opt_state: its state before the update.
+    step: the train state's step, the fallback.
+
+  Example:
+    >>> tx = optax.adamw(optax.linear_schedule(0.0, 1.0, 10))
+    >>> applied_learning_rate(optax.linear_schedule(0.0, 1.0, 10), tx.init(params), 5)
+    Array(0., dtype=float32)
+  """
+  counts = optax.tree_utils.tree_get_all_with_path(
+      opt_state, "count",
+      filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState")
+  return schedule(counts[0][1] if counts else step)
+
+
 def _microbatches(batch: Batch, num: int, sharding: NamedSharding | None) -> Batch:
   """[B, ...] -> [num, B/num, ...], microbatch j = rows j, j+num, ... (keeps each shard local)."""
   def split(x: jax.Array) -> jax.Array:
@@ -66,8 +91,8 @@ def make_train_step(setup: TrainSetup, grad_accum_steps: int = 1,
 
   Returns:
     The step function. ``metrics``: "loss" (mean weighted token loss), "grad_norm" (before
-    clipping), "learning_rate", "tokens" (sum of weights), "finite" (1.0 if applied),
-    "nonfinite_total".
+    clipping), "learning_rate" (the optimizer's own: ``applied_learning_rate``), "tokens" (sum
+    of weights), "finite" (1.0 if applied), "nonfinite_total".
   """
   tx, schedule = setup.tx, setup.schedule
   grad_fn = jax.value_and_grad(_loss_sums, has_aux=True)
@@ -102,7 +127,8 @@ def make_train_step(setup: TrainSetup, grad_accum_steps: int = 1,
         rng=state.rng,
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "learning_rate": applied_learning_rate(schedule, state.opt_state, state.step),
                "tokens": weight_sum, "finite": finite.astype(jnp.float32),
                "nonfinite_streak": new_state.nonfinite_streak,
                "nonfinite_total": new_state.nonfinite_total}

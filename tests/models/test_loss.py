@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from flax import nnx
 from softmax_one_jax.models import Transformer, preset
 from softmax_one_jax.models.loss import (linear_cross_entropy, sequence_chunk,
                                          weighted_cross_entropy)
+from softmax_one_jax.training.mesh import make_mesh
 
 
 def _np_reference(x, w_vd, targets, weights):
@@ -108,25 +111,55 @@ def _largest_chunk(b: int, t: int, v: int, max_rows: int, max_logits: int) -> in
                     if t % c == 0 and b * c <= max_rows and b * c * v <= max_logits])
 
 
-def test_sequence_chunk_is_the_largest_divisor_within_the_bound():
-  n = jax.device_count()
-  for b, t, v, per_device in [(16, 128, 4096, 1 << 20), (4, 256, 50257, 1 << 24), (1, 7, 10, 30),
-                              (64, 256, 50257, 1 << 20)]:
-    c = sequence_chunk(b, t, v, logits_per_device=per_device)
+# mesh layout -> (devices sharding the batch, shards of the vocabulary); None: outside a mesh.
+CHUNK_MESHES = {None: (1, 1), (1, 8, 1): (8, 1), (2, 4, 1): (8, 1), (1, 4, 2): (4, 2),
+                (2, 2, 2): (4, 2)}
+
+
+def _in_mesh(layout):
+  """The mesh of ``layout`` in context (nothing for None)."""
+  if layout is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(make_mesh(*layout).abstract_mesh)
+
+
+@pytest.mark.parametrize("layout", list(CHUNK_MESHES), ids=str)
+def test_sequence_chunk_is_the_largest_divisor_within_the_bound(layout):
+  # A device holds the chunk's rows over the batch's devices (not the whole mesh: tensor devices
+  # share rows) and their logits over its share of the vocabulary.
+  rows, words = CHUNK_MESHES[layout]
+  for b, t, v, per_device in [(16, 128, 4096, 1 << 20), (8, 256, 50304, 1 << 24), (8, 7, 10, 30),
+                              (64, 256, 50304, 1 << 20)]:
+    with _in_mesh(layout):
+      c = sequence_chunk(b, t, v, logits_per_device=per_device)
     assert t % c == 0
-    assert c == _largest_chunk(b, t, v, 512 * n, per_device * n)
+    assert c == _largest_chunk(b, t, v, 512 * rows, per_device * rows * words)
 
 
-def test_default_chunk_is_one_budget_per_device():
+@pytest.mark.parametrize("layout", list(CHUNK_MESHES), ids=str)
+def test_default_chunk_is_one_budget_per_device(layout):
   # At most 512 rows and 2^24 logits per device, whatever the platform and the vocabulary: the
   # rows bind at small vocabularies, the logits at large ones.
-  n = jax.device_count()
-  cases = {(16, 128, 4096): 32 if n == 1 else None, (4 * n, 256, 50257): 64,
-           (64 * n, 256, 50257): 4, (1, 7, 1 << 25): 1, (2 * n, 1024, 512): 256}
+  rows, words = CHUNK_MESHES[layout]
+  # Per device: (rows, positions, words) -> the chunk by hand; half the words per device on a
+  # tensor axis let twice the positions fit the logit budget.
+  n = rows
+  cases = {(16 * n, 128, 4096): 32, (4 * n, 256, 50304): 64 * words,
+           (64 * n, 256, 50304): 4 * words, (n, 7, 1 << 25): 1, (2 * n, 1024, 512): 256}
   for (b, t, v), hand in cases.items():
-    want = _largest_chunk(b, t, v, 512 * n, n << 24)
-    assert sequence_chunk(b, t, v) == want
+    want = _largest_chunk(b, t, v, 512 * rows, rows * words << 24)
+    with _in_mesh(layout):
+      assert sequence_chunk(b, t, v) == want
     assert hand is None or want == hand
+
+
+def test_chunk_counts_the_devices_of_the_batch_not_the_mesh():
+  # 16 rows of 512 words: 512 rows per device are 256 positions on fsdp=8, but 128 on fsdp=4 x
+  # tensor=2, whose tensor pairs share their rows (counting all 8 devices would say 256 again).
+  with _in_mesh((1, 8, 1)):
+    assert sequence_chunk(16, 1024, 512) == 256
+  with _in_mesh((1, 4, 2)):
+    assert sequence_chunk(16, 1024, 512) == 128
 
 
 def test_bad_shapes_and_chunks_fail_clearly():

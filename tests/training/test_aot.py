@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from softmax_one_jax.models import preset
-from softmax_one_jax.training import aot
+from softmax_one_jax.training import aot, chips, hlo
 from tests.training._micro import REPO, cpu_env
 
 needs_libtpu = pytest.mark.skipif(
@@ -113,6 +113,114 @@ def test_missing_libtpu_is_reported_with_the_install_command(monkeypatch):
 def test_unknown_topology_names_the_form():
   with pytest.raises(ValueError, match="v5e:4x4"):
     aot.slice_devices("v9:2x2")
+
+
+@pytest.mark.parametrize("name,slices,slice_name,total", [
+    ("2xv5e:4x4", 2, "v5e:4x4", 32), ("4xv5p:2x2x2", 4, "v5p:2x2x2", 32),
+    ("1xv6e:2x2", 1, "v6e:2x2", 4), ("v5e:4x4", 1, "v5e:4x4", 16),
+    (" 3xv4:2x2x1 ", 3, "v4:2x2x1", 12)])
+def test_parse_topology_reads_a_slice_count(name, slices, slice_name, total):
+  t = chips.parse_topology(name)
+  assert (t.num_slices, t.name, t.total_chips) == (slices, slice_name, total)
+  assert t.desc_kwargs.get("num_slices", 1) == slices     # libtpu is asked for them only if > 1
+  assert ("num_slices" in t.desc_kwargs) == (slices > 1)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("0xv5e:4x4", r"asks for 0 slices.*'2xv5e:4x4'"), ("2x:4x4", r"'\[<n>x\]<generation>:<dims>'"),
+    ("2xv5e", r"'\[<n>x\]<generation>:<dims>'"), ("2xv9:2x2", "'2xv5e:4x4'"),
+    ("2xv5e:4x4x2", "2-D torus"), ("2x2xv5e:4x4", r"'\[<n>x\]<generation>:<dims>'"),
+    ("-2xv5e:4x4", r"'\[<n>x\]<generation>:<dims>'")])
+def test_parse_topology_rejects_bad_slice_counts_naming_the_form(bad, match):
+  with pytest.raises(ValueError, match=match):
+    chips.parse_topology(bad)
+
+
+# One slice's program of a data-parallel step over two slices, cut down: what crosses slices is a
+# send/recv pair for the megascale runtime (text as XLA's TPU back end prints it), once in ENTRY
+# and once in a 3-trip loop; a plain host transfer and an ICI all-reduce are not DCN traffic.
+_MEGASCALE_HLO = """\
+HloModule jit_step, is_scheduled=true, num_partitions=4
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%body (p: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {
+  %p = (s32[], f32[8,128]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,128]{1,0} get-tuple-element(%p), index=1
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %after-all = token[] after-all()
+  %send = (f32[8,128]{1,0:T(8,128)}, u32[], token[]) send(%x, %after-all), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_host_transfer_rendezvous="all-reduce.1_0",_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %recv = (f32[8,128]{1,0:T(8,128)}, u32[], token[]) recv(%after-all), channel_id=1, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %send-done = token[] send-done(%send), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime"}
+  %recv-done = (f32[8,128]{1,0:T(8,128)}, token[]) recv-done(%recv), channel_id=1, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime"}
+  %y = f32[8,128]{1,0} get-tuple-element(%recv-done), index=0
+  ROOT %t = (s32[], f32[8,128]{1,0}) tuple(%next, %y)
+}
+
+%cond (q: (s32[], f32[8,128])) -> pred[] {
+  %q = (s32[], f32[8,128]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %three = s32[] constant(3)
+  ROOT %lt = pred[] compare(%j, %three), direction=LT
+}
+
+ENTRY %main (w: bf16[4,4,128], x: f32[8,128]) -> f32[8,128] {
+  %w = bf16[4,4,128]{2,1,0} parameter(0)
+  %x0 = f32[8,128]{1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,128]{1,0}) tuple(%zero, %x0)
+  %loop = (s32[], f32[8,128]{1,0}) while(%init), condition=%cond, body=%body
+  %after-all.1 = token[] after-all()
+  %send.1 = (bf16[4,4,128]{2,1,0:T(4,128)(2,1)}, u32[], token[]) send(%w, %after-all.1), channel_id=4, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %send-done.1 = token[] send-done(%send.1), channel_id=4, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime"}
+  %send.2 = (f32[8,128]{1,0}, u32[], token[]) send(%x0, %after-all.1), channel_id=6, is_host_transfer=true
+  %send-done.2 = token[] send-done(%send.2), channel_id=6, is_host_transfer=true
+  %ici = f32[8,128]{1,0} all-reduce(%x0), channel_id=8, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add
+  ROOT %out = f32[8,128]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_dcn_transfers_count_the_megascale_sends_with_their_loops():
+  dcn = hlo.dcn_transfers(_MEGASCALE_HLO)
+  assert dcn == {"all-reduce": (1 + 3, 4 * 4 * 128 * 2 + 3 * 8 * 128 * 4)}, dcn
+  # The ICI collective is the census's, not DCN traffic.
+  assert hlo.collective_stats(_MEGASCALE_HLO)["all-reduce"] == (1, 8 * 128 * 4)
+  assert hlo.dcn_transfers(_MEGASCALE_HLO.replace("xla_megascale_runtime", "other")) == {}
+
+
+def test_dcn_time_adds_to_the_roofline_communication():
+  v5e = chips.chip_for("TPU v5 lite")
+  base = hlo.roofline(197e12, 0.0, 0.0, v5e)           # 1 s of compute, no communication
+  rl = aot.with_dcn(base, 2.0)
+  assert (rl.comm_s, rl.step_s, rl.step_overlap_s, rl.bound) == (2.0, 3.0, 2.0, "communication")
+  assert v5e.dcn_bandwidth == 25e9 / 8                 # 2 x 100 Gbps NICs per 8-chip host
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_gpt2_60m_compiles_for_two_v5e_slices_with_data_across_them(tmp_path):
+  # Two layers of the 60m model, the data axis across two v5e 4x4 slices (DCN), fsdp=16 inside.
+  report, printed = _compile(tmp_path, "gpt2.py:60m,softmax1,orthoadam", "2xv5e:4x4",
+                             "--config.model.num_layers=2", "--config.mesh.data=2")
+  assert (report["num_slices"], report["num_chips"]) == (2, 32)
+  assert report["mesh"] == {"data": 2, "fsdp": 16, "tensor": 1}
+  assert report["dcn_mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+  assert report["train"]["kernels"]["mosaic"] >= 3 and report["fits"]
+  # The gradient's data-parallel reduction crosses the slices: per chip, its shard (fsdp=16) of
+  # the parameters; collectives inside a slice are the ICI census's.
+  dcn = report["train"]["dcn"]
+  assert set(dcn) == {"all-reduce"} and dcn["all-reduce"]["count"] >= 1, dcn
+  assert 0.5 * report["param_bytes"] <= report["train"]["dcn_bytes"] <= 2 * report["param_bytes"]
+  assert report["train"]["collective_bytes"] > 0 and report["dcn_s"] > 0
+  assert "data=2 (2 across slices, over DCN) x fsdp=16" in printed
+  assert "| train DCN transfers" in printed
 
 
 def test_model_flops_per_token_is_six_n_plus_causal_attention():

@@ -8,6 +8,9 @@ the suite live beside the feature they exercise:
   a damaged or half-written newest step        tests/training/test_damaged_checkpoint.py
   a torn metrics.jsonl record                  tests/training/test_metrics_log.py
   user errors (files, globs, config, workdir)  tests/test_cli_errors.py
+  one host sees a damaged step; transient reads tests/training/test_restore_agreement.py
+  a resume on another process count            tests/training/test_elastic_resume.py
+  a bucket workdir: kill, resume, second run   tests/training/test_bucket_workdir.py
 
 Faults inside Orbax's background save are injected by ``_fault_driver.py``, which runs the real
 ``softmax-one`` command.

@@ -88,3 +88,23 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
   c.model.num_layers = 2
   with pytest.raises(ValueError, match="num_layers: 1 -> 2"):
     train(c, tmp_path)
+
+
+def test_a_resume_accepts_another_remat_policy_but_not_another_model(tmp_path):
+  # A run saved when remat was a switch (config.json: false) resumes under any named policy:
+  # remat changes what the backward pass keeps, not the state. A different width is refused.
+  from softmax_one_jax import rundir  # pylint: disable=import-outside-toplevel
+  from softmax_one_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from softmax_one_jax.training import loop  # pylint: disable=import-outside-toplevel
+  saved = micro_config()
+  saved.model.remat = False
+  rundir.write_config(tmp_path, saved)
+  workdir = rundir.workdir_path(tmp_path)
+  for policy in ("none", "full", "save_dots"):
+    resumed = micro_config()
+    resumed.model.remat = policy
+    loop._check_same_run(workdir, resumed)
+  wider = micro_config()
+  wider.model.d_model = 64
+  with pytest.raises(ConfigError, match="d_model: 32 -> 64"):
+    loop._check_same_run(workdir, wider)

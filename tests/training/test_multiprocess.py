@@ -35,7 +35,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   assert sorted(want) == [1, 2, 3, 4] and sorted(got) == sorted(want)
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                              rtol=1e-6)
-  # Each process checkpointed its own data-iterator state.
+  # One data-iterator state per data shard (each process wrote the shard it reads).
   data_dir = tmp_path / "two" / "checkpoints" / "4" / "data"
-  assert sorted(p.name for p in data_dir.glob("process_*.json")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+  assert sorted(p.name for p in data_dir.glob("*.json")) == [
+      "shard_0-of-2.json", "shard_1-of-2.json"]
