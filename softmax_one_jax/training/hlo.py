@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from softmax_one_jax.training.chips import Chip
@@ -227,29 +228,53 @@ def _async_head(module: _Module, callee: str, caller: _Instr) -> bool:
       for ins in module.comps.get(callee, {}).values())
 
 
-def _collectives(module: _Module, comp: str, memo: dict[str, dict[str, list[int]]]
-                 ) -> dict[str, list[int]]:
-  """``kind -> [count, bytes]`` for one execution of ``comp``, its callees included."""
+Tally = dict[str, list[int]]      # kind -> [count, bytes]
+
+
+def _tally(module: _Module, comp: str, leaf: Callable[[Any], tuple[str, int] | None],
+           memo: dict[str, Tally]) -> Tally:
+  """``kind -> [count, bytes]`` of the instructions ``leaf`` counts, for one execution of
+  ``comp``, its callees included: an op in a ``while`` body or condition once per trip, one in
+  any other callee once per call site.
+
+  ``leaf(ins)`` gives ``(kind, bytes)`` for an instruction to count, else None. An async
+  collective is a start/done pair whose done ``leaf`` counts; the start, update and done ops are
+  not descended into (async-start's callee holds the op, and is).
+  """
   if comp in memo:
     return memo[comp]
-  totals = {kind: [0, 0] for kind in COLLECTIVE_KINDS}
+  totals: Tally = {}
   for ins in module.comps.get(comp, {}).values():
-    # An async collective is a start/done pair: count the done, whose shape is the result (the
-    # start's is a tuple of operand and result buffers); async-start's callee holds the op.
-    kind = ins.opcode.removesuffix("-done")
-    if kind in totals:
-      totals[kind][0] += 1
-      totals[kind][1] += shape_bytes(ins.shape)
+    counted = leaf(ins)
+    if counted is not None:
+      entry = totals.setdefault(counted[0], [0, 0])
+      entry[0] += 1
+      entry[1] += counted[1]
     elif not ins.opcode.endswith(("-start", "-update", "-done")) or ins.opcode == "async-start":
       trips = (_trip_count(module, comp, ins) or 1) if ins.opcode == "while" else 1
       for key, callee in _called(ins.attrs):
         if not _async_head(module, callee, ins):
           times = trips if key in ("body", "condition") else 1
-          for kind, (count, nbytes) in _collectives(module, callee, memo).items():
-            totals[kind][0] += times * count
-            totals[kind][1] += times * nbytes
+          for kind, (count, nbytes) in _tally(module, callee, leaf, memo).items():
+            entry = totals.setdefault(kind, [0, 0])
+            entry[0] += times * count
+            entry[1] += times * nbytes
   memo[comp] = totals
   return totals
+
+
+def _collective(ins: Any) -> tuple[str, int] | None:
+  """A collective's kind and result bytes (the done of an async pair: its shape is the result;
+  the start's is a tuple of operand and result buffers)."""
+  kind = ins.opcode.removesuffix("-done")
+  return (kind, shape_bytes(ins.shape)) if kind in COLLECTIVE_KINDS else None
+
+
+def _entry_tally(hlo_text: str, leaf: Callable[[Any], tuple[str, int] | None]) -> Tally:
+  module = _parse(hlo_text)
+  if not module.entry:
+    raise ValueError("No ENTRY computation in the HLO text; pass compiled.as_text().")
+  return _tally(module, module.entry[0], leaf, {})
 
 
 def collective_stats(hlo_text: str) -> dict[str, CollectiveStats]:
@@ -270,11 +295,8 @@ def collective_stats(hlo_text: str) -> dict[str, CollectiveStats]:
     >>> collective_stats(text)["all-reduce"]  # a psum of f32[8,16] inside a 5-trip fori_loop
     CollectiveStats(count=5, bytes=2560)
   """
-  module = _parse(hlo_text)
-  if not module.entry:
-    raise ValueError("No ENTRY computation in the HLO text; pass compiled.as_text().")
-  totals = _collectives(module, module.entry[0], {})
-  return {kind: CollectiveStats(count, nbytes) for kind, (count, nbytes) in totals.items()}
+  totals = _entry_tally(hlo_text, _collective)
+  return {kind: CollectiveStats(*totals.get(kind, (0, 0))) for kind in COLLECTIVE_KINDS}
 
 
 _MEGASCALE = '_xla_host_transfer_handler_name="xla_megascale_runtime"'
@@ -294,38 +316,18 @@ def dcn_transfers(hlo_text: str) -> dict[str, CollectiveStats]:
     >>> dcn_transfers(compiled.as_text())    # a data-parallel gradient over two slices
     {'all-reduce': CollectiveStats(count=15, bytes=10549248)}
   """
-  module = _parse(hlo_text)
-  if not module.entry:
-    raise ValueError("No ENTRY computation in the HLO text; pass compiled.as_text().")
-  totals = _dcn_totals(module, module.entry[0], {})
+  totals = _entry_tally(hlo_text, _megascale_send)
   return {kind: CollectiveStats(count, nbytes) for kind, (count, nbytes) in totals.items()}
 
 
-def _dcn_totals(module: Any, comp: str, memo: dict[str, dict[str, list[int]]]
-                ) -> dict[str, list[int]]:
-  """``kind -> [count, bytes]`` of megascale sends for one execution of ``comp`` and callees."""
-
-  if comp in memo:
-    return memo[comp]
-  totals: dict[str, list[int]] = {}
-  for ins in module.comps.get(comp, {}).values():
-    if ins.opcode == "send" and _MEGASCALE in ins.attrs:
-      kind = _TRANSFER_TYPE.search(ins.attrs)
-      key = kind.group(1).lower().replace("_", "-") if kind else "send"
-      payload = _PAYLOAD.match(ins.shape)
-      entry = totals.setdefault(key, [0, 0])
-      entry[0] += 1
-      entry[1] += shape_bytes(payload.group(1)) if payload else 0
-      continue
-    trips = (_trip_count(module, comp, ins) or 1) if ins.opcode == "while" else 1
-    for key, callee in _called(ins.attrs):
-      times = trips if key in ("body", "condition") else 1
-      for kind, (count, nbytes) in _dcn_totals(module, callee, memo).items():
-        entry = totals.setdefault(kind, [0, 0])
-        entry[0] += times * count
-        entry[1] += times * nbytes
-  memo[comp] = totals
-  return totals
+def _megascale_send(ins: Any) -> tuple[str, int] | None:
+  """A cross-slice send's collective kind and payload bytes."""
+  if ins.opcode != "send" or _MEGASCALE not in ins.attrs:
+    return None
+  kind = _TRANSFER_TYPE.search(ins.attrs)
+  payload = _PAYLOAD.match(ins.shape)
+  return (kind.group(1).lower().replace("_", "-") if kind else "send",
+          shape_bytes(payload.group(1)) if payload else 0)
 
 
 def custom_kernels(hlo_text: str) -> dict[str, int]:

@@ -102,11 +102,18 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _other_process_here(holder: dict[str, Any] | None) -> int | None:
+  """The pid a holder record names when it is another process of this host, else None."""
+  pid = (holder or {}).get("pid")
+  same_host = bool(holder) and holder.get("host") == socket.gethostname()
+  return pid if same_host and isinstance(pid, int) and pid != os.getpid() else None
+
+
 def _check_without_flock(workdir: pathlib.Path) -> None:
   """The fallback: refuses when the recorded holder is a live process on this host."""
   holder = read_holder(workdir)
-  if (holder and holder.get("host") == socket.gethostname() and holder.get("pid") != os.getpid()
-      and isinstance(holder.get("pid"), int) and _pid_alive(holder["pid"])):
+  pid = _other_process_here(holder)
+  if pid is not None and _pid_alive(pid):
     raise _busy(workdir, holder)
   log.warning("%s: this file system does not support flock; only a run on this host (%s) can be "
               "detected as holding the workdir.", workdir, socket.gethostname())
@@ -279,9 +286,8 @@ class GcsLease:
   @staticmethod
   def _holder_is_gone(holder: dict[str, Any] | None) -> bool:
     """A record of this host naming a process that no longer runs (no need to wait it out)."""
-    return bool(holder and holder.get("host") == socket.gethostname()
-                and isinstance(holder.get("pid"), int) and holder["pid"] != os.getpid()
-                and not _pid_alive(holder["pid"]))
+    pid = _other_process_here(holder)
+    return pid is not None and not _pid_alive(pid)
 
   def _renew(self) -> None:
     while not self._stop.wait(self.refresh_s):

@@ -132,12 +132,16 @@ def test_a_resume_with_another_data_shards_raises_a_config_error(tmp_path: pathl
   manager = rundir.make_manager(tmp_path, async_save=False)
   ckpt_lib.save(manager, 1, state, _iterator(tokenizer, data_shards=2))
   manager.close()
-  manager = rundir.make_manager(tmp_path)
-  with pytest.raises(ConfigError, match=r"--config\.data_shards=2"):
-    ckpt_lib.restore_latest(manager, _abstract(state), _iterator(tokenizer, data_shards=1),
-                            move_aside_unreadable=True)
+  _assert_refused(tmp_path, state, _iterator(tokenizer, data_shards=1), r"--config\.data_shards=2")
+
+
+def _assert_refused(workdir: pathlib.Path, state, iterator, match: str) -> None:
+  """A training resume of ``workdir`` into ``iterator`` raises ConfigError(match), moving nothing."""
+  manager = rundir.make_manager(workdir)
+  with pytest.raises(ConfigError, match=match):
+    ckpt_lib.restore_latest(manager, _abstract(state), iterator, move_aside_unreadable=True)
   manager.close()
-  assert not (tmp_path / rundir.DAMAGED_DIR).exists()
+  assert not (workdir / rundir.DAMAGED_DIR).exists()
 
 
 class _GrainItem:
@@ -174,12 +178,8 @@ def test_a_checkpoint_written_per_process_by_grain_still_restores(tmp_path: path
   # The same files as if 2 processes had written them: one process cannot take them over.
   (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")
   (data_dir / "process_1-of-2.json").write_text(json.dumps({"shards": []}))
-  manager = rundir.make_manager(tmp_path)
-  with pytest.raises(ConfigError, match=r"written per process by 2 process\(es\)"):
-    ckpt_lib.restore_latest(manager, _abstract(state), _iterator(tokenizer, data_shards=2),
-                            move_aside_unreadable=True)
-  manager.close()
-  assert not (tmp_path / rundir.DAMAGED_DIR).exists()
+  _assert_refused(tmp_path, state, _iterator(tokenizer, data_shards=2),
+                  r"written per process by 2 process\(es\)")
 
 
 # ---------------------------------------------------- 2 processes x 2 devices -> 1 x 4 devices
