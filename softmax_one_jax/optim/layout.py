@@ -17,6 +17,12 @@ all-to-alls per sharded matrix per step. A dimension whose mesh axes fit on no o
 parameter's layout); so is a rotation that is not a product of per-axis factors ("dense",
 "block", blocked axes).
 
+A parameter of three or more axes is rotated, and its moments kept, as the matrix
+``[d_0, d_1 * ... * d_{n-1}]`` (``matrix_view``: the same coordinates, row-major, and the same
+``Q``). A shard's minor dimension then stays long: the fused q/k/v kernel ``[512, 8, 3, 64]``
+with its ``fsdp`` axis moved off axis 0 would be ``[512, 8, 3, 4]`` per device, which a TPU's
+(8, 128) tiles pad 32-fold; as ``[512, 1536]`` it is ``[512, 96]``.
+
 Example:
   >>> plan = mixing_plan((768, 3072), P("fsdp", None), {"fsdp": 4}, separable=True)
   >>> plan.steps
@@ -46,14 +52,20 @@ class MixingPlan:
 
   Attributes:
     param: the parameter's (and gradient's, and update's) ``PartitionSpec``.
-    steps: ``(layout, axes)`` in order: reshard to ``layout``, then apply the factors of ``axes``
-      (``None``: the whole rotation at once, for rotations that are not per-axis products).
-    moments: the layout of the rotated gradient and of the moments.
+    steps: ``(layout, axes)`` in order, on the parameter's ``matrix_view``: reshard to
+      ``layout``, then apply the factors of ``axes`` (``None``: the whole rotation at once, for
+      rotations that are not per-axis products).
+    moments: the layout of the rotated gradient and of the moments (on the ``matrix_view``).
+    shape: the parameter's shape.
+    start: ``param`` on the ``matrix_view`` (where the first step starts and the last unrotate
+      ends).
   """
 
   param: P
   steps: tuple[tuple[P, tuple[int, ...] | None], ...]
   moments: P
+  shape: tuple[int, ...]
+  start: P
 
 
 def _entries(spec: P, ndim: int) -> Entries:
@@ -74,16 +86,39 @@ def _size(axes: tuple[str, ...], mesh_shape: Mapping[str, int]) -> int:
   return math.prod(mesh_shape[a] for a in axes)
 
 
-def mixing_plan(shape: tuple[int, ...], spec: P, mesh_shape: Mapping[str, int],
+def matrix_view(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape OrthoAdam's moments take, and its rotation runs in: ``[d_0, d_1 * ... * d_{n-1}]``
+  for three or more axes (row-major: the same coordinates), the shape itself otherwise.
+
+  Example:
+    >>> matrix_view((512, 8, 3, 64)), matrix_view((768, 3072)), matrix_view(())
+    ((512, 1536), (768, 3072), ())
+  """
+  shape = tuple(shape)
+  return shape if len(shape) < 3 else (shape[0], math.prod(shape[1:]))
+
+
+def _view_entries(entries: Entries) -> Entries:
+  """A parameter's mesh axes on its ``matrix_view``: the merged axis keeps axis 1's (a shard of
+  axis 1 is a contiguous range of it) when axes 2.. are unsharded; otherwise it is whole (the
+  reshape gathers it; no parameter of the models is sharded there)."""
+  if len(entries) < 3:
+    return entries
+  merged = entries[1] if not any(entries[2:]) else ()
+  return (entries[0], merged)
+
+
+def mixing_plan(original: tuple[int, ...], spec: P, mesh_shape: Mapping[str, int],
                 separable: bool) -> MixingPlan:
   """The layouts in which each factor of a parameter's rotation runs locally.
 
-  Greedy: rotate every axis that is whole in the current layout; then move the mesh axes of one
-  remaining (sharded) axis onto another dimension they divide, preferring one already rotated,
-  or, where none fits, gather that axis. Repeat until every axis is rotated.
+  Greedy, on the ``matrix_view``: rotate every axis that is whole in the current layout; then
+  move the mesh axes of one remaining (sharded) axis onto another dimension they divide,
+  preferring one already rotated, or, where none fits, gather that axis. Repeat until every
+  axis is rotated.
 
   Args:
-    shape: the parameter's shape.
+    original: the parameter's shape.
     spec: its ``PartitionSpec`` (mesh axis names).
     mesh_shape: mesh axis name -> size.
     separable: the rotation is a product of per-axis factors (``rotations.axis_separable``).
@@ -95,11 +130,12 @@ def mixing_plan(shape: tuple[int, ...], spec: P, mesh_shape: Mapping[str, int],
     >>> mixing_plan((3072,), P("fsdp"), {"fsdp": 4}, separable=True).steps
     ((PartitionSpec(), (0,)),)
   """
+  param = _spec(_entries(spec, len(original)))
+  entries = _view_entries(_entries(spec, len(original)))
+  shape, start = matrix_view(original), _spec(entries)
   ndim = len(shape)
-  entries = _entries(spec, ndim)
-  param = _spec(entries)
   if not separable:
-    return MixingPlan(param, ((P(), None),), param)
+    return MixingPlan(param, ((P(), None),), start, tuple(original), start)
   steps: list[tuple[P, tuple[int, ...]]] = []
   remaining = list(range(ndim))
   current = list(entries)
@@ -119,7 +155,7 @@ def mixing_plan(shape: tuple[int, ...], spec: P, mesh_shape: Mapping[str, int],
     current[i] = ()
   last = tuple(current)
   kept = sorted(a for e in last for a in e) == sorted(a for e in entries for a in e)
-  return MixingPlan(param, tuple(steps), _spec(last) if kept else param)
+  return MixingPlan(param, tuple(steps), _spec(last) if kept else start, tuple(original), start)
 
 
 def plan_for(rotation: Any, shape: tuple[int, ...], sharding: Any) -> MixingPlan | None:
@@ -135,30 +171,49 @@ def _constrain(x: jax.Array, mesh: Any, spec: P) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def _apply(rotation: Any, x: jax.Array, shape: tuple[int, ...], axes: tuple[int, ...] | None,
+           inverse: bool) -> jax.Array:
+  """The factors of ``matrix_view`` axes ``axes`` (None: all of ``Q``) on ``x`` in the view.
+
+  View axis 0 is the parameter's axis 0, applied in the view; the merged axis is whole wherever
+  it is rotated, so the reshape to the parameter's axes there is local.
+  """
+  if axes is None:
+    y = x.reshape(shape)
+    return (rotation.unrotate(y) if inverse else rotation.rotate(y)).reshape(x.shape)
+  if len(shape) < 3 or axes == (0,):
+    return rotation.unrotate_axes(x, axes) if inverse else rotation.rotate_axes(x, axes)
+  param_axes = (0,) * (0 in axes) + tuple(range(1, len(shape)))
+  y = x.reshape(shape)
+  y = rotation.unrotate_axes(y, param_axes) if inverse else rotation.rotate_axes(y, param_axes)
+  return y.reshape(x.shape)
+
+
 def rotate(rotation: Any, x: jax.Array, plan: MixingPlan | None, mesh: Any = None) -> jax.Array:
-  """``Q vec(x)`` computed in ``plan``'s layouts; returned in ``plan.moments``.
+  """``Q vec(x)`` computed in ``plan``'s layouts; returned in ``plan.moments``, shaped
+  ``matrix_view(x.shape)``.
 
   Example:
     >>> g_rot = rotate(rot, g, plan_for(rot, g.shape, sharding), sharding.mesh)
   """
   if plan is None:
-    return rotation.rotate(x)
+    return rotation.rotate(x).reshape(matrix_view(x.shape))
+  x = x.reshape(matrix_view(x.shape))
   for spec, axes in plan.steps:
     # Pinned on both sides, so that the compiler moves data only between steps.
     x = _constrain(x, mesh, spec)
-    x = _constrain(rotation.rotate(x) if axes is None else rotation.rotate_axes(x, axes),
-                   mesh, spec)
+    x = _constrain(_apply(rotation, x, plan.shape, axes, inverse=False), mesh, spec)
   return _constrain(x, mesh, plan.moments)
 
 
-def unrotate(rotation: Any, y: jax.Array, plan: MixingPlan | None, mesh: Any = None
-             ) -> jax.Array:
-  """``Q^T vec(y)`` for ``y`` in ``plan.moments``, the plan walked backwards; returned in
-  ``plan.param``."""
+def unrotate(rotation: Any, y: jax.Array, shape: tuple[int, ...], plan: MixingPlan | None,
+             mesh: Any = None) -> jax.Array:
+  """``Q^T vec(y)`` for ``y`` in ``plan.moments`` (shaped ``matrix_view(shape)``), the plan
+  walked backwards; returned shaped ``shape``, in ``plan.param``."""
   if plan is None:
-    return rotation.unrotate(y)
+    return rotation.unrotate(y.reshape(shape))
   for spec, axes in reversed(plan.steps):
     y = _constrain(y, mesh, spec)
-    y = _constrain(rotation.unrotate(y) if axes is None else rotation.unrotate_axes(y, axes),
-                   mesh, spec)
+    y = _constrain(_apply(rotation, y, plan.shape, axes, inverse=True), mesh, spec)
+  y = _constrain(y, mesh, plan.start).reshape(shape)
   return _constrain(y, mesh, plan.param)

@@ -44,9 +44,10 @@ class ScaleByOrthoAdamState(NamedTuple):
 
   Attributes:
     count: int32 ``[]``, the number of updates so far.
-    mu: first moments in the rotated basis, the params' structure and shapes (dtype ``mu_dtype``
-      or the param's).
-    nu: second moments in the rotated basis, the params' structure, shapes and dtypes.
+    mu: first moments in the rotated basis, the params' structure, each shaped
+      ``layout.matrix_view(param.shape)`` (the param's shape up to two axes; ``[d_0, rest]``
+      from three on), dtype ``mu_dtype`` or the param's.
+    nu: second moments in the rotated basis, shaped as ``mu``, the params' dtypes.
     rotations: the params' structure with one rotation state (a NamedTuple of arrays from
       ``rotations.py``, e.g. ``HadamardRotation``) in place of each parameter.
   """
@@ -196,8 +197,9 @@ def scale_by_orthoadam(
     rot_lib.get_family(rotation)  # Fail early (at construction) on an unknown name.
 
   def init_fn(params: Params) -> ScaleByOrthoAdamState:
-    mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-    nu = optax.tree.zeros_like(params)
+    mu = jax.tree.map(lambda p: jnp.zeros(layout_lib.matrix_view(p.shape), mu_dtype or p.dtype),
+                      params)
+    nu = jax.tree.map(lambda p: jnp.zeros(layout_lib.matrix_view(p.shape), p.dtype), params)
     rotations = _init_rotations(params, rotation, seed)
     return ScaleByOrthoAdamState(jnp.zeros([], jnp.int32), mu, nu, rotations)
 
@@ -372,7 +374,8 @@ def _leaf_update(g, m, v, rot, count, b1, b2, eps, eps_root, plan=None, mesh=Non
   m_hat = m / (1 - jnp.asarray(b1, dtype) ** count.astype(dtype)).astype(dtype)
   v_hat = v / (1 - jnp.asarray(b2, dtype) ** count.astype(dtype)).astype(dtype)
   u_rot = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
-  return layout_lib.unrotate(rot, u_rot.astype(dtype), plan, mesh).astype(g.dtype), m, v
+  u = layout_lib.unrotate(rot, u_rot.astype(dtype), g.shape, plan, mesh)
+  return u.astype(g.dtype), m, v
 
 
 def orthoadam(

@@ -18,6 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from softmax_one_jax.optim import (ScaleByOrthoAdamState, mixing_plan, reset_moments,
                                    optimizer_state_shardings, orthoadam)
 from softmax_one_jax.optim import rotations as R
+from softmax_one_jax.optim.layout import matrix_view
 from softmax_one_jax.training import hlo
 from tests.optim.test_rotations import explicit_matrix
 
@@ -40,13 +41,19 @@ MESH = {"data": 2, "fsdp": 4, "tensor": 2}
     ((8, 6), P("fsdp"), [(P("fsdp"), (1,)), (P(), (0,))], P("fsdp")),
     # A length-1 axis takes the moved axes only if they divide it (they do not): gathered.
     ((1, 64), P(None, "fsdp"), [(P(None, "fsdp"), (0,)), (P(), (1,))], P(None, "fsdp")),
-], ids=["fsdp", "fsdp-tensor", "unsharded", "vector", "indivisible", "length-1"])
+    # Three or more axes run as the matrix [d_0, d_1 * ... ] (matrix_view): a long minor axis.
+    ((512, 8, 3, 64), P("fsdp"), [(P("fsdp"), (1,)), (P(None, "fsdp"), (0,))], P(None, "fsdp")),
+    # The merged axis keeps axis 1's mesh axes (its shards are contiguous ranges of it).
+    ((512, 8, 3, 64), P("fsdp", "tensor"),
+     [(P(None, ("tensor", "fsdp")), (0,)), (P(("tensor", "fsdp")), (1,))], P(("tensor", "fsdp"))),
+], ids=["fsdp", "fsdp-tensor", "unsharded", "vector", "indivisible", "length-1", "qkv",
+        "qkv-tensor"])
 def test_mixing_plan_rotates_every_axis_once_where_it_is_whole(shape, spec, steps, moments):
   plan = mixing_plan(shape, spec, MESH, separable=True)
   assert [(s, tuple(a)) for s, a in plan.steps] == steps
   assert plan.moments == moments
   rotated = sorted(a for _, axes in plan.steps for a in axes)
-  assert rotated == list(range(len(shape)))
+  assert rotated == list(range(len(matrix_view(shape))))
   for layout, axes in plan.steps:   # Each axis is whole where it is rotated.
     entries = tuple(layout) + (None,) * len(shape)
     assert all(entries[a] is None for a in axes), (layout, axes)
@@ -65,6 +72,8 @@ SPECS = {  # name: (shape, spec)
     "m": ((8, 16), P("data", "fsdp")),
     "b": ((24,), P("fsdp")),
     "odd": ((8, 6), P("fsdp")),   # fsdp does not divide 6: axis 0 is rotated gathered.
+    "qkv": ((8, 2, 3, 4), P("fsdp")),         # moments as the matrix [8, 24]
+    "heads": ((8, 4, 3, 2), P("fsdp", "data")),   # the merged axis sharded like axis 1
 }
 
 
@@ -123,6 +132,7 @@ def test_sharded_orthoadam_equals_one_device_and_numpy_with_the_same_q(mesh):
   state_shardings = optimizer_state_shardings(tx, abstract, shardings)
   moments = _orthoadam_state(state_shardings).mu
   assert moments["w"].spec == P(None, "fsdp") and moments["odd"].spec == P("fsdp")
+  assert moments["qkv"].spec == P(None, "fsdp") and moments["heads"].spec == P(("data", "fsdp"))
 
   def step(tx):
     def run(g, s, p):
