@@ -197,9 +197,8 @@ def scale_by_orthoadam(
     rot_lib.get_family(rotation)  # Fail early (at construction) on an unknown name.
 
   def init_fn(params: Params) -> ScaleByOrthoAdamState:
-    mu = jax.tree.map(lambda p: jnp.zeros(layout_lib.matrix_view(p.shape), mu_dtype or p.dtype),
-                      params)
-    nu = jax.tree.map(lambda p: jnp.zeros(layout_lib.matrix_view(p.shape), p.dtype), params)
+    mu = _zero_moments(params, mu_dtype)
+    nu = _zero_moments(params)
     rotations = _init_rotations(params, rotation, seed)
     return ScaleByOrthoAdamState(jnp.zeros([], jnp.int32), mu, nu, rotations)
 
@@ -241,6 +240,13 @@ def scale_by_orthoadam(
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _zero_moments(params: Params, dtype: Any = None) -> Params:
+  """Zeros shaped ``layout.matrix_view`` of each param, in ``dtype`` (default: the param's)."""
+  return jax.tree.map(
+      lambda p: jnp.zeros(layout_lib.matrix_view(p.shape), p.dtype if dtype is None else dtype),
+      params)
 
 
 def _rotations_for(treedef: Any, rotations: Any, with_paths: Sequence[Any]) -> list[Any]:
