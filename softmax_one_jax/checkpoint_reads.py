@@ -159,7 +159,7 @@ class StepRead:
   error: BaseException | None = None
 
 
-def read_step(directory: epath.PathLike, step: int, args: Callable[[], Any], *,
+def read_step(directory: epath.PathLike, step: int, args: Callable[[int], Any], *,
               attempts: int | None = None, backoff_s: float | None = None,
               sleep: Callable[[float], None] = time.sleep) -> StepRead:
   """Reads ``directory/<step>`` on this process alone, retrying transient errors; never raises.
@@ -170,7 +170,8 @@ def read_step(directory: epath.PathLike, step: int, args: Callable[[], Any], *,
   Args:
     directory: a ``CheckpointManager``'s directory (steps are its ``<step>`` subdirectories).
     step: the step to read.
-    args: builds the ``ocp.args.Composite`` restore arguments (called once per try).
+    args: builds the ``ocp.args.Composite`` restore arguments of a step (called with
+      ``step`` once per try; it may read the step's metadata, and its errors are classified).
     attempts, backoff_s: tries of a transient failure and the first wait between them
       (doubled each time); default ``READ_ATTEMPTS``, ``READ_BACKOFF_S``.
     sleep: waits between tries (tests pass a no-op).
@@ -191,7 +192,7 @@ def read_step(directory: epath.PathLike, step: int, args: Callable[[], Any], *,
       if attempt:
         sleep(backoff_s * 2 ** (attempt - 1))
       try:
-        return StepRead(ReadOutcome.OK, restored=checkpointer.restore(path, args=args()))
+        return StepRead(ReadOutcome.OK, restored=checkpointer.restore(path, args=args(step)))
       except Exception as e:  # pylint: disable=broad-except  # classified, then returned
         error, outcome = e, classify_read_error(e)
         if outcome != ReadOutcome.TRANSIENT:

@@ -194,7 +194,7 @@ def make_manager(workdir: PathLike, max_to_keep: int = 3, async_save: bool = Tru
 
 
 def restore_newest_readable(manager: ocp.CheckpointManager,
-                            args: Callable[[], ocp.args.Composite], step: int | None = None,
+                            args: Callable[[int], ocp.args.Composite], step: int | None = None,
                             on_damaged: Callable[[list[int]], None] | None = None
                             ) -> tuple[Any, int] | None:
   """The newest step that every process reads (or ``step``), restored on every process.
@@ -208,7 +208,7 @@ def restore_newest_readable(manager: ocp.CheckpointManager,
 
   Args:
     manager: from ``make_manager`` (its directory, and process 0's list of its steps).
-    args: builds the restore arguments (called once per read).
+    args: builds the restore arguments of a step (called with it, once per read).
     step: a specific step (no fallback), or None for the newest readable one.
     on_damaged: with ``step`` None, called on every process with the corrupt steps newer than
       the one restored (``[]`` when there were none, or when there is no checkpoint at all). A
@@ -291,7 +291,7 @@ def restore_params(workdir: PathLike, abstract_params: Any,
   """
   item = {"params": abstract_params}
 
-  def args() -> ocp.args.Composite:
+  def args(_: int) -> ocp.args.Composite:
     return ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))

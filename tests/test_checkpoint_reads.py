@@ -127,7 +127,7 @@ def test_read_step_retries_transient_errors_with_backoff(monkeypatch, tmp_path: 
   fake = _FakeCheckpointer([TimeoutError("slow"), ConnectionResetError("reset")])
   monkeypatch.setattr(cr.ocp, "Checkpointer", fake)
   waits: list[float] = []
-  read = cr.read_step(tmp_path, 4, lambda: None, attempts=4, backoff_s=1.5, sleep=waits.append)
+  read = cr.read_step(tmp_path, 4, lambda step: None, attempts=4, backoff_s=1.5, sleep=waits.append)
   assert read == cr.StepRead(ReadOutcome.OK, restored="restored")
   assert fake.calls == 3 and waits == [1.5, 3.0]
 
@@ -136,7 +136,7 @@ def test_read_step_gives_up_on_a_persistent_transient_error(monkeypatch, tmp_pat
   fake = _FakeCheckpointer([TimeoutError(f"slow {i}") for i in range(10)])
   monkeypatch.setattr(cr.ocp, "Checkpointer", fake)
   waits: list[float] = []
-  read = cr.read_step(tmp_path, 4, lambda: None, attempts=3, backoff_s=1.0, sleep=waits.append)
+  read = cr.read_step(tmp_path, 4, lambda step: None, attempts=3, backoff_s=1.0, sleep=waits.append)
   assert read.outcome == ReadOutcome.TRANSIENT and str(read.error) == "slow 2"
   assert fake.calls == 3 and waits == [1.0, 2.0]
 
@@ -144,7 +144,7 @@ def test_read_step_gives_up_on_a_persistent_transient_error(monkeypatch, tmp_pat
 def test_read_step_does_not_retry_a_corrupt_step(monkeypatch, tmp_path: pathlib.Path):
   fake = _FakeCheckpointer([ValueError(_TS_DATA_LOSS)])
   monkeypatch.setattr(cr.ocp, "Checkpointer", fake)
-  read = cr.read_step(tmp_path, 4, lambda: None, attempts=4, backoff_s=1.0,
+  read = cr.read_step(tmp_path, 4, lambda step: None, attempts=4, backoff_s=1.0,
                       sleep=lambda s: pytest.fail("a corrupt step was retried"))
   assert read.outcome == ReadOutcome.CORRUPT and fake.calls == 1
 

@@ -32,17 +32,20 @@ import datetime
 import functools
 import json
 import logging
+import math
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softmax_one_jax import rundir
 from softmax_one_jax.errors import ConfigError
+from softmax_one_jax.optim.layout import matrix_view
 from softmax_one_jax.training.data_iter import ShardedIterator
 from softmax_one_jax.training.state import TrainState
 
@@ -231,8 +234,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState,
     >>> state, step = restore_latest(manager, abstract_state, train_iter,
     ...                              move_aside_unreadable=True)  # doctest: +SKIP
   """
-  def args() -> ocp.args.Composite:
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+  def args(s: int) -> ocp.args.Composite:
+    target = saved_layout_target(abstract_state, saved_shapes(manager.directory, s))
+    items = {"state": ocp.args.StandardRestore(target)}
     if data_iterator is not None:
       ids, num_shards = _shards(data_iterator)
       items["data"] = DataShardsRestore(shard_ids=tuple(ids), num_shards=num_shards)
@@ -245,7 +249,92 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState,
   restored, s = found
   if data_iterator is not None:
     _set_shard_states(data_iterator, restored["data"])
-  return restored["state"], s
+  return to_current_layout(restored["state"], abstract_state, s), s
+
+
+def saved_shapes(directory: epath.PathLike, step: int) -> dict[str, tuple[int, ...]]:
+  """The shape of every array in ``step``'s ``state`` item, by dotted path (Orbax's metadata);
+  empty when the metadata does not read (the restore then fails, and says why, as it would).
+
+  Example:
+    >>> saved_shapes(manager.directory, 60)["params.embed.embedding.value"]  # doctest: +SKIP
+    (50304, 512)
+  """
+  try:
+    tree = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(directory) / str(step) / "state").tree
+  except Exception:  # pylint: disable=broad-except  # the restore itself reports (and classifies)
+    return {}
+  return {m.name: tuple(m.shape) for m in jax.tree.leaves(tree) if hasattr(m, "shape")}
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+  """A leaf's path as Orbax names it on disk: ``opt_state.1.0.mu.embed.embedding.value``."""
+  return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def _holds_parameter_shape(name: str, saved: tuple[int, ...] | None,
+                           target: tuple[int, ...]) -> bool:
+  """Whether an optimizer-state leaf was saved in its parameter's own shape where it now takes
+  that shape's ``matrix_view`` (OrthoAdam's moments of 3+-axis parameters, from the releases
+  before they were kept as matrices; the same row-major coordinates)."""
+  return (name.startswith("opt_state.") and saved is not None and saved != tuple(target)
+          and len(saved) >= 3 and matrix_view(saved) == tuple(target))
+
+
+def _unmerged_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
+  """A sharding of the parameter-shaped array whose ``matrix_view`` has ``sharding``: axis 0 as
+  the view's axis 0, axis 1 as the merged axis where it divides, the rest whole."""
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+  axes = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))
+  merged = spec[1] if shape[1] % math.prod(sharding.mesh.shape[a] for a in axes(spec[1])) == 0 \
+      else None
+  return NamedSharding(sharding.mesh, P(spec[0], merged, *(None,) * (len(shape) - 2)))
+
+
+def saved_layout_target(abstract_state: TrainState,
+                        saved: Mapping[str, tuple[int, ...]]) -> TrainState:
+  """``abstract_state`` with each leaf that ``saved`` holds in an older layout asked for in that
+  layout: OrthoAdam moments saved in their parameter's shape (``_holds_parameter_shape``) are read
+  as saved and reshaped by ``to_current_layout``. Every other leaf is asked for as it is, so a
+  checkpoint of another model still does not fit.
+
+  Example:
+    >>> target = saved_layout_target(setup.abstract_state, saved_shapes(directory, 60))  # doctest: +SKIP
+  """
+  def leaf(path: tuple[Any, ...], a: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    shape = saved.get(_dotted(path))
+    if not _holds_parameter_shape(_dotted(path), shape, a.shape):
+      return a
+    return jax.ShapeDtypeStruct(shape, a.dtype,
+                                sharding=_unmerged_sharding(getattr(a, "sharding", None), shape))
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state)
+
+
+def to_current_layout(state: TrainState, abstract_state: TrainState,
+                      step: int | None = None) -> TrainState:
+  """``state`` (restored through ``saved_layout_target``) with every leaf reshaped to
+  ``abstract_state``'s shape and placed in its sharding; a warning says how many were converted.
+
+  Example:
+    >>> state = to_current_layout(restored, setup.abstract_state, step=60)  # doctest: +SKIP
+  """
+  converted = []
+
+  def leaf(path: tuple[Any, ...], x: jax.Array, a: jax.ShapeDtypeStruct) -> jax.Array:
+    if x.shape == a.shape:
+      return x
+    converted.append(_dotted(path))
+    return jax.jit(lambda v: v.reshape(a.shape), out_shardings=a.sharding)(x)
+  state = jax.tree_util.tree_map_with_path(leaf, state, abstract_state)
+  if converted:
+    log.warning("Checkpoint step %s holds %d OrthoAdam moments in their parameter's own shape (an "
+                "older release; e.g. %s): converted to the matrix [d0, d1*...*dn] that OrthoAdam "
+                "now keeps (the same coordinates, reshaped row-major). The next save writes the "
+                "new layout.", step, len(converted), converted[0])
+  return state
 
 
 def _move_aside(manager: ocp.CheckpointManager, damaged: list[int]) -> None:
@@ -297,4 +386,5 @@ def _rename_into_damaged(directory: epath.Path, finalized: set[int], damaged: li
 
 
 __all__ = ["DataShardsHandler", "DataShardsRestore", "DataShardsSave", "data_files_to_read",
-           "restore_latest", "save", "shard_file"]
+           "restore_latest", "save", "saved_layout_target", "saved_shapes", "shard_file",
+           "to_current_layout"]

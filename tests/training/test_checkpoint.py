@@ -14,7 +14,7 @@ from softmax_one_jax.data import build_train_iterator, get_tokenizer
 from softmax_one_jax import rundir
 from softmax_one_jax.training import checkpoint as ckpt_lib
 from softmax_one_jax.training import mesh as mesh_lib
-from softmax_one_jax.training.state import TrainState
+from softmax_one_jax.training.state import TrainState, build_run, init_train_state
 from tests.training._micro import micro_config
 
 
@@ -110,3 +110,74 @@ def test_restore_params_reads_weights_whatever_the_optimizer_state(tmp_path: pat
   assert step == 3
   _assert_equal(params, state.params)
   assert params["w"].sharding == state.params["w"].sharding
+
+
+def _name(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def test_orthoadam_moments_saved_in_the_parameter_shape_restore_as_the_matrix_view(
+    tmp_path: pathlib.Path, np_rng, caplog):
+  # A checkpoint of the releases that kept OrthoAdam's moments in each parameter's own shape
+  # (q/k/v kernel [D, H, 3, Dh], bias [H, 3, Dh]) resumes: each moment comes back as numpy's
+  # row-major reshape to [d0, rest], in today's sharding (heads on the tensor axis).
+  c = micro_config()
+  c.mesh.fsdp, c.mesh.tensor = 4, 2
+  _, _, model_cfg, setup = build_run(c)
+  fresh = init_train_state(setup, model_cfg, seed=0)
+  param_shape = {_name(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(fresh.params)[0]}
+
+  def moment_of(name: str) -> str | None:
+    """The parameter a leaf is a moment of (None: not a moment)."""
+    for kind in (".mu.", ".nu."):
+      if kind in name:
+        return name.split(kind, 1)[1]
+    return None
+
+  # Fresh moments are zero, which any reshape keeps: random values in every moment instead.
+  moments = {_name(p): np_rng.normal(size=x.shape).astype(np.float32)
+             for p, x in jax.tree_util.tree_flatten_with_path(fresh)[0] if moment_of(_name(p))}
+  old = jax.tree_util.tree_map_with_path(
+      lambda p, x: (x if moment_of(_name(p)) is None else
+                    jnp.asarray(moments[_name(p)].reshape(param_shape[moment_of(_name(p))]))),
+      fresh)
+  converted = sorted(n for n in moments if len(param_shape[moment_of(n)]) >= 3)
+  assert [n for n in converted if ".mu." in n] == [
+      "opt_state.1.0.mu.blocks.0.attn.qkv_proj.bias.value",
+      "opt_state.1.0.mu.blocks.0.attn.qkv_proj.kernel.value"]
+
+  manager = rundir.make_manager(tmp_path, async_save=False)
+  ckpt_lib.save(manager, 6, old, None)
+  manager.close()
+  manager = rundir.make_manager(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    restored, step = ckpt_lib.restore_latest(manager, setup.abstract_state)
+  manager.close()
+  assert step == 6
+  assert any(f"holds {len(converted)} OrthoAdam moments" in r.getMessage() for r in caplog.records)
+  for (path, x), a in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
+                          jax.tree.leaves(setup.abstract_state)):
+    want = moments.get(_name(path), None)
+    if want is not None:
+      np.testing.assert_array_equal(np.asarray(x), want, err_msg=_name(path))
+    assert x.shape == a.shape and x.sharding.is_equivalent_to(a.sharding, x.ndim), _name(path)
+  _assert_equal(restored.params, fresh.params)
+
+
+def test_an_optimizer_leaf_of_another_shape_still_does_not_fit(tmp_path: pathlib.Path, np_rng):
+  # Only the matrix view of the saved shape converts: [4, 2, 4] saved where [8, 4] is asked for
+  # holds as many numbers but is another parameter, and the restore refuses it.
+  mesh = mesh_lib.make_mesh(1, 4, 2)
+  state = _state(np_rng, mesh)
+  state = TrainState(**{**vars(state), "opt_state": (
+      jnp.asarray(np_rng.normal(size=(4, 2, 4)), jnp.float32), state.opt_state[1])})
+  manager = rundir.make_manager(tmp_path, async_save=False)
+  ckpt_lib.save(manager, 3, state, None)
+  manager.close()
+  asked = _abstract(state)
+  asked = TrainState(**{**vars(asked), "opt_state": (
+      jax.ShapeDtypeStruct((8, 4), jnp.float32), asked.opt_state[1])})
+  manager = rundir.make_manager(tmp_path, read_only=True, async_save=False)
+  with pytest.raises(RuntimeError, match="No readable checkpoint"):
+    ckpt_lib.restore_latest(manager, asked)
+  manager.close()
