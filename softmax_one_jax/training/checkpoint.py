@@ -32,7 +32,6 @@ import datetime
 import functools
 import json
 import logging
-import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -278,20 +277,16 @@ def _holds_parameter_shape(name: str, saved: tuple[int, ...] | None,
   """Whether an optimizer-state leaf was saved in its parameter's own shape where it now takes
   that shape's ``matrix_view`` (OrthoAdam's moments of 3+-axis parameters, from the releases
   before they were kept as matrices; the same row-major coordinates)."""
-  return (name.startswith("opt_state.") and saved is not None and saved != tuple(target)
-          and len(saved) >= 3 and matrix_view(saved) == tuple(target))
+  return (name.startswith("opt_state.") and saved is not None and len(saved) >= 3
+          and matrix_view(saved) == tuple(target))
 
 
-def _unmerged_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
-  """A sharding of the parameter-shaped array whose ``matrix_view`` has ``sharding``: axis 0 as
-  the view's axis 0, axis 1 as the merged axis where it divides, the rest whole."""
-  if not isinstance(sharding, NamedSharding):
+def _axis0_sharding(sharding: Any) -> Any:
+  """``sharding`` (of a ``matrix_view``) kept on axis 0 only: valid for the saved shape too,
+  whose axis 0 is the view's (the other axes are read whole, then resharded by the reshape)."""
+  if not isinstance(sharding, NamedSharding) or not sharding.spec:
     return sharding
-  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-  axes = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))
-  merged = spec[1] if shape[1] % math.prod(sharding.mesh.shape[a] for a in axes(spec[1])) == 0 \
-      else None
-  return NamedSharding(sharding.mesh, P(spec[0], merged, *(None,) * (len(shape) - 2)))
+  return NamedSharding(sharding.mesh, P(sharding.spec[0]))
 
 
 def saved_layout_target(abstract_state: TrainState,
@@ -309,7 +304,7 @@ def saved_layout_target(abstract_state: TrainState,
     if not _holds_parameter_shape(_dotted(path), shape, a.shape):
       return a
     return jax.ShapeDtypeStruct(shape, a.dtype,
-                                sharding=_unmerged_sharding(getattr(a, "sharding", None), shape))
+                                sharding=_axis0_sharding(getattr(a, "sharding", None)))
   return jax.tree_util.tree_map_with_path(leaf, abstract_state)
 
 
